@@ -1,0 +1,107 @@
+"""Audio I/O: soundfile to decode, polyphase resampling to 16 kHz, one clear error type for every bad file.
+
+``datasets``' Audio feature needs torchcodec (CUDA-linked on the registry), so audio stays as paths in records and is
+decoded here. Callers catch :class:`AudioError`, record the reason and carry on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+TARGET_SAMPLE_RATE = 16_000
+
+
+class AudioError(ValueError):
+    """An audio file or buffer that cannot be used: unreadable, empty, silent-by-corruption, NaN-filled..."""
+
+    def __init__(self, source: str, reason: str):
+        self.source = source
+        self.reason = reason
+        super().__init__(f"bad audio {source}: {reason}")
+
+
+def load_audio(source: str | os.PathLike | bytes, sampling_rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:
+    """Decode a file path or encoded bytes (wav/flac/ogg/mp3) to mono float32 at ``sampling_rate``."""
+    import soundfile as sf
+
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    if not isinstance(source, (bytes, bytearray)):
+        path = Path(source)
+        if not path.is_file():
+            raise AudioError(name, "file not found")
+        if path.stat().st_size == 0:
+            raise AudioError(name, "file is empty (0 bytes)")
+    try:
+        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        data, rate = sf.read(handle, dtype="float32", always_2d=True)
+    except Exception as err:  # soundfile raises LibsndfileError, RuntimeError, TypeError... for bad input
+        raise AudioError(name, f"unreadable ({type(err).__name__}: {err})") from None
+    return prepare_waveform(data, rate, sampling_rate, source=name)
+
+
+def prepare_waveform(
+    waveform: np.ndarray, rate: int, sampling_rate: int = TARGET_SAMPLE_RATE, source: str = "<array>"
+) -> np.ndarray:
+    """Validate an in-memory waveform (samples, or samples x channels), down-mix to mono, resample."""
+    data = np.asarray(waveform)
+    if data.dtype.kind not in "fiu":
+        raise AudioError(source, f"unsupported sample type {data.dtype}")
+    if data.dtype.kind in "iu":
+        data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
+    data = data.astype(np.float32, copy=False)
+    if data.ndim == 2:
+        # soundfile gives (samples, channels); accept (channels, samples) when channels is clearly the short axis.
+        if data.shape[0] < data.shape[1] and data.shape[0] <= 8:
+            data = data.T
+        data = data.mean(axis=1)
+    elif data.ndim != 1:
+        raise AudioError(source, f"expected 1-D or 2-D audio, got shape {tuple(data.shape)}")
+    if data.size == 0:
+        raise AudioError(source, "zero-length audio")
+    if not np.isfinite(data).all():
+        raise AudioError(source, "contains NaN or infinite samples")
+    if rate <= 0:
+        raise AudioError(source, f"invalid sample rate {rate}")
+    if rate != sampling_rate:
+        from scipy.signal import resample_poly
+
+        ratio = Fraction(sampling_rate, int(rate)).limit_denominator(1000)
+        data = resample_poly(data, ratio.numerator, ratio.denominator).astype(np.float32)
+    if data.size == 0:
+        raise AudioError(source, "zero-length audio after resampling")
+    return data
+
+
+def write_wav(path: str | os.PathLike, waveform: np.ndarray, sampling_rate: int = TARGET_SAMPLE_RATE) -> Path:
+    import soundfile as sf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.asarray(waveform, dtype=np.float32), sampling_rate, subtype="PCM_16")
+    return path
+
+
+def encode_wav(waveform: np.ndarray, sampling_rate: int = TARGET_SAMPLE_RATE) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(waveform, dtype=np.float32), sampling_rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def duration_of(path: str | os.PathLike) -> float:
+    """Duration in seconds from the header (no decode)."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except Exception as err:
+        raise AudioError(str(path), f"unreadable ({type(err).__name__}: {err})") from None
+    if info.frames == 0:
+        raise AudioError(str(path), "zero-length audio")
+    return info.frames / info.samplerate

@@ -1,0 +1,139 @@
+"""The common emotion taxonomy, per-corpus label maps, and votes -> soft labels.
+
+Every corpus names its categories differently (IEMOCAP ``exc``, MSP-Podcast ``H``, MELD ``joy``); records carry
+labels in one taxonomy so that training, rewards and metrics compare like with like. The maps follow the usual
+practice in the speech-emotion literature, e.g. IEMOCAP "excited" merged into "happy" (as in most 4-class IEMOCAP
+setups) and MELD "joy" read as "happy". Labels a corpus uses for "no agreement" map to ``None`` and are dropped from
+vote counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+
+EMOTIONS: tuple[str, ...] = (
+    "neutral",
+    "happy",
+    "sad",
+    "angry",
+    "fearful",
+    "disgusted",
+    "surprised",
+    "contempt",
+    "frustrated",
+    "calm",
+    "other",
+)
+
+# Lower-cased corpus label -> common taxonomy (None: the rater gave no usable category).
+LABEL_MAPS: dict[str, dict[str, str | None]] = {
+    "iemocap": {
+        "neu": "neutral", "neutral": "neutral", "neutral state": "neutral",
+        "hap": "happy", "happiness": "happy", "happy": "happy",
+        "exc": "happy", "excited": "happy", "excitement": "happy",
+        "sad": "sad", "sadness": "sad",
+        "ang": "angry", "anger": "angry", "angry": "angry",
+        "fru": "frustrated", "frustration": "frustrated", "frustrated": "frustrated",
+        "fea": "fearful", "fear": "fearful",
+        "sur": "surprised", "surprise": "surprised",
+        "dis": "disgusted", "disgust": "disgusted",
+        "oth": "other", "other": "other",
+        "xxx": None,
+    },
+    "msp_podcast": {
+        "n": "neutral", "neutral": "neutral",
+        "h": "happy", "happy": "happy", "happiness": "happy",
+        "s": "sad", "sad": "sad", "sadness": "sad",
+        "a": "angry", "angry": "angry", "anger": "angry",
+        "f": "fearful", "fear": "fearful",
+        "d": "disgusted", "disgust": "disgusted",
+        "u": "surprised", "surprise": "surprised",
+        "c": "contempt", "contempt": "contempt",
+        "o": "other", "other": "other",
+        "x": None, "no agreement": None,
+        # secondary-emotion vocabulary of the detailed label files
+        "frustrated": "frustrated", "frustration": "frustrated",
+        "annoyed": "angry", "excited": "happy", "amused": "happy", "concerned": "fearful",
+        "depressed": "sad", "disappointed": "sad", "confused": "other", "calm": "calm", "bored": "other",
+    },
+    "crema_d": {
+        "ang": "angry", "a": "angry", "dis": "disgusted", "d": "disgusted", "fea": "fearful", "f": "fearful",
+        "hap": "happy", "h": "happy", "neu": "neutral", "n": "neutral", "sad": "sad", "s": "sad",
+    },
+    "ravdess": {
+        "01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry", "06": "fearful",
+        "07": "disgusted", "08": "surprised",
+    },
+    "meld": {
+        "neutral": "neutral", "joy": "happy", "sadness": "sad", "anger": "angry", "fear": "fearful",
+        "disgust": "disgusted", "surprise": "surprised",
+    },
+    "esd": {
+        "neutral": "neutral", "happy": "happy", "angry": "angry", "sad": "sad", "surprise": "surprised",
+    },
+}
+
+_SYNONYMS: dict[str, str] = {
+    "happiness": "happy", "joy": "happy", "joyful": "happy", "excited": "happy",
+    "sadness": "sad", "anger": "angry", "mad": "angry", "fear": "fearful", "afraid": "fearful", "scared": "fearful",
+    "disgust": "disgusted", "surprise": "surprised", "frustration": "frustrated", "neutrality": "neutral",
+}
+
+
+class LabelError(ValueError):
+    """A label that the taxonomy or the corpus map does not know."""
+
+
+def normalize_emotion(label: str, corpus: str | None = None) -> str | None:
+    """Map a corpus label (or a free-form emotion word) into the common taxonomy.
+
+    Returns ``None`` for the corpus's "no agreement" codes; raises :class:`LabelError` for unknown labels.
+    """
+    key = label.strip().lower()
+    if corpus is not None and corpus in LABEL_MAPS and key in LABEL_MAPS[corpus]:
+        return LABEL_MAPS[corpus][key]
+    if key in EMOTIONS:
+        return key
+    if key in _SYNONYMS:
+        return _SYNONYMS[key]
+    where = f" for corpus {corpus!r}" if corpus else ""
+    raise LabelError(f"unknown emotion label {label!r}{where}; known: {', '.join(EMOTIONS)}")
+
+
+def vote_distribution(votes: Iterable[str], labels: Iterable[str] | None = None) -> dict[str, float]:
+    """Soft label by the all-inclusive rule: each emotion's share of all votes cast.
+
+    ``labels`` fixes the keys (and their order); votes outside it are still counted in the denominator, so that a
+    4-class view of a record does not pretend the other raters agreed.
+    """
+    counts = Counter(v for v in votes if v is not None)
+    total = sum(counts.values())
+    keys = list(labels) if labels is not None else sorted(counts)
+    if total == 0:
+        return {k: 0.0 for k in keys}
+    return {k: counts.get(k, 0) / total for k in keys}
+
+
+def consensus_label(distribution: Mapping[str, float]) -> str | None:
+    """Plurality label, or ``None`` when the top share is tied (no consensus)."""
+    if not distribution:
+        return None
+    ranked = sorted(distribution.items(), key=lambda kv: -kv[1])
+    if ranked[0][1] <= 0 or (len(ranked) > 1 and math.isclose(ranked[0][1], ranked[1][1])):
+        return None
+    return ranked[0][0]
+
+
+def multi_label(distribution: Mapping[str, float], num_classes: int | None = None) -> list[str]:
+    """Emotions present by the 1/C rule: share strictly above 1/C, C the number of classes."""
+    c = num_classes or len(distribution)
+    if c <= 0:
+        return []
+    return [k for k, share in distribution.items() if share > 1.0 / c]
+
+
+def entropy(distribution: Mapping[str, float], base: float = 2.0) -> float:
+    """Shannon entropy of a soft label (0 = unanimous raters)."""
+    return -sum(p * math.log(p, base) for p in distribution.values() if p > 0)

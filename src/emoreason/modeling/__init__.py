@@ -1,0 +1,75 @@
+"""The dual-encoder audio LLM: config / model / processor, registered with the transformers Auto classes."""
+
+from __future__ import annotations
+
+import os
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
+
+from .audio_tokens import num_audio_tokens, num_audio_tokens_for_duration
+from .configuration_emoreason import EmoReasonConfig
+from .modeling_emoreason import (
+    AudioPlaceholderError,
+    EmoReasonForConditionalGeneration,
+    EmoReasonModel,
+    EmoReasonPreTrainedModel,
+    EmoReasonProjector,
+)
+from .processing_emoreason import AUDIO_TOKEN, EmoReasonProcessor
+
+AutoConfig.register("emoreason", EmoReasonConfig, exist_ok=True)
+AutoModel.register(EmoReasonConfig, EmoReasonModel, exist_ok=True)
+AutoModelForCausalLM.register(EmoReasonConfig, EmoReasonForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(EmoReasonConfig, EmoReasonProcessor, exist_ok=True)
+
+
+def build_from_components(
+    content_encoder: str | os.PathLike,
+    paralinguistic_encoder: str | os.PathLike,
+    language_model: str | os.PathLike,
+    stack_factor: int = 4,
+    **model_kwargs,
+) -> tuple[EmoReasonForConditionalGeneration, EmoReasonProcessor]:
+    """Assemble model and processor from three pretrained checkpoints (hub ids or local folders).
+
+    The tokenizer gains the `<audio>` token (embeddings resized to match) and a chat template; the projector is new.
+    """
+    processor = EmoReasonProcessor.from_components(
+        content_encoder, paralinguistic_encoder, language_model, stack_factor=stack_factor
+    )
+    model = EmoReasonForConditionalGeneration.from_components(
+        content_encoder,
+        paralinguistic_encoder,
+        language_model,
+        audio_token_id=processor.audio_token_id,
+        vocab_size=len(processor.tokenizer),
+        stack_factor=stack_factor,
+        **model_kwargs,
+    )
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def load_pretrained(path: str | os.PathLike, **kwargs) -> tuple[EmoReasonForConditionalGeneration, EmoReasonProcessor]:
+    """Load a saved EmoReason checkpoint and its processor (safetensors only, no remote code)."""
+    kwargs.setdefault("use_safetensors", True)
+    model = EmoReasonForConditionalGeneration.from_pretrained(path, **kwargs)
+    processor = EmoReasonProcessor.from_pretrained(path)
+    return model, processor
+
+
+__all__ = [
+    "AUDIO_TOKEN",
+    "AudioPlaceholderError",
+    "EmoReasonConfig",
+    "EmoReasonForConditionalGeneration",
+    "EmoReasonModel",
+    "EmoReasonPreTrainedModel",
+    "EmoReasonProcessor",
+    "EmoReasonProjector",
+    "build_from_components",
+    "load_pretrained",
+    "num_audio_tokens",
+    "num_audio_tokens_for_duration",
+]

@@ -1,0 +1,513 @@
+"""EmoReason: a dual-encoder audio LLM in the LLaVA / Qwen2-Audio layout.
+
+``EmoReasonModel`` holds the content encoder (Whisper encoder: what is said), the paralinguistic encoder (WavLM,
+HuBERT or wav2vec2: how it is said), the fusion projector and ``language_model``. ``EmoReasonForConditionalGeneration``
+is ``model`` + ``lm_head``, so TRL trainers (``model.base_model`` + ``get_output_embeddings()``) and ``generate`` work
+unchanged.
+
+Audio costs what it lasts: each batch is encoded for its longest clip, never padded to Whisper's 30 s window. The
+number of audio tokens of a clip is :func:`~emoreason.modeling.audio_tokens.num_audio_tokens` of its length, the same
+function the processor uses.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.generation import LogitsProcessorList, SuppressTokensLogitsProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from .audio_tokens import num_encoder_frames_from_mel
+from .configuration_emoreason import EmoReasonConfig
+
+
+class AudioPlaceholderError(ValueError):
+    """The `<audio>` placeholders in the text do not match the audio given."""
+
+
+@dataclass
+class EmoReasonModelOutputWithPast(BaseModelOutputWithPast):
+    audio_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class EmoReasonCausalLMOutputWithPast(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    audio_hidden_states: torch.FloatTensor | None = None
+
+
+class EmoReasonProjector(nn.Module):
+    """Fuses the two towers frame by frame (50 Hz), stacks ``stack_factor`` frames, and maps them to LM embeddings.
+
+    Also owns the learned layer weights of the paralinguistic encoder, so that everything trainable on the audio side
+    is one module (saved with LoRA adapters through ``modules_to_save=["projector"]``).
+    """
+
+    def __init__(self, config: EmoReasonConfig):
+        super().__init__()
+        content_dim = config.content_config.d_model
+        para_dim = config.paralinguistic_config.hidden_size
+        text_dim = config.text_config.hidden_size
+        hidden = config.projector_hidden_size or text_dim
+        self.fusion = config.fusion
+        self.stack_factor = config.stack_factor
+        self.layer_weights = (
+            nn.Parameter(torch.zeros(config.paralinguistic_config.num_hidden_layers + 1))
+            if config.paralinguistic_weighted_layers
+            else None
+        )
+        self.paralinguistic_norm = nn.LayerNorm(para_dim)
+        if self.fusion == "concat":
+            frame_dim = content_dim + para_dim
+        else:
+            frame_dim = content_dim
+            self.paralinguistic_proj = nn.Linear(para_dim, content_dim)
+            if self.fusion == "gated":
+                self.gate = nn.Linear(content_dim + para_dim, content_dim)
+        self.linear_1 = nn.Linear(frame_dim * config.stack_factor, hidden)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(hidden, text_dim)
+
+    def mix_layers(self, paralinguistic_states: torch.Tensor) -> torch.Tensor:
+        """(layers, B, T, D) or (B, T, D) -> (B, T, D)."""
+        if paralinguistic_states.dim() == 4:
+            if self.layer_weights is None:
+                paralinguistic_states = paralinguistic_states[-1]
+            else:
+                weights = torch.softmax(self.layer_weights.float(), dim=0).to(paralinguistic_states.dtype)
+                paralinguistic_states = torch.einsum("l,lbtd->btd", weights, paralinguistic_states)
+        return self.paralinguistic_norm(paralinguistic_states)
+
+    def forward(self, content: torch.Tensor, paralinguistic: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """content (B, T, Dc), paralinguistic (B, T, Dp) frame-aligned, frame_mask (B, T) -> (B, ceil(T/k), D_lm)."""
+        if self.fusion == "concat":
+            frames = torch.cat([content, paralinguistic], dim=-1)
+        else:
+            para = self.paralinguistic_proj(paralinguistic)
+            if self.fusion == "sum":
+                frames = content + para
+            else:
+                gate = torch.sigmoid(self.gate(torch.cat([content, paralinguistic], dim=-1)))
+                frames = gate * content + (1 - gate) * para
+        # Frames past a clip's end are zeroed so a clip's tokens never depend on what it was batched with.
+        frames = frames * frame_mask.unsqueeze(-1).to(frames.dtype)
+        batch, length, dim = frames.shape
+        pad = (-length) % self.stack_factor
+        if pad:
+            frames = nn.functional.pad(frames, (0, 0, 0, pad))
+        stacked = frames.reshape(batch, (length + pad) // self.stack_factor, dim * self.stack_factor)
+        return self.linear_2(self.act(self.linear_1(stacked)))
+
+
+class EmoReasonPreTrainedModel(PreTrainedModel):
+    config: EmoReasonConfig
+    config_class = EmoReasonConfig
+    base_model_prefix = "model"
+    input_modalities = ("audio", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules = ["WhisperEncoderLayer", "WavLMEncoderLayer", "HubertEncoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
+        if isinstance(module, EmoReasonProjector):
+            for layer in module.modules():
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, mean=0.0, std=std)
+                    nn.init.zeros_(layer.bias)
+                elif isinstance(layer, nn.LayerNorm):
+                    nn.init.ones_(layer.weight)
+                    nn.init.zeros_(layer.bias)
+            if module.layer_weights is not None:
+                nn.init.zeros_(module.layer_weights)
+        elif isinstance(module, nn.Linear) and module is getattr(self, "lm_head", None):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+
+class EmoReasonModel(EmoReasonPreTrainedModel):
+    def __init__(self, config: EmoReasonConfig):
+        super().__init__(config)
+        self.content_encoder = WhisperEncoder(config.content_config)
+        self.paralinguistic_encoder = AutoModel.from_config(config.paralinguistic_config)
+        self.projector = EmoReasonProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.apply_freezing()
+        self.post_init()
+
+    # -- trainability -----------------------------------------------------------------------------------------
+    def apply_freezing(self) -> None:
+        self.content_encoder.requires_grad_(self.config.train_content_encoder)
+        self.paralinguistic_encoder.requires_grad_(self.config.train_paralinguistic_encoder)
+
+    def train(self, mode: bool = True):
+        # Frozen towers stay in eval mode: no dropout, LayerDrop or SpecAugment masking on features we don't train.
+        super().train(mode)
+        if not self.config.train_content_encoder:
+            self.content_encoder.eval()
+        if not self.config.train_paralinguistic_encoder:
+            self.paralinguistic_encoder.eval()
+        return self
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    # -- audio ------------------------------------------------------------------------------------------------
+    def encode_content(self, input_features: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
+        """Whisper encoder over the batch's own length (not 30 s): position table sliced, padding masked."""
+        enc = self.content_encoder
+        max_mel = int(mel_lengths.max())
+        features = input_features[..., :max_mel].to(enc.conv1.weight.dtype)
+        mel_mask = (torch.arange(max_mel, device=features.device)[None, :] < mel_lengths[:, None]).unsqueeze(1)
+        # Zeroing padded mel and conv1 outputs reproduces the zero padding a lone clip gets from the convolutions.
+        hidden = nn.functional.gelu(enc.conv1(features * mel_mask))
+        hidden = nn.functional.gelu(enc.conv2(hidden * mel_mask)).permute(0, 2, 1)
+        length = hidden.shape[1]
+        if length > enc.embed_positions.num_embeddings:
+            raise ValueError(
+                f"audio of {length} encoder frames exceeds the content encoder's {enc.embed_positions.num_embeddings}"
+                " positions; the processor cuts clips to the encoder's window"
+            )
+        hidden = hidden + enc.embed_positions.weight[:length].to(hidden.dtype)
+        hidden = nn.functional.dropout(hidden, p=enc.dropout, training=enc.training)
+        frame_lengths = num_encoder_frames_from_mel(mel_lengths)
+        attention_mask = None
+        if bool((frame_lengths < length).any()):
+            keep = torch.arange(length, device=hidden.device)[None, :] < frame_lengths[:, None]
+            attention_mask = torch.zeros(keep.shape, dtype=hidden.dtype, device=hidden.device)
+            attention_mask = attention_mask.masked_fill(~keep, torch.finfo(hidden.dtype).min)[:, None, None, :]
+            attention_mask = attention_mask.expand(-1, 1, length, length)
+        for layer in enc.layers:
+            hidden = layer(hidden, attention_mask)
+        return enc.layer_norm(hidden)
+
+    def encode_paralinguistic(
+        self, input_values: torch.Tensor, input_values_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns hidden states ((layers, B, L, D) when layer-weighted, else (B, L, D)) and frame lengths (B,)."""
+        enc = self.paralinguistic_encoder
+        values = input_values.to(next(enc.parameters()).dtype)
+        if input_values_mask is None:
+            input_values_mask = torch.ones(values.shape, dtype=torch.long, device=values.device)
+        sample_lengths = input_values_mask.sum(-1)
+        values = values[:, : int(sample_lengths.max())]
+        # Group-norm feature extractors (wavlm-base, hubert-base) were trained on unmasked, zero-padded input;
+        # layer-norm ones (the large models) expect the mask. Same convention as their feature extractors.
+        use_mask = getattr(self.config.paralinguistic_config, "feat_extract_norm", "layer") == "layer"
+        outputs = enc(
+            values,
+            attention_mask=input_values_mask[:, : values.shape[1]] if use_mask else None,
+            output_hidden_states=self.config.paralinguistic_weighted_layers,
+            return_dict=True,
+        )
+        if self.config.paralinguistic_weighted_layers:
+            states = torch.stack(outputs.hidden_states, dim=0)
+        else:
+            states = outputs.last_hidden_state
+        frame_lengths = enc._get_feat_extract_output_lengths(sample_lengths).long().clamp(min=1)
+        return states, frame_lengths
+
+    def get_audio_features(
+        self,
+        input_features: torch.Tensor,
+        input_features_mask: torch.Tensor,
+        input_values: torch.Tensor,
+        input_values_mask: torch.Tensor | None = None,
+        content_states: torch.Tensor | None = None,
+        paralinguistic_states: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode a batch of clips. Returns (audio embeddings (clips, max_tokens, D_lm), tokens per clip (clips,)).
+
+        ``content_states`` / ``paralinguistic_states`` (precomputed tower outputs, e.g. from the feature cache) skip the
+        towers; they must be what :meth:`encode_content` / :meth:`encode_paralinguistic` return for the same clips.
+        """
+        mel_lengths = input_features_mask.sum(-1).long()
+        frame_lengths = num_encoder_frames_from_mel(mel_lengths)
+        if content_states is None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_content_encoder):
+                content_states = self.encode_content(input_features, mel_lengths)
+        if paralinguistic_states is None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_paralinguistic_encoder):
+                paralinguistic_states, para_lengths = self.encode_paralinguistic(input_values, input_values_mask)
+        else:
+            sample_lengths = (
+                input_values_mask.sum(-1) if input_values_mask is not None
+                else torch.full((input_values.shape[0],), input_values.shape[-1], device=input_values.device)
+            )
+            para_lengths = self.paralinguistic_encoder._get_feat_extract_output_lengths(sample_lengths).long()
+        projector_dtype = self.projector.linear_1.weight.dtype
+        para = self.projector.mix_layers(paralinguistic_states.to(projector_dtype))
+        # Align the towers frame by frame: both run at 50 Hz, WavLM's convolutions give a frame or two fewer.
+        length = content_states.shape[1]
+        index = torch.arange(length, device=para.device)[None, :].expand(para.shape[0], -1)
+        index = torch.minimum(index, (para_lengths.to(para.device) - 1).clamp(min=0)[:, None])
+        para = torch.gather(para, 1, index.unsqueeze(-1).expand(-1, -1, para.shape[-1]))
+        frame_mask = torch.arange(length, device=para.device)[None, :] < frame_lengths.to(para.device)[:, None]
+        embeds = self.projector(content_states.to(projector_dtype), para, frame_mask)
+        tokens_per_clip = (frame_lengths + self.config.stack_factor - 1) // self.config.stack_factor
+        return embeds, tokens_per_clip
+
+    def merge_audio(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, audio_embeds: torch.Tensor, tokens_per_clip
+    ) -> torch.Tensor:
+        """Write each clip's embeddings over the `<audio>` placeholders of its row.
+
+        One clip per row when the batch has as many clips as rows (the usual case); otherwise clips fill rows in
+        order. A row's placeholders beyond its clips' tokens (e.g. a sampled `<audio>` token) are left as text.
+        """
+        placeholder = input_ids == self.config.audio_token_id
+        counts = tokens_per_clip.tolist()
+        num_rows, num_clips = input_ids.shape[0], len(counts)
+        row_of_clip: list[int] = []
+        if num_clips == num_rows:
+            row_of_clip = list(range(num_rows))
+        else:
+            row, used = 0, 0
+            available = placeholder.sum(-1).tolist()
+            for n in counts:
+                while row < num_rows and available[row] - used < n:
+                    row, used = row + 1, 0
+                if row == num_rows:
+                    break
+                row_of_clip.append(row)
+                used += n
+        if len(row_of_clip) < num_clips:
+            raise AudioPlaceholderError(
+                f"{num_clips} audio clips need {counts} `<audio>` tokens, but the rows hold "
+                f"{placeholder.sum(-1).tolist()}; format prompts with the processor, which expands each `<audio>`"
+            )
+        merged = inputs_embeds.clone()
+        offsets: dict[int, int] = {}
+        audio_embeds = audio_embeds.to(inputs_embeds.dtype)
+        for clip, (row, n) in enumerate(zip(row_of_clip, counts)):
+            positions = placeholder[row].nonzero(as_tuple=True)[0]
+            start = offsets.get(row, 0)
+            if positions.numel() - start < n:
+                raise AudioPlaceholderError(
+                    f"row {row} has {positions.numel() - start} free `<audio>` tokens but clip {clip} needs {n}; "
+                    "format prompts with the processor, which expands each `<audio>` to the clip's length"
+                )
+            merged[row, positions[start : start + n]] = audio_embeds[clip, :n]
+            offsets[row] = start + n
+        return merged
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        input_values_mask: torch.Tensor | None = None,
+        content_states: torch.FloatTensor | None = None,
+        paralinguistic_states: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> EmoReasonModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        audio_embeds = None
+        if input_features is not None or content_states is not None:
+            if input_ids is None:
+                raise ValueError("audio inputs need input_ids to locate the `<audio>` placeholders")
+            if input_features_mask is None:
+                input_features_mask = torch.ones(
+                    input_features.shape[0], input_features.shape[-1], dtype=torch.long, device=input_features.device
+                )
+            audio_embeds, tokens_per_clip = self.get_audio_features(
+                input_features, input_features_mask, input_values, input_values_mask,
+                content_states=content_states, paralinguistic_states=paralinguistic_states,
+            )
+            inputs_embeds = self.merge_audio(input_ids, inputs_embeds, audio_embeds, tokens_per_clip)
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return EmoReasonModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            audio_hidden_states=audio_embeds,
+        )
+
+
+class EmoReasonForConditionalGeneration(EmoReasonPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: EmoReasonConfig):
+        super().__init__(config)
+        self.model = EmoReasonModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.train(mode)
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        input_values: torch.FloatTensor | None = None,
+        input_values_mask: torch.Tensor | None = None,
+        content_states: torch.FloatTensor | None = None,
+        paralinguistic_states: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> EmoReasonCausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            input_features=input_features,
+            input_features_mask=input_features_mask,
+            input_values=input_values,
+            input_values_mask=input_values_mask,
+            content_states=content_states,
+            paralinguistic_states=paralinguistic_states,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return EmoReasonCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            audio_hidden_states=outputs.audio_hidden_states,
+        )
+
+    def generate(self, *args, **kwargs):
+        # The model must never write an `<audio>` placeholder itself.
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        processors.append(SuppressTokensLogitsProcessor([self.config.audio_token_id], device=self.device))
+        return super().generate(*args, logits_processor=processors, **kwargs)
+
+    # -- assembly from pretrained parts -------------------------------------------------------------------------
+    @classmethod
+    def from_components(
+        cls,
+        content_encoder: str | os.PathLike,
+        paralinguistic_encoder: str | os.PathLike,
+        language_model: str | os.PathLike,
+        audio_token_id: int | None = None,
+        vocab_size: int | None = None,
+        dtype: torch.dtype | str | None = None,
+        attn_implementation: str | None = None,
+        **config_kwargs,
+    ) -> EmoReasonForConditionalGeneration:
+        """Build the composite from three pretrained checkpoints, each loaded with its own ``from_pretrained``.
+
+        ``audio_token_id`` and ``vocab_size`` come from the tokenizer after the `<audio>` token was added (see
+        :func:`emoreason.modeling.build_from_components`, which does both). The projector starts from scratch.
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM, WhisperConfig
+
+        load_kwargs = {"dtype": dtype} if dtype is not None else {}
+        if attn_implementation is not None:
+            load_kwargs["attn_implementation"] = attn_implementation
+        whisper_config = WhisperConfig.from_pretrained(content_encoder)
+        # Only the encoder is needed: map the full model's "model.encoder.*" keys onto WhisperEncoder.
+        whisper = WhisperEncoder.from_pretrained(
+            content_encoder, config=whisper_config, key_mapping={r"^model\.encoder\.": "", r"^encoder\.": ""},
+            **load_kwargs,
+        )
+        para_kwargs = dict(load_kwargs)
+        if para_kwargs.get("attn_implementation") not in (None, "eager"):
+            para_kwargs["attn_implementation"] = "eager"  # WavLM / HuBERT have no SDPA path
+        paralinguistic = AutoModel.from_pretrained(paralinguistic_encoder, **para_kwargs)
+        causal_lm = AutoModelForCausalLM.from_pretrained(language_model, **load_kwargs)
+        if vocab_size is not None and vocab_size != causal_lm.get_input_embeddings().num_embeddings:
+            causal_lm.resize_token_embeddings(vocab_size, mean_resizing=True)
+        text_config = causal_lm.config
+        config = EmoReasonConfig(
+            content_config=whisper.config.to_dict(),
+            paralinguistic_config=paralinguistic.config.to_dict(),
+            text_config=text_config.to_dict(),
+            audio_token_id=audio_token_id if audio_token_id is not None else text_config.vocab_size - 1,
+            **config_kwargs,
+        )
+        with torch.device("meta"):
+            model = cls(config)
+        model.model.content_encoder = whisper
+        model.model.paralinguistic_encoder = paralinguistic
+        model.model.language_model = causal_lm.model if hasattr(causal_lm, "model") else causal_lm.base_model
+        model.lm_head = causal_lm.get_output_embeddings()
+        projector = EmoReasonProjector(config)
+        model._init_weights(projector)
+        model.model.projector = projector.to(dtype=causal_lm.dtype)
+        model.model.apply_freezing()
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        meta = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+        if meta:
+            raise RuntimeError(f"parameters left uninitialised after assembly: {meta[:5]}")
+        model.generation_config = causal_lm.generation_config
+        return model
+
+
+__all__ = [
+    "AudioPlaceholderError",
+    "EmoReasonModel",
+    "EmoReasonPreTrainedModel",
+    "EmoReasonForConditionalGeneration",
+    "EmoReasonProjector",
+]

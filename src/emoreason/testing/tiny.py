@@ -1,0 +1,143 @@
+"""Build and save a tiny but complete EmoReason model in seconds, offline.
+
+Three component checkpoints in the formats real ones have (a Whisper model + feature extractor, a WavLM model +
+feature extractor, a Qwen2 causal LM + a byte-level BPE tokenizer trained here with `tokenizers`) are saved, then
+assembled through :func:`emoreason.modeling.build_from_components`, the exact path real checkpoints take, and saved
+with ``save_pretrained``. Tests and the demo load the result with ``from_pretrained`` like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_VOCAB_TEXT = """
+system user assistant You are an expert in emotion recognition from speech. Listen to the clip.
+What emotion does the speaker express? Explain your reasoning, then answer.
+<think> </think> <answer> </answer> <distribution> </distribution>
+The speaker sounds neutral happy sad angry fearful disgusted surprised calm frustrated contempt other.
+The pitch is low normal high, the volume is soft quiet normal loud, the speaking rate is slow normal fast.
+Intonation rising falling flat rise-fall fall-rise. The voice is tense relaxed bright dark trembling steady.
+pitch energy rate intonation pauses transcript words content tone prosody voice evidence acoustic cues.
+female male speaker annotators agree disagree ambiguous mixture probably likely because therefore however.
+I can't believe it. We need to talk about the schedule. The meeting starts at nine tomorrow morning.
+Please put the boxes near the door. The weather will change later this week. I saw the report on the table.
+She opened the window and looked outside. They are coming back on Sunday. Turn left after the second light.
+My brother bought a new bicycle. The train leaves in ten minutes. Dinner is ready in the kitchen.
+Transcribe the speech. Describe the speaker's voice. Is the pitch high or low? How fast does the speaker talk?
+emotion label rationale answer reasoning 0 1 2 3 4 5 6 7 8 9 0.1 0.2 0.5 : , . ? ! " ' ( ) [ ] - /
+"""
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int = 1024):
+    """A byte-level BPE tokenizer (any text encodes) trained on a small built-in text, saved like a hub tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = [line for line in _VOCAB_TEXT.strip().splitlines() if line.strip()]
+    tok.train_from_iterator(lines * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>"],
+    )
+    from ..modeling.processing_emoreason import DEFAULT_CHAT_TEMPLATE
+
+    fast.chat_template = DEFAULT_CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_components(out_dir: str | Path, seed: int = 0, hidden: int = 64) -> dict[str, Path]:
+    """Save tiny Whisper, WavLM and Qwen2 checkpoints (random weights) under ``out_dir``; return their paths."""
+    from transformers import (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Wav2Vec2FeatureExtractor,
+        WavLMConfig,
+        WavLMModel,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+    )
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    paths = {name: out / name for name in ("whisper", "wavlm", "lm")}
+
+    whisper_cfg = WhisperConfig(
+        vocab_size=128, num_mel_bins=80, d_model=hidden, encoder_layers=2, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * hidden, decoder_ffn_dim=2 * hidden,
+        max_source_positions=1500, max_target_positions=64, decoder_start_token_id=1, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, suppress_tokens=[], begin_suppress_tokens=[],
+    )
+    WhisperForConditionalGeneration(whisper_cfg).save_pretrained(paths["whisper"])
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(paths["whisper"])
+
+    wavlm_cfg = WavLMConfig(
+        hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * hidden,
+        conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_buckets=32,
+        max_bucket_distance=80, feat_extract_norm="group", do_stable_layer_norm=False, layerdrop=0.0,
+        mask_time_prob=0.0, vocab_size=32,
+    )
+    WavLMModel(wavlm_cfg).save_pretrained(paths["wavlm"])
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=False
+    ).save_pretrained(paths["wavlm"])
+
+    tokenizer = train_tokenizer(paths["lm"])
+    lm_cfg = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    Qwen2ForCausalLM(lm_cfg).save_pretrained(paths["lm"])
+    return paths
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden: int = 64, stack_factor: int = 4,
+                     fusion: str = "concat") -> Path:
+    """Build components, assemble them through ``build_from_components``, save model + processor to ``out_dir``."""
+    from ..modeling import build_from_components
+
+    out = Path(out_dir)
+    paths = build_components(out / "components", seed=seed, hidden=hidden)
+    torch.manual_seed(seed)
+    model, processor = build_from_components(
+        paths["whisper"], paths["wavlm"], paths["lm"], stack_factor=stack_factor, fusion=fusion
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "emoreason_tiny.json").write_text(json.dumps({"seed": seed, "hidden": hidden, "fusion": fusion}))
+    return out
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="emoreason make-tiny", description=__doc__)
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--stack-factor", type=int, default=4)
+    parser.add_argument("--fusion", default="concat", choices=["concat", "sum", "gated"])
+    args = parser.parse_args(argv)
+    path = build_tiny_model(args.out_dir, seed=args.seed, hidden=args.hidden, stack_factor=args.stack_factor,
+                            fusion=args.fusion)
+    print(path)
+    return 0
