@@ -1,0 +1,139 @@
+"""Pieces every training entry point shares: argument dataclasses (extending TRL's) and the model/processor factories.
+
+Each method's ``main(script_args, training_args, model_args)`` follows the same order: seed, logging, resume, data,
+model, trainer, train, save, card. Model loading goes through :func:`get_model`, which takes either a saved EmoReason
+checkpoint (``model_name_or_path``) or three pretrained parts (``content_encoder``, ``paralinguistic_encoder``,
+``language_model``), so recipes for real models and the tiny test model run the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from trl import ModelConfig, ScriptArguments
+
+from ..modeling import EmoReasonForConditionalGeneration, EmoReasonProcessor, build_from_components
+from ..modeling.lora import language_model_lora_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EmoReasonModelArguments(ModelConfig):
+    """TRL's model arguments plus how to assemble the dual-encoder model from parts.
+
+    Set ``model_name_or_path`` to an EmoReason checkpoint (saved model, merged export, or an SFT output with an
+    adapter), or leave it empty and name the three parts.
+    """
+
+    content_encoder: str | None = field(default=None, metadata={"help": "Whisper checkpoint (e.g. openai/whisper-large-v3)"})
+    paralinguistic_encoder: str | None = field(
+        default=None, metadata={"help": "WavLM / HuBERT / wav2vec2 checkpoint (e.g. microsoft/wavlm-large)"}
+    )
+    language_model: str | None = field(default=None, metadata={"help": "causal LM (e.g. Qwen/Qwen2.5-7B-Instruct)"})
+    stack_factor: int = field(default=4, metadata={"help": "50 Hz encoder frames per audio token"})
+    fusion: str = field(default="concat", metadata={"help": "concat | sum | gated"})
+    projector_hidden_size: int = field(default=0, metadata={"help": "0: the LM's hidden size"})
+    train_content_encoder: bool = field(default=False)
+    train_paralinguistic_encoder: bool = field(default=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        parts = (self.content_encoder, self.paralinguistic_encoder, self.language_model)
+        if self.model_name_or_path is None and not all(parts):
+            raise ValueError(
+                "model: set model_name_or_path to an EmoReason checkpoint, or all three of content_encoder, "
+                "paralinguistic_encoder and language_model"
+            )
+        if self.fusion not in ("concat", "sum", "gated"):
+            raise ValueError(f"model: fusion must be concat, sum or gated, got {self.fusion!r}")
+
+
+@dataclass
+class EmoReasonScriptArguments(ScriptArguments):
+    """Where the records are. ``dataset_name`` (TRL's field) may point at a JSONL/parquet file of records."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "records file (JSONL or parquet)"})
+    train_records: str | None = field(default=None, metadata={"help": "records file for training"})
+    eval_records: str | None = field(default=None, metadata={"help": "records file for evaluation"})
+    data_root: str = field(default=".", metadata={"help": "audio paths in records are relative to this folder"})
+    max_train_records: int | None = field(default=None)
+
+    def __post_init__(self):
+        if self.train_records is None:
+            self.train_records = self.dataset_name
+        if self.train_records is None:
+            raise ValueError("data: set train_records (or dataset_name) to a records file")
+        if not Path(self.data_root).is_dir():
+            raise ValueError(f"data: data_root {self.data_root!r} is not a folder")
+
+
+def _dtype(name: str | None):
+    if name in (None, "auto"):
+        return None if name is None else "auto"
+    return getattr(torch, name)
+
+
+def get_processor(model_args: EmoReasonModelArguments) -> EmoReasonProcessor:
+    if model_args.model_name_or_path:
+        return EmoReasonProcessor.from_pretrained(_base_checkpoint(model_args.model_name_or_path))
+    return EmoReasonProcessor.from_components(
+        model_args.content_encoder, model_args.paralinguistic_encoder, model_args.language_model,
+        stack_factor=model_args.stack_factor,
+    )
+
+
+def _base_checkpoint(path: str) -> str:
+    """An adapter folder points at its base model; everything else is its own base."""
+    adapter_config = Path(path) / "adapter_config.json"
+    if adapter_config.is_file():
+        import json
+
+        return json.loads(adapter_config.read_text())["base_model_name_or_path"]
+    return path
+
+
+def get_model(model_args: EmoReasonModelArguments, processor: EmoReasonProcessor | None = None):
+    """Load or assemble the model. An adapter checkpoint is loaded onto its base with the adapter kept trainable."""
+    kwargs = {"dtype": _dtype(model_args.dtype)} if model_args.dtype else {}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.model_name_or_path:
+        path = model_args.model_name_or_path
+        base = _base_checkpoint(path)
+        model = EmoReasonForConditionalGeneration.from_pretrained(base, use_safetensors=True, **kwargs)
+        if base != path:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, path, is_trainable=True)
+        return model
+    model, _ = build_from_components(
+        model_args.content_encoder,
+        model_args.paralinguistic_encoder,
+        model_args.language_model,
+        stack_factor=model_args.stack_factor,
+        fusion=model_args.fusion,
+        projector_hidden_size=model_args.projector_hidden_size,
+        train_content_encoder=model_args.train_content_encoder,
+        train_paralinguistic_encoder=model_args.train_paralinguistic_encoder,
+        **kwargs,
+    )
+    return model
+
+
+def get_peft_config(model_args: EmoReasonModelArguments):
+    """LoRA on the language model only (+ the projector as a saved module), or None when ``use_peft`` is off."""
+    if not model_args.use_peft:
+        return None
+    return language_model_lora_config(
+        r=model_args.lora_r,
+        alpha=model_args.lora_alpha,
+        dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules,
+        modules_to_save=model_args.lora_modules_to_save or ["projector"],
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+    )
