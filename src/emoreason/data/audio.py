@@ -54,6 +54,8 @@ def prepare_waveform(
     if data.dtype.kind in "iu":
         data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
     data = data.astype(np.float32, copy=False)
+    if data.size == 0:
+        raise AudioError(source, "zero-length audio")
     if data.ndim == 2:
         # soundfile gives (samples, channels); accept (channels, samples) when channels is clearly the short axis.
         if data.shape[0] < data.shape[1] and data.shape[0] <= 8:

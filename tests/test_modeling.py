@@ -1,0 +1,232 @@
+"""The dual-encoder model: round trips, assembly from parts, audio actually used, placeholders, generation, LoRA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from emoreason.modeling import (
+    AudioPlaceholderError,
+    EmoReasonConfig,
+    EmoReasonForConditionalGeneration,
+    EmoReasonProcessor,
+    load_pretrained,
+)
+from emoreason.modeling.lora import apply_lora
+
+SR = 16_000
+
+
+def tone(seconds: float, freq: float = 220.0, amp: float = 0.3, seed: int = 0) -> np.ndarray:
+    t = np.arange(int(seconds * SR)) / SR
+    noise = np.random.default_rng(seed).normal(0, 0.01, t.shape)
+    return (amp * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32)
+
+
+def prompt(processor: EmoReasonProcessor, n: int = 1) -> list[str]:
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What emotion is this?"}]}]
+    return [processor.apply_chat_template(messages, add_generation_prompt=True)] * n
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    _, processor = tiny
+    return processor(prompt(processor, 2), [tone(1.3), tone(2.1, freq=330.0, amp=0.5)])
+
+
+def test_save_load_round_trip_is_exact(tiny, batch, tmp_path):
+    model, processor = tiny
+    with torch.no_grad():
+        before = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    reloaded, reprocessor = load_pretrained(tmp_path)
+    again = reprocessor(prompt(reprocessor, 2), [tone(1.3), tone(2.1, freq=330.0, amp=0.5)])
+    for key in batch:
+        assert torch.equal(batch[key], again[key]), key
+    with torch.no_grad():
+        after = reloaded.eval()(**again).logits
+    assert torch.equal(before, after)
+
+
+def test_auto_classes_resolve_the_checkpoint(tiny_model_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
+
+    assert isinstance(AutoConfig.from_pretrained(tiny_model_dir), EmoReasonConfig)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tiny_model_dir), EmoReasonForConditionalGeneration)
+    assert isinstance(AutoProcessor.from_pretrained(tiny_model_dir), EmoReasonProcessor)
+    assert AutoConfig.from_pretrained(tiny_model_dir).auto_map == {}
+
+
+def test_from_components_loads_each_part_from_its_own_checkpoint(tiny, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, WavLMModel, WhisperForConditionalGeneration
+
+    model, processor = tiny
+    parts = tiny_model_dir / "components"
+    whisper = WhisperForConditionalGeneration.from_pretrained(parts / "whisper")
+    wavlm = WavLMModel.from_pretrained(parts / "wavlm")
+    lm = AutoModelForCausalLM.from_pretrained(parts / "lm")
+    for name, tensor in whisper.model.encoder.state_dict().items():
+        assert torch.equal(tensor, model.model.content_encoder.state_dict()[name]), name
+    for name, tensor in wavlm.state_dict().items():
+        assert torch.equal(tensor, model.model.paralinguistic_encoder.state_dict()[name]), name
+    old_vocab = lm.get_input_embeddings().num_embeddings
+    assert torch.equal(lm.model.layers[0].mlp.up_proj.weight, model.model.language_model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(lm.get_input_embeddings().weight, model.get_input_embeddings().weight[:old_vocab])
+    # the tokenizer gained `<audio>` and the embeddings grew to match
+    assert processor.audio_token_id == model.config.audio_token_id >= old_vocab
+    assert model.get_input_embeddings().num_embeddings == len(processor.tokenizer)
+    assert processor.chat_template
+
+
+def test_changing_the_audio_changes_the_logits(tiny, batch):
+    model, processor = tiny
+    other = processor(prompt(processor, 2), [tone(1.3, freq=150.0, amp=0.1), tone(2.1, freq=500.0, amp=0.05)])
+    with torch.no_grad():
+        a = model(**batch).logits
+        b = model(**other).logits
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("tower", ["content_states", "paralinguistic_states"])
+def test_both_towers_are_live(tiny, batch, tower):
+    model, _ = tiny
+    mm = model.model
+    with torch.no_grad():
+        content = mm.encode_content(batch["input_features"], batch["input_features_mask"].sum(-1))
+        para, _ = mm.encode_paralinguistic(batch["input_values"], batch["input_values_mask"])
+        states = {"content_states": content, "paralinguistic_states": para}
+        reference = model(**batch, **states).logits
+        assert torch.equal(reference, model(**batch).logits)  # precomputed states are exactly the live ones
+        states[tower] = torch.zeros_like(states[tower])
+        zeroed = model(**batch, **states).logits
+    assert not torch.allclose(reference, zeroed, atol=1e-4)
+
+
+def test_content_tower_is_batch_invariant(tiny):
+    model, processor = tiny
+    short, long_ = tone(0.7), tone(2.9, freq=300)
+    together = processor(prompt(processor, 2), [short, long_])
+    alone = processor(prompt(processor, 1), [short])
+    mm = model.model
+    with torch.no_grad():
+        a = mm.encode_content(together["input_features"], together["input_features_mask"].sum(-1))
+        b = mm.encode_content(alone["input_features"], alone["input_features_mask"].sum(-1))
+    assert torch.allclose(a[0, : b.shape[1]], b[0], atol=1e-5)
+
+
+def test_token_counts_follow_duration(tiny):
+    model, processor = tiny
+    seconds = [0.05, 0.5, 1.0, 2.37, 4.0, 7.5]
+    counts = [processor.num_audio_tokens(int(s * SR)) for s in seconds]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
+    assert counts[seconds.index(4.0)] == 4 * 50 // processor.stack_factor
+    for s, expected in zip(seconds, counts):
+        enc = processor(prompt(processor), [tone(s)])
+        assert int((enc["input_ids"] == processor.audio_token_id).sum()) == expected
+        with torch.no_grad():
+            _, per_clip = model.model.get_audio_features(
+                enc["input_features"], enc["input_features_mask"], enc["input_values"], enc["input_values_mask"]
+            )
+        assert per_clip.tolist() == [expected]
+    # a 4 s clip costs at most 1/5 of the tokens of the same clip padded to 30 s
+    assert processor.num_audio_tokens(4 * SR) <= processor.num_audio_tokens(30 * SR) / 5
+
+
+def test_placeholder_mismatch_raises_clear_errors(tiny, batch):
+    model, processor = tiny
+    with pytest.raises(ValueError, match="placeholder"):
+        processor(prompt(processor, 1), [tone(1.0), tone(1.0)])
+    ids = batch["input_ids"].clone()
+    first = (ids[0] == processor.audio_token_id).nonzero()[0, 0]
+    ids[0, first : first + 3] = processor.tokenizer.pad_token_id  # drop three placeholders from row 0
+    with pytest.raises(AudioPlaceholderError, match="audio"):
+        model(**{**batch, "input_ids": ids})
+
+
+def test_extra_placeholders_beyond_the_clip_are_left_as_text(tiny):
+    model, processor = tiny
+    enc = processor(prompt(processor), [tone(1.0)])
+    ids = torch.cat([enc["input_ids"], torch.tensor([[processor.audio_token_id]])], dim=1)
+    mask = torch.cat([enc["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        out = model(**{**enc, "input_ids": ids, "attention_mask": mask})
+    assert out.logits.shape[1] == ids.shape[1]
+
+
+def test_generate_with_audio_never_emits_the_audio_token(tiny_model_dir):
+    model, processor = load_pretrained(tiny_model_dir)
+    model.eval()
+    with torch.no_grad():  # make `<audio>` the most likely next token everywhere
+        model.lm_head.weight[processor.audio_token_id] = model.lm_head.weight.abs().max() * 50
+    enc = processor(prompt(processor, 2), [tone(1.0), tone(1.6, freq=400)], padding_side="left")
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    new = out[:, enc["input_ids"].shape[1] :]
+    assert new.shape == (2, 6)
+    assert not (new == processor.audio_token_id).any()
+
+
+def test_lora_trains_language_model_adapters_and_projector_only(tiny_model_dir, tmp_path):
+    model, processor = load_pretrained(tiny_model_dir)
+    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable
+    for name in trainable:
+        assert ("language_model" in name and "lora_" in name) or ".projector." in name, name
+    assert any("lora_" in n for n in trainable) and any(".projector." in n for n in trainable)
+    frozen_towers = [p for n, p in peft_model.named_parameters() if "content_encoder" in n or "paralinguistic_encoder" in n]
+    assert frozen_towers and not any(p.requires_grad for p in frozen_towers)
+
+    # one optimisation step moves adapters and projector, nothing else
+    enc = processor(prompt(processor), [tone(1.2)])
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    peft_model.train()
+    optim = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0)
+    loss = peft_model(**enc, labels=enc["input_ids"]).loss
+    loss.backward()
+    optim.step()
+    changed = {n for n, p in peft_model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and changed <= set(trainable)
+
+    # adapters save, load and merge to the same function
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        adapted = peft_model(**enc).logits
+    from peft import PeftModel
+
+    base, _ = load_pretrained(tiny_model_dir)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**enc).logits, adapted, atol=1e-5)
+        merged = reloaded.merge_and_unload().eval()
+        assert torch.allclose(merged(**enc).logits, adapted, atol=1e-4)
+    assert isinstance(merged, EmoReasonForConditionalGeneration)
+
+
+def test_frozen_towers_stay_in_eval_mode_when_training(tiny_model_dir):
+    model, _ = load_pretrained(tiny_model_dir)
+    model.train()
+    assert model.training and model.model.language_model.training and model.model.projector.training
+    assert not model.model.content_encoder.training and not model.model.paralinguistic_encoder.training
+
+
+@pytest.mark.parametrize("fusion", ["sum", "gated"])
+def test_other_fusions_build_and_run(tiny_model_dir, fusion):
+    model, processor = load_pretrained(tiny_model_dir)
+    config = model.config.to_dict()
+    config["fusion"] = fusion
+    other = EmoReasonForConditionalGeneration(EmoReasonConfig(**config)).eval()
+    enc = processor(prompt(processor), [tone(1.0)])
+    with torch.no_grad():
+        assert other(**enc).logits.shape[:2] == enc["input_ids"].shape
+
+
+def test_config_rejects_bad_settings(tiny_model_dir):
+    config = EmoReasonConfig.from_pretrained(tiny_model_dir).to_dict()
+    with pytest.raises(ValueError, match="fusion"):
+        EmoReasonConfig(**{**config, "fusion": "average"})
+    with pytest.raises(ValueError, match="stack_factor"):
+        EmoReasonConfig(**{**config, "stack_factor": 0})
