@@ -1,0 +1,93 @@
+"""Audio parts of OpenAI-style chat messages -> 16 kHz waveforms, with a clear reason for every refusal.
+
+Accepted parts: ``{"type": "input_audio", "input_audio": {"data": <base64>, "format": "wav"}}`` (wav / flac / mp3 /
+ogg, sniffed by libsndfile whatever ``format`` says) and ``{"type": "audio_url", "audio_url": {"url": ...}}`` with a
+``data:`` URL or a ``file://`` URL under the server's allowed audio root. The server never fetches ``http(s)`` URLs:
+a client that has a URL downloads it and sends the bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+
+from ..data.audio import AudioError, load_audio
+
+AUDIO_PART_TYPES = ("input_audio", "audio_url", "audio")
+
+
+class AudioInputError(ValueError):
+    """An audio part the server refuses; the message is what the client sees (HTTP 400)."""
+
+
+def _b64decode(data: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise AudioInputError(f"{where}: not valid base64 ({err})") from None
+
+
+def _decode_bytes(raw: bytes, where: str) -> np.ndarray:
+    if not raw:
+        raise AudioInputError(f"{where}: empty audio")
+    try:
+        return load_audio(raw)
+    except AudioError as err:
+        raise AudioInputError(f"{where}: {err.reason}") from None
+
+
+def _file_url_path(url: str, allowed_root: Path | None, where: str) -> Path:
+    if allowed_root is None:
+        raise AudioInputError(f"{where}: file:// URLs are disabled; start the server with --allowed-audio-root DIR")
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise AudioInputError(f"{where}: file:// URLs must name a local path, got host {parsed.netloc!r}")
+    path = Path(unquote(parsed.path)).resolve()
+    root = allowed_root.resolve()
+    if path != root and root not in path.parents:
+        raise AudioInputError(f"{where}: {path} is outside the allowed audio root {root}")
+    return path
+
+
+def decode_audio_part(part: dict, allowed_root: str | os.PathLike | None = None, where: str = "audio") -> np.ndarray:
+    """One content part -> mono float32 at 16 kHz; raises :class:`AudioInputError` with the reason."""
+    kind = part.get("type")
+    if kind == "input_audio":
+        payload = part.get("input_audio")
+        if not isinstance(payload, dict) or not isinstance(payload.get("data"), str):
+            raise AudioInputError(f"{where}: input_audio needs {{'data': <base64>, 'format': ...}}")
+        return _decode_bytes(_b64decode(payload["data"], where), where)
+    if kind in ("audio_url", "audio"):
+        payload = part.get(kind) if kind == "audio_url" else part.get("audio_url", part.get("audio"))
+        url = payload.get("url") if isinstance(payload, dict) else payload
+        if not isinstance(url, str) or not url:
+            raise AudioInputError(f"{where}: audio_url needs {{'url': ...}}")
+        if url.startswith("data:"):
+            header, _, body = url.partition(",")
+            if not header.endswith(";base64"):
+                raise AudioInputError(f"{where}: data: URLs must be base64 encoded (data:audio/wav;base64,...)")
+            return _decode_bytes(_b64decode(body, where), where)
+        if url.startswith("file://"):
+            path = _file_url_path(url, Path(allowed_root) if allowed_root is not None else None, where)
+            try:
+                return load_audio(path)
+            except AudioError as err:
+                raise AudioInputError(f"{where}: {err.reason}") from None
+        scheme = urlparse(url).scheme or "(none)"
+        raise AudioInputError(f"{where}: URL scheme {scheme!r} is not supported; send data: or file:// URLs")
+    raise AudioInputError(f"{where}: unsupported content part type {kind!r}")
+
+
+def encode_audio_part(path_or_bytes: str | os.PathLike | bytes, fmt: str | None = None) -> dict:
+    """The ``input_audio`` part for a file or encoded bytes (what clients, the evaluator included, send)."""
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        raw, fmt = bytes(path_or_bytes), fmt or "wav"
+    else:
+        path = Path(path_or_bytes)
+        raw, fmt = path.read_bytes(), fmt or path.suffix.lstrip(".").lower() or "wav"
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(raw).decode("ascii"), "format": fmt}}
