@@ -22,6 +22,7 @@ from transformers.activations import ACT2FN
 from transformers.generation import LogitsProcessorList, SuppressTokensLogitsProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.utils import logging as hf_logging
 
 from .audio_tokens import num_encoder_frames_from_mel
 from .configuration_emoreason import EmoReasonConfig
@@ -466,10 +467,19 @@ class EmoReasonForConditionalGeneration(EmoReasonPreTrainedModel, GenerationMixi
             load_kwargs["attn_implementation"] = attn_implementation
         whisper_config = WhisperConfig.from_pretrained(content_encoder)
         # Only the encoder is needed: map the full model's "model.encoder.*" keys onto WhisperEncoder.
-        whisper = WhisperEncoder.from_pretrained(
-            content_encoder, config=whisper_config, key_mapping={r"^model\.encoder\.": "", r"^encoder\.": ""},
-            **load_kwargs,
-        )
+        # The decoder's tensors are skipped on purpose; silence the load report that would list each one.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            whisper, info = WhisperEncoder.from_pretrained(
+                content_encoder, config=whisper_config, key_mapping={r"^model\.encoder\.": "", r"^encoder\.": ""},
+                output_loading_info=True, **load_kwargs,
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        missing = [k for k in info["missing_keys"] if "embed_positions" not in k]
+        if missing:
+            raise ValueError(f"{content_encoder}: no Whisper encoder weights found for {sorted(missing)[:3]}")
         para_kwargs = dict(load_kwargs)
         if para_kwargs.get("attn_implementation") not in (None, "eager"):
             para_kwargs["attn_implementation"] = "eager"  # WavLM / HuBERT have no SDPA path
