@@ -1,0 +1,54 @@
+"""Agreement between predicted emotion distributions and the annotators' vote distribution.
+
+Jensen-Shannon divergence (base 2, in [0, 1]; the square of scipy's ``jensenshannon`` distance), KL divergence
+KL(annotators || prediction) in nats with ``epsilon`` added to the prediction before renormalising (so that a
+prediction that gives zero to a voted emotion is penalised, not infinite), Bhattacharyya coefficient (1 = identical),
+and R^2 of the predicted shares against the annotator shares (sklearn ``r2_score`` over all item x class cells).
+"""
+
+import datasets
+import evaluate
+import numpy as np
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import entropy
+from sklearn.metrics import r2_score
+
+_KWARGS = """
+Args:
+    predictions: predicted distributions (lists of C non-negative shares; renormalised).
+    references: annotator distributions in the same label order.
+    epsilon: smoothing added to predictions for KL (default 1e-6).
+Returns:
+    js_divergence, kl_divergence, bhattacharyya, r2 (means over items; r2 over all cells).
+"""
+
+
+def _normalise(rows):
+    rows = np.asarray(rows, dtype=np.float64)
+    totals = rows.sum(axis=1, keepdims=True)
+    uniform = np.full_like(rows, 1.0 / rows.shape[1])
+    return np.where(totals > 0, rows / np.where(totals > 0, totals, 1.0), uniform)
+
+
+class DistributionAgreement(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="JS divergence, KL, Bhattacharyya coefficient and R^2 against annotator distributions.",
+            citation="",
+            inputs_description=_KWARGS,
+            features=datasets.Features({"predictions": datasets.Sequence(datasets.Value("float64")),
+                                        "references": datasets.Sequence(datasets.Value("float64"))}),
+        )
+
+    def _compute(self, predictions, references, epsilon=1e-6):
+        pred, ref = _normalise(predictions), _normalise(references)
+        js = np.array([jensenshannon(p, q, base=2) ** 2 for p, q in zip(pred, ref)])
+        smoothed = _normalise(pred + epsilon)
+        kl = np.array([entropy(q, p) for p, q in zip(smoothed, ref)])
+        bc = np.sqrt(pred * ref).sum(axis=1)
+        return {
+            "js_divergence": float(js.mean()),
+            "kl_divergence": float(kl.mean()),
+            "bhattacharyya": float(bc.mean()),
+            "r2": float(r2_score(ref.ravel(), pred.ravel())),
+        }

@@ -1,0 +1,52 @@
+"""Categorical emotion recognition: weighted accuracy (WA), unweighted / balanced accuracy (UA), macro and weighted F1,
+and the confusion matrix.
+
+Predictions that are not in ``labels`` (invalid or failed answers, passed as any other string, e.g. "<invalid>")
+count as wrong: they lower every score and appear in the confusion matrix's extra "invalid" column.
+"""
+
+import datasets
+import evaluate
+import numpy as np
+from sklearn.metrics import accuracy_score
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.metrics import confusion_matrix
+from sklearn.metrics import f1_score
+
+_DESCRIPTION = "WA, UA, macro/weighted F1 and confusion matrix for emotion labels given as strings."
+_KWARGS = """
+Args:
+    predictions: predicted labels (strings); anything outside `labels` is an invalid answer.
+    references: reference labels (strings, all in `labels`).
+    labels: the label set, in display order (default: sorted references).
+Returns:
+    accuracy (WA), balanced_accuracy (UA, mean recall over reference classes), macro_f1, weighted_f1,
+    invalid_rate, confusion_matrix (rows: reference labels; columns: labels then "invalid"), labels.
+"""
+
+
+class EmotionClassification(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS,
+            features=datasets.Features({"predictions": datasets.Value("string"),
+                                        "references": datasets.Value("string")}),
+        )
+
+    def _compute(self, predictions, references, labels=None):
+        labels = list(labels) if labels is not None else sorted(set(references))
+        invalid = "<invalid>"
+        preds = [p if p in labels else invalid for p in predictions]
+        present = [label for label in labels if label in set(references)]
+        matrix = confusion_matrix(references, preds, labels=labels + [invalid])[: len(labels)]
+        return {
+            "accuracy": float(accuracy_score(references, preds)),
+            "balanced_accuracy": float(balanced_accuracy_score(references, preds)) if present else 0.0,
+            "macro_f1": float(f1_score(references, preds, labels=present, average="macro", zero_division=0)),
+            "weighted_f1": float(f1_score(references, preds, labels=present, average="weighted", zero_division=0)),
+            "invalid_rate": float(np.mean([p == invalid for p in preds])) if preds else 0.0,
+            "confusion_matrix": matrix.tolist(),
+            "labels": labels,
+        }

@@ -1,0 +1,68 @@
+"""`emoreason eval --suite eval/suites/<name>.yaml --endpoint URL --model NAME`: evaluate an endpoint on a suite.
+
+Writes ``report.json``, ``report.md``, ``plots/``, ``predictions/<strategy>.jsonl`` and the response cache
+(``responses.sqlite``) under ``--out``. Rerunning with the same ``--out`` resumes: cached answers are not asked
+again. Exit status 1 when items failed after retries (they are in the report, counted as invalid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="emoreason eval", description=__doc__.splitlines()[0])
+    p.add_argument("--suite", required=True, help="suite YAML (eval/suites/*.yaml)")
+    p.add_argument("--endpoint", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", required=True, help="model name the endpoint serves")
+    p.add_argument("--out", default="runs/eval", help="output folder (report, plots, predictions, cache)")
+    p.add_argument("--records", default=None, help="override the suite's records file (JSONL or parquet)")
+    p.add_argument("--data-root", default=None, help="override the suite's data root (default: the records' folder)")
+    p.add_argument("--api-key", default=os.environ.get("EMOREASON_API_KEY"),
+                   help="Bearer key for the endpoint (default: $EMOREASON_API_KEY)")
+    p.add_argument("--strategies", nargs="+", default=None, help="run only these strategy labels of the suite")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+    p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: the suite's)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per request (default: the suite's)")
+    p.add_argument("--retries", type=int, default=None, help="retries per request (default: the suite's)")
+    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled per retry")
+    p.add_argument("--cache", default=None, help="response cache file (default: OUT/responses.sqlite)")
+    p.add_argument("--judge-endpoint", default=None, help="judge model endpoint (overrides the suite's judge)")
+    p.add_argument("--judge-model", default=None)
+    p.add_argument("--judge-api-key", default=os.environ.get("EMOREASON_JUDGE_API_KEY"))
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ..data.schema import RecordError
+    from .runner import run_suite
+    from .suite import SuiteError
+
+    try:
+        report = run_suite(
+            args.suite, args.endpoint, args.model, args.out, records=args.records, data_root=args.data_root,
+            api_key=args.api_key, strategies=args.strategies, limit=args.limit, concurrency=args.concurrency,
+            timeout=args.timeout, retries=args.retries, backoff=args.backoff, cache_path=args.cache,
+            judge_endpoint=args.judge_endpoint, judge_model=args.judge_model, judge_api_key=args.judge_api_key,
+            progress=not args.no_progress,
+        )
+    except (SuiteError, RecordError, ValueError, FileNotFoundError) as err:
+        print(f"emoreason eval: {err}", file=sys.stderr)
+        return 2
+    failed = {name: len(s["failures"]) for name, s in report["strategies"].items() if s["failures"]}
+    for name, s in report["strategies"].items():
+        acc = s["metrics"].get("classification", {}).get("accuracy")
+        acc_text = f"{acc:.3f}" if acc is not None else "-"
+        print(f"{name}: accuracy {acc_text}, {s['tokens']['completion_per_item']:.1f} tokens/item, "
+              f"{len(s['failures'])} failed")
+    print(f"report: {report['files']['markdown']}")
+    if failed:
+        print(f"emoreason eval: items failed after retries {failed}; see report.md", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,191 @@
+"""Reports: ``report.json`` (everything), ``report.md`` (the tables a reader wants) and PNG plots (matplotlib Agg):
+accuracy and JS divergence vs tokens spent per strategy, confusion matrices, reliability diagrams, and metrics by
+ambiguity bin."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def plot_tradeoff(strategies: dict, out: Path) -> list[Path]:
+    paths = []
+    for metric, group, key, better in (("accuracy", "classification", "accuracy", "higher"),
+                                       ("js_divergence", "distribution", "js_divergence", "lower")):
+        points = [(s["tokens"]["completion_per_item"], s["metrics"].get(group, {}).get(key), name)
+                  for name, s in strategies.items() if s["metrics"].get(group, {}).get(key) is not None]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for x, y, name in points:
+            ax.scatter(x, y)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("completion tokens per item")
+        ax.set_ylabel(f"{metric} ({better} is better)")
+        ax.set_title(f"{metric} vs tokens spent")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / f"{metric}_vs_tokens.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_confusion(name: str, classification: dict, out: Path) -> Path:
+    matrix = np.asarray(classification["confusion_matrix"], dtype=float)
+    labels = classification["labels"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(labels), 0.8 + 0.7 * len(labels)))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(matrix.shape[1]), labels + ["invalid"], rotation=45, ha="right")
+    ax.set_yticks(range(matrix.shape[0]), labels)
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, int(v), ha="center", va="center", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("reference")
+    ax.set_title(f"confusion: {name}")
+    fig.tight_layout()
+    path = out / f"confusion_{_safe(name)}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(strategies: dict, out: Path) -> Path | None:
+    tables = {n: s["metrics"]["calibration"]["reliability"] for n, s in strategies.items()
+              if "calibration" in s["metrics"]}
+    if not tables:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    for name, table in tables.items():
+        rows = [r for r in table if r["count"]]
+        ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=name)
+    ax.set_xlabel("confidence (top share)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability diagram")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "reliability.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_ambiguity(strategies: dict, out: Path) -> Path | None:
+    data = {n: s["metrics"]["ambiguity"] for n, s in strategies.items() if "ambiguity" in s["metrics"]}
+    if not data:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, amb in data.items():
+        order = amb["bin_order"]
+        axes[0].plot(order, [amb["by_group"][b]["accuracy"] for b in order], marker="o", label=name)
+        axes[1].plot(order, [amb["by_group"][b]["js_divergence"] for b in order], marker="o", label=name)
+    axes[0].set_ylabel("accuracy")
+    axes[1].set_ylabel("JS divergence")
+    for ax in axes:
+        ax.set_xlabel("annotator ambiguity (vote entropy bin)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "metrics_by_ambiguity.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Evaluation: {report['suite']}", "",
+             f"Model `{report['model']}` at `{report['endpoint']}`, {report['items']} records "
+             f"({report['records_path']}).", ""]
+    if report.get("skipped_records"):
+        lines += [f"Records left out before evaluation: {report['skipped_records']}", ""]
+    head = ["strategy", "WA", "UA", "macro F1", "JS div", "ECE", "answered", "tokens/item", "requests/item", "failed"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in report["strategies"].items():
+        m = s["metrics"]
+        cls, dist, cal = m.get("classification", {}), m.get("distribution", {}), m.get("calibration", {})
+        lines.append("| " + " | ".join([
+            name, _fmt(cls.get("accuracy")), _fmt(cls.get("balanced_accuracy")), _fmt(cls.get("macro_f1")),
+            _fmt(dist.get("js_divergence")), _fmt(cal.get("ece")), _fmt(s["tokens"]["answered"]),
+            _fmt(s["tokens"]["completion_per_item"]), _fmt(s["tokens"]["requests_per_item"]),
+            str(len(s["failures"])),
+        ]) + " |")
+    lines.append("")
+    for name, s in report["strategies"].items():
+        m = s["metrics"]
+        lines += [f"## {name}", ""]
+        if "multilabel" in m:
+            lines.append(f"- multi-label F1 (1/C rule): micro {_fmt(m['multilabel']['micro_f1'])}, "
+                         f"macro {_fmt(m['multilabel']['macro_f1'])}")
+        if "distribution" in m:
+            d = m["distribution"]
+            lines.append(f"- distribution: JS {_fmt(d['js_divergence'])}, KL {_fmt(d['kl_divergence'])}, "
+                         f"Bhattacharyya {_fmt(d['bhattacharyya'])}, R^2 {_fmt(d['r2'])}")
+        if "calibration" in m:
+            c = m["calibration"]
+            lines.append(f"- calibration: Brier {_fmt(c['brier'])}, soft Brier {_fmt(c.get('soft_brier'))}, "
+                         f"ECE {_fmt(c['ece'])}")
+        if "ambiguity" in m:
+            amb = m["ambiguity"]
+            cells = ", ".join(f"{b}: acc {_fmt(amb['by_group'][b]['accuracy'])} / JS "
+                              f"{_fmt(amb['by_group'][b]['js_divergence'])} (n={amb['by_group'][b]['count']})"
+                              for b in amb["bin_order"])
+            lines.append(f"- by ambiguity: {cells}")
+        for field_name, g in (m.get("groups") or {}).items():
+            lines.append(f"- by {field_name}: accuracy gap {_fmt(g['accuracy_gap'])} (worst {g['worst_group']}, "
+                         f"best {g['best_group']})")
+        if "reasoning" in m:
+            r = m["reasoning"]
+            lines.append(f"- reasoning: format validity {_fmt(r['format_validity'])}, consistency "
+                         f"{_fmt(r['consistency'])}, cue hallucination rate {_fmt(r['cue_hallucination_rate'])} "
+                         f"({r['cue_claims']} checked claims), sample validity {_fmt(r['sample_validity'])}")
+        if "vad" in m and "skipped" not in m["vad"]:
+            lines.append("- CCC: " + ", ".join(f"{d} {_fmt(v['ccc'])}" for d, v in m["vad"].items()))
+        if "judge" in m and "skipped" not in m["judge"]:
+            lines.append(f"- judge groundedness: {_fmt(m['judge']['groundedness'])} ({m['judge']['scored']} scored)")
+        if s["failures"]:
+            lines.append(f"- **{len(s['failures'])} failed item(s)** (counted as invalid):")
+            lines += [f"  - `{f['record_id']}`: {f['failure']}" for f in s["failures"][:20]]
+            if len(s["failures"]) > 20:
+                lines.append(f"  - ... {len(s['failures']) - 20} more in report.json")
+        lines.append("")
+    lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in report.get("plots", [])]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    plots_dir = out / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    plots = plot_tradeoff(report["strategies"], plots_dir)
+    for name, s in report["strategies"].items():
+        if "classification" in s["metrics"]:
+            plots.append(plot_confusion(name, s["metrics"]["classification"], plots_dir))
+    plots += [p for p in (plot_reliability(report["strategies"], plots_dir),
+                          plot_ambiguity(report["strategies"], plots_dir)) if p is not None]
+    report["plots"] = [str(p.relative_to(out)) for p in plots]
+    json_path = out / "report.json"
+    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    md_path = out / "report.md"
+    md_path.write_text(markdown(report), encoding="utf-8")
+    return {"json": json_path, "markdown": md_path, "plots": plots_dir}

@@ -1,0 +1,201 @@
+"""Run a suite against an endpoint: every (strategy, record) pair as an async task under the client's concurrency
+bound, responses cached on disk (a rerun after a crash asks only what is missing), failures recorded per item and
+reported, then metrics and the report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..data.audio import AudioError
+from ..data.schema import EmotionRecord, RecordError, iter_records
+from .client import EndpointClient, RequestFailed, ResponseCache
+from .judge import Judge
+from .metrics import compute_metrics
+from .report import write_report
+from .strategies import STRATEGIES, ItemResult, StrategyContext
+from .suite import PromptSet, Suite, load_suite
+
+logger = logging.getLogger(__name__)
+
+
+def select_records(suite: Suite) -> tuple[list[EmotionRecord], dict[str, int]]:
+    """The suite's records (split, label set, limit), and how many were left out and why."""
+    chosen, skipped = [], Counter()
+    for record in iter_records(suite.records):
+        if suite.split and record.split != suite.split:
+            skipped[f"split is not {suite.split}"] += 1
+        elif record.label not in suite.labels:
+            skipped["label outside the suite's label set"] += 1
+        elif suite.limit is not None and len(chosen) >= suite.limit:
+            skipped["beyond the suite's limit"] += 1
+        else:
+            chosen.append(record)
+    return chosen, dict(skipped)
+
+
+async def _run_item(strategy, ctx: StrategyContext, record: EmotionRecord, label: str, params: dict) -> ItemResult:
+    try:
+        result = await strategy(ctx, record, **params)
+    except (RequestFailed, AudioError, RecordError, FileNotFoundError, ValueError, KeyError) as err:
+        # Reported, never dropped: the item counts as invalid in every metric and is listed in the report.
+        return ItemResult(record.id, label, failed=True, failure=f"{type(err).__name__}: {err}")
+    result.strategy = label
+    return result
+
+
+async def _evaluate(suite: Suite, records: list[EmotionRecord], client: EndpointClient, judge: Judge | None,
+                    progress: bool) -> dict[str, list[ItemResult]]:
+    ctx = StrategyContext(client=client, labels=suite.labels, prompts=PromptSet.load(suite.prompts),
+                          data_root=suite.data_root, max_tokens=suite.max_tokens,
+                          include_transcript=suite.include_transcript, audio_transport=suite.audio_transport,
+                          judge=judge)
+    tasks, owners = [], []
+    for spec in suite.strategies:
+        for record in records:
+            tasks.append(_run_item(STRATEGIES[spec.name], ctx, record, spec.label, spec.params))
+            owners.append(spec.label)
+    results: dict[str, list[ItemResult]] = {spec.label: [None] * len(records) for spec in suite.strategies}
+    positions = {spec.label: 0 for spec in suite.strategies}
+    indexed = []
+    for owner in owners:
+        indexed.append((owner, positions[owner]))
+        positions[owner] += 1
+
+    async def tracked(i, coro):
+        return i, await coro
+
+    with tqdm(total=len(tasks), desc=f"eval {suite.name}", unit="item", disable=not progress) as bar:
+        for future in asyncio.as_completed([tracked(i, t) for i, t in enumerate(tasks)]):
+            i, result = await future
+            owner, position = indexed[i]
+            results[owner][position] = result
+            bar.update(1)
+    return results
+
+
+async def _judge_items(judge: Judge, records: dict[str, EmotionRecord], items: list[ItemResult]) -> list:
+    from ..data.response_format import parse_response
+
+    async def one(item):
+        if item.failed or not item.final_text:
+            return None
+        parsed = parse_response(item.final_text)
+        try:
+            return await judge.score(records[item.record_id], parsed.think or item.final_text, item.prediction)
+        except RequestFailed as err:
+            logger.warning("judge failed on %s: %s", item.record_id, err)
+            return None
+
+    return list(await asyncio.gather(*(one(item) for item in items)))
+
+
+def _summary(items: list[ItemResult]) -> dict[str, Any]:
+    n = max(1, len(items))
+    return {
+        "completion_per_item": sum(i.completion_tokens for i in items) / n,
+        "prompt_per_item": sum(i.prompt_tokens for i in items) / n,
+        "requests_per_item": sum(i.requests for i in items) / n,
+        "completion_total": sum(i.completion_tokens for i in items),
+        "answered": sum(i.valid for i in items) / n,  # items with a usable answer under the strategy's own parser
+    }
+
+
+async def run_suite_async(
+    suite: Suite | str | Path,
+    endpoint: str,
+    model: str,
+    out_dir: str | Path,
+    *,
+    records: str | Path | None = None,
+    data_root: str | Path | None = None,
+    api_key: str | None = None,
+    strategies: list[str] | None = None,
+    limit: int | None = None,
+    concurrency: int | None = None,
+    timeout: float | None = None,
+    retries: int | None = None,
+    backoff: float = 1.0,
+    cache_path: str | Path | None = None,
+    judge_endpoint: str | None = None,
+    judge_model: str | None = None,
+    judge_api_key: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    if not isinstance(suite, Suite):
+        suite = load_suite(suite, records=records, data_root=data_root)
+    if strategies:
+        unknown = sorted(set(strategies) - {s.label for s in suite.strategies})
+        if unknown:
+            raise ValueError(f"strategies {unknown} are not in suite {suite.name} "
+                             f"(has {[s.label for s in suite.strategies]})")
+        suite.strategies = [s for s in suite.strategies if s.label in strategies]
+    if limit is not None:
+        suite.limit = limit
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen, skipped = select_records(suite)
+    if not chosen:
+        raise ValueError(f"suite {suite.name}: no records left from {suite.records} (left out: {skipped})")
+    cache = ResponseCache(cache_path or out / "responses.sqlite")
+    client = EndpointClient(endpoint, model, api_key=api_key, concurrency=concurrency or suite.concurrency,
+                            timeout=timeout or suite.timeout,
+                            max_retries=suite.retries if retries is None else retries, backoff=backoff, cache=cache)
+    judge, judge_client = None, None
+    judge_cfg = dict(suite.judge or {})
+    if judge_endpoint or judge_cfg.get("endpoint"):
+        judge_client = EndpointClient(judge_endpoint or judge_cfg["endpoint"], judge_model or judge_cfg["model"],
+                                      api_key=judge_api_key or judge_cfg.get("api_key"),
+                                      concurrency=concurrency or suite.concurrency, timeout=timeout or suite.timeout,
+                                      max_retries=suite.retries if retries is None else retries, backoff=backoff,
+                                      cache=cache)
+        judge = Judge(judge_client, judge_cfg.get("rubric", "eval/judges/groundedness.yaml"))
+    started = time.time()
+    try:
+        results = await _evaluate(suite, chosen, client, judge, progress)
+        by_id = {r.id: r for r in chosen}
+        report_strategies = {}
+        pred_dir = out / "predictions"
+        pred_dir.mkdir(exist_ok=True)
+        for spec in suite.strategies:
+            items = results[spec.label]
+            judge_scores = None
+            if judge is not None and "judge" in suite.metrics:
+                judge_scores = await _judge_items(judge, by_id, items)
+            metrics = compute_metrics(items, by_id, suite.labels, suite.metrics, ambiguity_bins=suite.ambiguity_bins,
+                                      group_by=suite.group_by, judge_scores=judge_scores)
+            with open(pred_dir / f"{spec.label}.jsonl", "w", encoding="utf-8") as fh:
+                for item in items:
+                    fh.write(json.dumps(dataclasses.asdict(item), ensure_ascii=False) + "\n")
+            report_strategies[spec.label] = {
+                "strategy": spec.name, "params": spec.params, "metrics": metrics, "tokens": _summary(items),
+                "failures": [{"record_id": i.record_id, "failure": i.failure} for i in items if i.failed],
+            }
+    finally:
+        await client.close()
+        if judge_client is not None:
+            await judge_client.close()
+    report = {
+        "suite": suite.name, "model": model, "endpoint": endpoint, "records_path": str(suite.records),
+        "data_root": str(suite.data_root), "labels": list(suite.labels), "items": len(chosen),
+        "skipped_records": skipped, "strategies": report_strategies, "client": dict(client.stats),
+        "cache_entries": len(cache), "wall_seconds": round(time.time() - started, 3),
+    }
+    cache.close()
+    report["files"] = {k: str(v) for k, v in write_report(report, out).items()}
+    return report
+
+
+def run_suite(*args, **kwargs) -> dict[str, Any]:
+    """Synchronous :func:`run_suite_async`: evaluate, write ``report.json``, ``report.md`` and ``plots/`` under
+    ``out_dir``, and return the report."""
+    return asyncio.run(run_suite_async(*args, **kwargs))

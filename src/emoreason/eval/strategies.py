@@ -1,0 +1,346 @@
+"""Test-time-scaling strategies: ways to turn one or more completions into a label and a distribution.
+
+Each strategy is an ``async def name(ctx, record, **params) -> ItemResult`` registered in :data:`STRATEGIES`; suites
+pick them by name and set their parameters. Every strategy reports the tokens and requests it spent on the item, so
+the report can plot accuracy against compute.
+
+- ``direct``: ask for the label only, greedy.
+- ``cot_greedy``: reason then answer (the shared format), greedy.
+- ``self_consistency``: N sampled reasonings in one ``n=N`` request, majority vote (Wang et al., ICLR 2023).
+- ``sample_distribution``: the same samples as a vote histogram with Dirichlet smoothing: the predicted distribution.
+- ``best_of_n``: N samples, keep the one a verifier likes best: the model's own mean token log-likelihood, or a judge.
+- ``weighted_vote``: N samples, votes weighted by the verifier's score.
+- ``self_refine``: answer, then ask the model to check and revise its answer, ``rounds`` times (Madaan et al., 2023).
+- ``budget_forcing``: keep the model thinking: when it closes its reasoning early, append "Wait," and let it go on,
+  then force the answer (Muennighoff et al., "s1: Simple test-time scaling", 2025). Needs an endpoint that continues
+  a partial assistant message (``continue_final_message``, as vLLM and the built-in server do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..data.response_format import ANSWER_RE, ParsedResponse, parse_response
+from ..data.schema import EmotionRecord
+from ..serve.audio_inputs import encode_audio_part
+from .client import EndpointClient
+from .suite import PromptSet
+
+
+@dataclass
+class ItemResult:
+    record_id: str
+    strategy: str
+    prediction: str | None = None
+    distribution: dict[str, float] | None = None
+    final_text: str | None = None
+    completions: list[str] = field(default_factory=list)
+    valid_samples: int = 0
+    total_samples: int = 0
+    scores: list[float] | None = None  # verifier scores, when a verifier ran
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = 0
+    failed: bool = False
+    failure: str | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.prediction is not None
+
+
+@dataclass
+class StrategyContext:
+    client: EndpointClient
+    labels: tuple[str, ...]
+    prompts: PromptSet
+    data_root: Path
+    max_tokens: int = 256
+    include_transcript: bool = False
+    audio_transport: str = "input_audio"
+    judge: Any = None  # emoreason.eval.judge.Judge
+
+    def audio_part(self, record: EmotionRecord) -> dict:
+        path = record.audio_path(self.data_root)
+        if self.audio_transport == "file_url":
+            return {"type": "audio_url", "audio_url": {"url": path.as_uri()}}
+        if not path.is_file():
+            raise FileNotFoundError(f"audio of record {record.id} not found: {path}")
+        return encode_audio_part(path)
+
+    def messages(self, record: EmotionRecord, style: str) -> list[dict]:
+        if style not in self.prompts.styles:
+            raise KeyError(f"the prompt file has no style {style!r} (has {sorted(self.prompts.styles)})")
+        text = self.prompts.styles[style].format(labels=", ".join(self.labels))
+        if self.include_transcript and record.transcript and self.prompts.transcript:
+            text = self.prompts.transcript.format(transcript=record.transcript) + "\n" + text
+        messages = [{"role": "system", "content": self.prompts.system}] if self.prompts.system else []
+        messages.append({"role": "user", "content": [self.audio_part(record), {"type": "text", "text": text}]})
+        return messages
+
+    async def ask(self, result: ItemResult, **request: Any) -> dict:
+        request.setdefault("max_tokens", self.max_tokens)
+        response = await self.client.chat(**request)
+        usage = response.get("usage") or {}
+        result.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+        result.completion_tokens += int(usage.get("completion_tokens") or 0)
+        result.requests += 1
+        return response
+
+
+Strategy = Callable[..., Awaitable[ItemResult]]
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(name: str) -> Callable[[Strategy], Strategy]:
+    def decorator(fn: Strategy) -> Strategy:
+        STRATEGIES[name] = fn
+        return fn
+
+    return decorator
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+def texts(response: dict) -> list[str]:
+    return [(c.get("message") or {}).get("content") or "" for c in response.get("choices", [])]
+
+
+def parse(text: str, labels: tuple[str, ...], reasoning: bool) -> ParsedResponse:
+    """Reasoning styles must follow the format strictly; the direct style needs an answer tag or a bare label."""
+    if reasoning:
+        return parse_response(text, strict=True, labels=labels)
+    parsed = parse_response(text, strict=False, labels=labels)
+    if parsed.answer is not None and not ANSWER_RE.search(text or "") and len((text or "").split()) > 1:
+        parsed.answer, parsed.valid = None, False
+        parsed.errors.append("missing_answer")
+    return parsed
+
+
+def one_hot(label: str | None, labels: tuple[str, ...]) -> dict[str, float] | None:
+    return None if label is None else {k: float(k == label) for k in labels}
+
+
+def own_distribution(parsed: ParsedResponse, labels: tuple[str, ...]) -> dict[str, float] | None:
+    """The completion's stated distribution if it gave one, else all mass on its answer."""
+    if parsed.answer is None:
+        return None
+    if parsed.distribution:
+        return {k: float(parsed.distribution.get(k, 0.0)) for k in labels}
+    return one_hot(parsed.answer, labels)
+
+
+def vote(answers: list[str | None], labels: tuple[str, ...], weights: list[float] | None = None,
+         alpha: float = 0.0) -> tuple[str | None, dict[str, float] | None]:
+    """Weighted vote over valid answers -> (winner, shares with Dirichlet smoothing ``alpha``). Ties go to the
+    label listed first in the suite."""
+    weights = weights or [1.0] * len(answers)
+    tally = Counter()
+    for answer, weight in zip(answers, weights):
+        if answer is not None:
+            tally[answer] += weight
+    if not tally:
+        return None, None
+    total = sum(tally.values()) + alpha * len(labels)
+    shares = {k: (tally.get(k, 0.0) + alpha) / total for k in labels}
+    winner = max(labels, key=lambda k: (tally.get(k, 0.0), -labels.index(k)))
+    return winner, shares
+
+
+def _single(result: ItemResult, text: str, labels: tuple[str, ...], reasoning: bool) -> ItemResult:
+    parsed = parse(text, labels, reasoning)
+    result.completions, result.final_text = [text], text
+    result.total_samples, result.valid_samples = 1, int(parsed.answer is not None)
+    result.prediction = parsed.answer
+    result.distribution = own_distribution(parsed, labels)
+    return result
+
+
+async def _sample(ctx: StrategyContext, record: EmotionRecord, result: ItemResult, n: int, temperature: float,
+                  top_p: float, max_tokens: int | None, logprobs: bool = False) -> tuple[list[str], dict]:
+    request = dict(messages=ctx.messages(record, "cot"), n=n, temperature=temperature, top_p=top_p,
+                   max_tokens=max_tokens or ctx.max_tokens)
+    if logprobs:
+        request["logprobs"] = True
+    response = await ctx.ask(result, **request)
+    samples = texts(response)
+    result.completions = samples
+    result.total_samples = len(samples)
+    return samples, response
+
+
+def mean_logprob(choice: dict) -> float:
+    content = ((choice.get("logprobs") or {}).get("content")) or []
+    if not content:
+        raise ValueError("the endpoint returned no logprobs; use a server that supports logprobs or verifier: judge")
+    return sum(t["logprob"] for t in content) / len(content)
+
+
+async def verifier_scores(ctx: StrategyContext, record: EmotionRecord, result: ItemResult, samples: list[str],
+                          response: dict, parsed: list[ParsedResponse], verifier: str) -> list[float]:
+    """One score per sample, higher is better: mean token log-probability, or the judge's score in [0, 1]."""
+    if verifier == "loglik":
+        return [mean_logprob(choice) for choice in response["choices"]]
+    if verifier == "judge":
+        if ctx.judge is None:
+            raise ValueError("verifier: judge needs a judge (suite `judge:` or --judge-endpoint)")
+        scored = await asyncio.gather(*(ctx.judge.score(record, p.think or text, p.answer)
+                                        for text, p in zip(samples, parsed)))
+        for judged in scored:
+            result.prompt_tokens += judged.prompt_tokens
+            result.completion_tokens += judged.completion_tokens
+            result.requests += 1
+        return [j.normalized if j.normalized is not None else 0.0 for j in scored]
+    raise ValueError(f"unknown verifier {verifier!r}; use loglik or judge")
+
+
+# -- strategies ------------------------------------------------------------------------------------------------
+@register_strategy("direct")
+async def direct(ctx: StrategyContext, record: EmotionRecord, max_tokens: int = 16) -> ItemResult:
+    result = ItemResult(record.id, "direct")
+    response = await ctx.ask(result, messages=ctx.messages(record, "direct"), temperature=0.0, max_tokens=max_tokens)
+    return _single(result, texts(response)[0], ctx.labels, reasoning=False)
+
+
+@register_strategy("cot_greedy")
+async def cot_greedy(ctx: StrategyContext, record: EmotionRecord, max_tokens: int | None = None) -> ItemResult:
+    result = ItemResult(record.id, "cot_greedy")
+    response = await ctx.ask(result, messages=ctx.messages(record, "cot"), temperature=0.0,
+                             max_tokens=max_tokens or ctx.max_tokens)
+    return _single(result, texts(response)[0], ctx.labels, reasoning=True)
+
+
+@register_strategy("self_consistency")
+async def self_consistency(ctx: StrategyContext, record: EmotionRecord, n: int = 8, temperature: float = 0.8,
+                           top_p: float = 1.0, max_tokens: int | None = None) -> ItemResult:
+    result = ItemResult(record.id, "self_consistency")
+    samples, _ = await _sample(ctx, record, result, n, temperature, top_p, max_tokens)
+    parsed = [parse(s, ctx.labels, True) for s in samples]
+    answers = [p.answer for p in parsed]
+    result.valid_samples = sum(a is not None for a in answers)
+    result.prediction, result.distribution = vote(answers, ctx.labels)
+    result.final_text = next((s for s, a in zip(samples, answers) if a == result.prediction), samples[0])
+    return result
+
+
+@register_strategy("sample_distribution")
+async def sample_distribution(ctx: StrategyContext, record: EmotionRecord, n: int = 8, temperature: float = 1.0,
+                              top_p: float = 1.0, alpha: float = 0.5, max_tokens: int | None = None) -> ItemResult:
+    result = ItemResult(record.id, "sample_distribution")
+    samples, _ = await _sample(ctx, record, result, n, temperature, top_p, max_tokens)
+    answers = [parse(s, ctx.labels, True).answer for s in samples]
+    result.valid_samples = sum(a is not None for a in answers)
+    result.prediction, result.distribution = vote(answers, ctx.labels, alpha=alpha)
+    result.final_text = next((s for s, a in zip(samples, answers) if a == result.prediction), samples[0])
+    return result
+
+
+@register_strategy("best_of_n")
+async def best_of_n(ctx: StrategyContext, record: EmotionRecord, n: int = 8, temperature: float = 0.8,
+                    top_p: float = 1.0, verifier: str = "loglik", max_tokens: int | None = None) -> ItemResult:
+    result = ItemResult(record.id, "best_of_n")
+    samples, response = await _sample(ctx, record, result, n, temperature, top_p, max_tokens,
+                                      logprobs=verifier == "loglik")
+    parsed = [parse(s, ctx.labels, True) for s in samples]
+    result.valid_samples = sum(p.answer is not None for p in parsed)
+    result.scores = await verifier_scores(ctx, record, result, samples, response, parsed, verifier)
+    # Valid samples first: a verifier may like a malformed completion, but it has no answer to give.
+    best = max(range(len(samples)), key=lambda i: (parsed[i].answer is not None, result.scores[i]))
+    result.final_text = samples[best]
+    result.prediction = parsed[best].answer
+    result.distribution = own_distribution(parsed[best], ctx.labels)
+    return result
+
+
+@register_strategy("weighted_vote")
+async def weighted_vote(ctx: StrategyContext, record: EmotionRecord, n: int = 8, temperature: float = 0.8,
+                        top_p: float = 1.0, verifier: str = "loglik", max_tokens: int | None = None) -> ItemResult:
+    result = ItemResult(record.id, "weighted_vote")
+    samples, response = await _sample(ctx, record, result, n, temperature, top_p, max_tokens,
+                                      logprobs=verifier == "loglik")
+    parsed = [parse(s, ctx.labels, True) for s in samples]
+    answers = [p.answer for p in parsed]
+    result.valid_samples = sum(a is not None for a in answers)
+    result.scores = await verifier_scores(ctx, record, result, samples, response, parsed, verifier)
+    # Mean log-probabilities become per-token probabilities (geometric means), judge scores are already in [0, 1].
+    weights = [math.exp(s) for s in result.scores] if verifier == "loglik" else list(result.scores)
+    result.prediction, result.distribution = vote(answers, ctx.labels, weights=weights)
+    result.final_text = next((s for s, a in zip(samples, answers) if a == result.prediction), samples[0])
+    return result
+
+
+@register_strategy("self_refine")
+async def self_refine(ctx: StrategyContext, record: EmotionRecord, rounds: int = 1,
+                      max_tokens: int | None = None) -> ItemResult:
+    if not ctx.prompts.refine:
+        raise ValueError("self_refine needs a `refine` prompt in the prompt file")
+    result = ItemResult(record.id, "self_refine")
+    messages = ctx.messages(record, "cot")
+    final = None
+    for _ in range(rounds + 1):
+        response = await ctx.ask(result, messages=messages, temperature=0.0, max_tokens=max_tokens or ctx.max_tokens)
+        text = texts(response)[0]
+        result.completions.append(text)
+        parsed = parse(text, ctx.labels, True)
+        if parsed.answer is not None:
+            final = (text, parsed)
+        messages = messages + [{"role": "assistant", "content": text},
+                               {"role": "user", "content": ctx.prompts.refine}]
+    result.total_samples = len(result.completions)
+    result.valid_samples = sum(parse(t, ctx.labels, True).answer is not None for t in result.completions)
+    # The last valid answer: a refinement that breaks the format does not erase a good earlier answer.
+    text, parsed = final if final else (result.completions[-1], parse(result.completions[-1], ctx.labels, True))
+    result.final_text, result.prediction = text, parsed.answer
+    result.distribution = own_distribution(parsed, ctx.labels)
+    return result
+
+
+@register_strategy("budget_forcing")
+async def budget_forcing(ctx: StrategyContext, record: EmotionRecord, min_thinking_tokens: int = 64,
+                         max_thinking_tokens: int = 256, max_extensions: int = 2,
+                         answer_tokens: int = 48) -> ItemResult:
+    result = ItemResult(record.id, "budget_forcing")
+    messages = ctx.messages(record, "cot")
+    thinking, spent = "<think>\n", 0
+    extensions = 0
+    while True:
+        response = await ctx.ask(
+            result, messages=messages + [{"role": "assistant", "content": thinking}], temperature=0.0,
+            max_tokens=max(1, max_thinking_tokens - spent), stop=["</think>"],
+            extra_body={"continue_final_message": True, "add_generation_prompt": False},
+        )
+        piece = texts(response)[0].split("</think>")[0]
+        thinking += piece
+        spent += int((response.get("usage") or {}).get("completion_tokens") or 0)
+        if spent >= min_thinking_tokens or spent >= max_thinking_tokens or extensions >= max_extensions:
+            break
+        thinking = thinking.rstrip() + " " + ctx.prompts.budget_wait + " "
+        extensions += 1
+    prefix = thinking.rstrip() + "\n</think>\n<answer>"
+    response = await ctx.ask(
+        result, messages=messages + [{"role": "assistant", "content": prefix}], temperature=0.0,
+        max_tokens=answer_tokens, extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    tail = texts(response)[0]
+    if "</answer>" not in tail:
+        tail = tail.strip() + "</answer>" if tail.strip() and len(tail.split()) == 1 else tail
+    text = prefix + tail
+    result.completions = [text]
+    result.total_samples = 1
+    parsed = parse(text, ctx.labels, True)
+    result.valid_samples = int(parsed.answer is not None)
+    result.final_text, result.prediction = text, parsed.answer
+    result.distribution = own_distribution(parsed, ctx.labels)
+    return result
+
+
+def strategy_names() -> list[str]:
+    return sorted(STRATEGIES)
+
+
+__all__ = ["ItemResult", "STRATEGIES", "StrategyContext", "register_strategy", "strategy_names", "vote"]
