@@ -53,10 +53,11 @@ _CLAIM_PATTERNS = (
                re.I),
     re.compile(rf"\b{_HEDGE}(?P<level>{_LEVEL})\s+(?P<attr>{_ATTR})\b", re.I),
     re.compile(rf"\b(?:speaks|talks|speaking|talking)\s+{_HEDGE}(?P<level>{_LEVEL})\b(?P<attr>)", re.I),
+    re.compile(rf"\b(?:voice|speaker)\s+(?:is|was|sounds|seems)\s+{_HEDGE}(?P<level>{_LEVEL})\b(?P<attr>)", re.I),
 )
 _VERB_ATTR = {"fast": "rate", "quickly": "rate", "rapidly": "rate", "slowly": "rate", "slow": "rate", "quick": "rate",
               "rapid": "rate", "loudly": "energy", "softly": "energy", "quietly": "energy", "loud": "energy",
-              "soft": "energy", "quiet": "energy"}
+              "soft": "energy", "quiet": "energy", "high": "pitch", "low": "pitch", "deep": "pitch"}
 
 
 def rationale_claims(text):

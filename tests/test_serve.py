@@ -1,0 +1,231 @@
+"""The built-in server on loopback (tiny model) answered through the official `openai` client.
+
+The tiny model has random weights, so these tests check mechanics: audio accepted in every transport, `n`, seeds,
+logprobs, usage, stop strings, batching of concurrent requests, the API key and the 400s for bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+
+from emoreason.data.schema import read_records
+from emoreason.serve.app import create_app
+from emoreason.serve.audio_inputs import encode_audio_part
+from emoreason.serve.background import BackgroundServer
+from emoreason.serve.engine import TransformersEngine
+
+API_KEY = "test-key"
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def clips(synth_corpus) -> list[Path]:
+    records = read_records(synth_corpus)
+    return [r.audio_path(synth_corpus.parent) for r in records[:3]]
+
+
+@pytest.fixture(scope="module")
+def server(tiny, synth_corpus):
+    model, processor = tiny
+    engine = TransformersEngine(model, processor, max_batch_rows=16, batch_wait_s=0.02)
+    app = create_app(engine, MODEL, api_key=API_KEY, allowed_audio_root=str(synth_corpus.parent),
+                     default_max_tokens=8)
+    with BackgroundServer(app) as background:
+        background.engine = engine
+        yield background
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def audio_message(part: dict, text: str = "What emotion does the speaker express?") -> list[dict]:
+    return [{"role": "user", "content": [part, {"type": "text", "text": text}]}]
+
+
+def encoded(path: Path, fmt: str) -> bytes:
+    wav, rate = sf.read(path, dtype="float32")
+    buffer = io.BytesIO()
+    sf.write(buffer, wav, rate, format=fmt.upper())
+    return buffer.getvalue()
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    import httpx
+
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # open without a key, for load balancers
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3"])
+def test_input_audio_formats(client, clips, fmt):
+    response = client.chat.completions.create(
+        model=MODEL, messages=audio_message(encode_audio_part(encoded(clips[0], fmt), fmt)), max_tokens=4,
+        temperature=0,
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
+    # The audio became `<audio>` tokens: the prompt is far longer than its text alone.
+    assert response.usage.prompt_tokens > 40
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_audio_urls_file_and_data(client, clips):
+    data_url = "data:audio/wav;base64," + base64.b64encode(clips[0].read_bytes()).decode()
+    file_url = clips[0].resolve().as_uri()
+    answers = []
+    for url in (data_url, file_url):
+        response = client.chat.completions.create(
+            model=MODEL, messages=audio_message({"type": "audio_url", "audio_url": {"url": url}}), max_tokens=6,
+            temperature=0,
+        )
+        answers.append((response.choices[0].message.content, response.usage.prompt_tokens))
+    assert answers[0] == answers[1]  # the same clip by either transport gives the same greedy answer
+
+
+def test_audio_changes_the_answer_distribution(client, clips):
+    logprobs = []
+    for clip in clips[:2]:
+        response = client.chat.completions.create(
+            model=MODEL, messages=audio_message(encode_audio_part(clip)), max_tokens=1, temperature=0,
+            logprobs=True, top_logprobs=5,
+        )
+        logprobs.append([t.logprob for t in response.choices[0].logprobs.content[0].top_logprobs])
+    assert not np.allclose(logprobs[0], logprobs[1])
+
+
+def test_n_seed_and_logprobs(client, clips):
+    request = dict(model=MODEL, messages=audio_message(encode_audio_part(clips[1])), n=3, max_tokens=6,
+                   temperature=1.0, seed=7, logprobs=True, top_logprobs=3)
+    first = client.chat.completions.create(**request)
+    second = client.chat.completions.create(**request)
+    other = client.chat.completions.create(**{**request, "seed": 8})
+    texts = [c.message.content for c in first.choices]
+    assert len(first.choices) == 3 and [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in second.choices]  # same seed, same samples
+    assert texts != [c.message.content for c in other.choices]
+    completion = 0
+    for choice in first.choices:
+        tokens = choice.logprobs.content
+        assert 1 <= len(tokens) <= 6
+        completion += len(tokens)
+        for token in tokens:
+            assert token.logprob <= 0 and len(token.top_logprobs) == 3
+            tops = [t.logprob for t in token.top_logprobs]
+            assert tops == sorted(tops, reverse=True) and token.logprob <= tops[0] + 1e-6
+    assert first.usage.completion_tokens == completion
+
+
+def test_greedy_is_deterministic_and_stop_strings_cut(client, clips):
+    messages = audio_message(encode_audio_part(clips[2]))
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    text = full.choices[0].message.content
+    again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    assert again.choices[0].message.content == text
+    if len(text) > 3:
+        stop = text[2:4]
+        cut = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0, stop=[stop])
+        assert cut.choices[0].message.content == text[: text.find(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+
+
+def test_continue_final_message(client, clips):
+    messages = audio_message(encode_audio_part(clips[0]))
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    response = client.chat.completions.create(
+        model=MODEL, messages=messages + [{"role": "assistant", "content": "<think>"}], max_tokens=4, temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    assert full.usage.prompt_tokens < response.usage.prompt_tokens  # the partial answer is part of the prompt
+
+
+def test_concurrent_requests_are_batched(server, clips):
+    engine = server.engine
+    before_batches, before_rows = engine.batches_run, engine.rows_run
+
+    async def run():
+        async_client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        requests = [async_client.chat.completions.create(model=MODEL, messages=audio_message(encode_audio_part(c)),
+                                                         max_tokens=4, temperature=0)
+                    for c in clips * 2]
+        try:
+            return await asyncio.gather(*requests)
+        finally:
+            await async_client.close()
+
+    responses = asyncio.run(run())
+    assert len(responses) == 6 and all(r.choices for r in responses)
+    assert engine.rows_run - before_rows == 6
+    assert engine.batches_run - before_batches < 6
+    # Identical requests in one batch get identical greedy answers.
+    assert responses[0].choices[0].message.content == responses[3].choices[0].message.content
+
+
+def test_api_key_required(server):
+    anonymous = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.list()
+
+
+@pytest.mark.parametrize(
+    "part, reason",
+    [
+        ({"type": "input_audio", "input_audio": {"data": base64.b64encode(b"not audio at all").decode(),
+                                                 "format": "wav"}}, "unreadable"),
+        ({"type": "input_audio", "input_audio": {"data": "***", "format": "wav"}}, "base64"),
+        ({"type": "audio_url", "audio_url": {"url": "file:///etc/hostname"}}, "outside the allowed audio root"),
+        ({"type": "audio_url", "audio_url": {"url": "https://example.com/a.wav"}}, "not supported"),
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "unsupported content part"),
+    ],
+)
+def test_bad_audio_is_a_400_with_the_reason(client, part, reason):
+    with pytest.raises(openai.BadRequestError, match=reason):
+        client.chat.completions.create(model=MODEL, messages=audio_message(part), max_tokens=2)
+
+
+def test_bad_requests(client, clips):
+    part = encode_audio_part(clips[0])
+    with pytest.raises(openai.BadRequestError, match="placeholder"):
+        client.chat.completions.create(model=MODEL, messages=audio_message(part, "<audio> twice"), max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="n"):
+        client.chat.completions.create(model=MODEL, messages=audio_message(part), n=0, max_tokens=2)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="other", messages=audio_message(part), max_tokens=2)
+
+
+@pytest.mark.slow
+def test_serve_cli_starts_and_answers(tiny_model_dir, clips):
+    """`emoreason serve --model PATH --port 0` prints its address and answers the openai client."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emoreason.cli", "serve", "--model", str(tiny_model_dir), "--port", "0",
+         "--served-model-name", "cli-tiny", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        url, deadline = None, time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            if "emoreason serve:" in line:
+                url = line.rsplit(" on ", 1)[1].strip()
+        assert url and url.startswith("http://127.0.0.1:"), "the server did not print its address"
+        cli_client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        response = cli_client.chat.completions.create(model="cli-tiny", messages=audio_message(
+            encode_audio_part(clips[0])), max_tokens=3, temperature=0)
+        assert response.choices[0].finish_reason in ("stop", "length")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
