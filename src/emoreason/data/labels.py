@@ -137,3 +137,28 @@ def multi_label(distribution: Mapping[str, float], num_classes: int | None = Non
 def entropy(distribution: Mapping[str, float], base: float = 2.0) -> float:
     """Shannon entropy of a soft label (0 = unanimous raters)."""
     return -sum(p * math.log(p, base) for p in distribution.values() if p > 0)
+
+
+def cooccurrence_matrix(
+    clips_votes: Iterable[Iterable[str | None]], labels: Iterable[str] | None = None
+) -> dict[str, object]:
+    """Emotion co-occurrence from the training split's votes, for penalisation losses and reports.
+
+    ``clips_votes``: per clip, the emotions its raters gave (primary and, if wanted, secondary). ``counts[i][j]`` is
+    the number of clips where both ``i`` and ``j`` received at least one vote (``counts[i][i]``: clips where ``i``
+    did); ``conditional[i][j] = counts[i][j] / counts[i][i]`` (how often raters who hear ``i`` are joined by ``j``);
+    ``penalty = 1 - conditional``, 0 on the diagonal: confusing two emotions that raters often mix costs little.
+    """
+    sets = [{v for v in votes if v is not None} for votes in clips_votes]
+    keys = list(labels) if labels is not None else sorted(set().union(*sets)) if sets else []
+    index = {k: i for i, k in enumerate(keys)}
+    counts = [[0] * len(keys) for _ in keys]
+    for present in sets:
+        idx = [index[e] for e in present if e in index]
+        for i in idx:
+            for j in idx:
+                counts[i][j] += 1
+    conditional = [[(counts[i][j] / counts[i][i]) if counts[i][i] else 0.0 for j in range(len(keys))]
+                   for i in range(len(keys))]
+    penalty = [[0.0 if i == j else 1.0 - conditional[i][j] for j in range(len(keys))] for i in range(len(keys))]
+    return {"labels": keys, "counts": counts, "conditional": conditional, "penalty": penalty, "clips": len(sets)}

@@ -1,0 +1,192 @@
+"""Rejection filters for teacher rationales. Each returns ``None`` (pass) or ``(reason, detail)``.
+
+Filters are a registry (``FILTERS``) applied in order; the first failure is the recorded reason. Answers are read
+with the shared :func:`~emoreason.data.response_format.parse_response`, the parser rewards and metrics use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from ..data.response_format import ParsedResponse, parse_response
+from ..data.schema import EmotionRecord
+
+
+@dataclass
+class FilterConfig:
+    enabled: list[str] = field(default_factory=lambda: list(FILTERS))
+    answer_must_match: str = "votes"  # "votes": any emotion a rater chose; "consensus": the consensus label
+    min_words: int = 12
+    max_words: int = 250
+    require_distribution: bool = False
+
+
+@dataclass
+class Candidate:
+    text: str
+    record: EmotionRecord
+    cues: Mapping
+    parsed: ParsedResponse
+    seen: set  # normalised-think hashes already accepted (for this record or the run)
+
+
+LEAK_RE = re.compile(
+    r"\b(annotat\w*|rater\w*|raters?|votes?|voted|voting|the label\w*|labell?ed|ground[- ]truth|metadata|"
+    r"the description|as described|seed description|according to the (?:data|cues list))\b", re.I)
+
+# dimension -> (keywords, {surface word: level})
+CUE_CLAIMS: dict[str, tuple[re.Pattern, dict[str, str]]] = {
+    "intonation": (re.compile(r"\b(intonation|contour|melody|inflection)\b", re.I),
+                   {"rising": "rising", "rises": "rising", "upward": "rising", "falling": "falling",
+                    "falls": "falling", "downward": "falling", "rise-fall": "rise-fall", "fall-rise": "fall-rise",
+                    "flat": "flat", "level": "flat"}),
+    "pitch_variation": (re.compile(r"\b(variation|variability|range|modulation)\b", re.I),
+                        {"monotone": "monotone", "narrow": "monotone", "limited": "monotone",
+                         "expressive": "expressive", "wide": "expressive", "lively": "expressive",
+                         "normal": "normal", "moderate": "normal", "average": "normal"}),
+    "pitch_level": (re.compile(r"\b(pitch|pitched|f0)\b", re.I),
+                    {"low": "low", "lower": "low", "deep": "low", "high": "high", "higher": "high",
+                     "raised": "high", "elevated": "high", "normal": "normal", "moderate": "normal",
+                     "average": "normal", "medium": "normal", "mid-range": "normal"}),
+    "energy_level": (re.compile(r"\b(volume|loudness|energy|intensity|loud|loudly|quiet|quietly|soft|softly)\b",
+                                re.I),
+                     {"soft": "soft", "softly": "soft", "quiet": "soft", "quietly": "soft", "low": "soft",
+                      "loud": "loud", "loudly": "loud", "high": "loud", "raised": "loud", "normal": "normal",
+                      "moderate": "normal", "average": "normal", "medium": "normal"}),
+    "rate_level": (re.compile(r"\b(rate|pace|tempo|speed|speaks|talks|speaking)\b", re.I),
+                   {"slow": "slow", "slowly": "slow", "unhurried": "slow", "fast": "fast", "quick": "fast",
+                    "quickly": "fast", "rapid": "fast", "rapidly": "fast", "hurried": "fast", "normal": "normal",
+                    "moderate": "normal", "average": "normal", "medium": "normal", "steady": "normal"}),
+}
+_CLAUSE_SPLIT = re.compile(r"[.;:!?\n]|,|\b(?:and|but|while|although|though|whereas|with)\b", re.I)
+_NEGATION = re.compile(r"\b(not|n't|no|never|neither|nor|without|rather than|instead of)\b", re.I)
+
+
+def cue_claims(text: str) -> list[tuple[str, str, str]]:
+    """(cue, claimed level, clause) for every explicit, non-negated claim about a measured cue."""
+    claims = []
+    for clause in _CLAUSE_SPLIT.split(text):
+        if not clause or not clause.strip():
+            continue
+        words = re.findall(r"[a-z0-9\-']+", clause.lower())
+        for cue, (keywords, levels) in CUE_CLAIMS.items():
+            if not keywords.search(clause):
+                continue
+            # In an intonation or variation clause, "pitch" words describe the contour or range, not the level.
+            if cue == "pitch_level" and (CUE_CLAIMS["intonation"][0].search(clause)
+                                         or CUE_CLAIMS["pitch_variation"][0].search(clause)):
+                continue
+            for i, word in enumerate(words):
+                level = levels.get(word)
+                if level is None:
+                    continue
+                before = " ".join(words[max(0, i - 3): i])
+                if _NEGATION.search(before):
+                    continue
+                claims.append((cue, level, clause.strip()))
+                break
+    return claims
+
+
+def contradictions(text: str, cues: Mapping) -> list[str]:
+    """Claims in ``text`` that disagree with the measured cue words."""
+    found = []
+    for cue, level, clause in cue_claims(text):
+        measured = cues.get(cue)
+        if isinstance(measured, str) and level != measured:
+            found.append(f"{cue}: says {level}, measured {measured} ({clause!r})")
+    return found
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\W+", " ", text.lower()).strip()
+
+
+# -- the filters --------------------------------------------------------------------------------------------------
+def check_format(c: Candidate, cfg: FilterConfig):
+    if not c.parsed.valid:
+        return "format", ",".join(c.parsed.errors)
+    if cfg.require_distribution and not c.parsed.distribution:
+        return "format", "missing_distribution"
+    return None
+
+
+def allowed_answers(record: EmotionRecord, mode: str) -> set[str]:
+    if mode == "consensus":
+        return {record.label} if record.label else set()
+    voted = {v.emotion for v in record.votes if v.emotion}
+    return voted or ({record.label} if record.label else set())
+
+
+def check_answer(c: Candidate, cfg: FilterConfig):
+    allowed = allowed_answers(c.record, cfg.answer_must_match)
+    if c.parsed.answer not in allowed:
+        return "answer", f"{c.parsed.answer!r} not in {sorted(allowed)} ({cfg.answer_must_match})"
+    return None
+
+
+def check_leakage(c: Candidate, cfg: FilterConfig):
+    match = LEAK_RE.search(c.parsed.think or c.text)
+    return ("leakage", f"mentions {match.group(0)!r}") if match else None
+
+
+def check_opens_with_answer(c: Candidate, cfg: FilterConfig):
+    think = (c.parsed.think or "").strip()
+    first = re.split(r'(?<=[.!?])["\u201d]?\s+(?=[A-Z])', think, maxsplit=1)[0].lower()
+    first = re.sub(r'"[^"]*"', '""', first)  # quoting the transcript is not naming the answer
+    if c.parsed.answer and re.search(rf"\b{re.escape(c.parsed.answer)}\b", first):
+        return "opens_with_answer", first[:80]
+    return None
+
+
+def check_cues(c: Candidate, cfg: FilterConfig):
+    found = contradictions(c.parsed.think or c.text, c.cues)
+    return ("cue_contradiction", "; ".join(found)) if found else None
+
+
+def check_length(c: Candidate, cfg: FilterConfig):
+    n = len((c.parsed.think or "").split())
+    if n < cfg.min_words:
+        return "length", f"{n} words < {cfg.min_words}"
+    if n > cfg.max_words:
+        return "length", f"{n} words > {cfg.max_words}"
+    return None
+
+
+def check_duplicate(c: Candidate, cfg: FilterConfig):
+    return ("duplicate", "same reasoning already kept") if think_hash(c.parsed.think or "") in c.seen else None
+
+
+def think_hash(think: str) -> str:
+    return hashlib.sha1(normalise(think).encode()).hexdigest()
+
+
+FILTERS: dict[str, Callable[[Candidate, FilterConfig], tuple[str, str] | None]] = {
+    "format": check_format,
+    "answer": check_answer,
+    "leakage": check_leakage,
+    "opens_with_answer": check_opens_with_answer,
+    "cue_contradiction": check_cues,
+    "length": check_length,
+    "duplicate": check_duplicate,
+}
+
+
+def run_filters(text: str, record: EmotionRecord, cues: Mapping, cfg: FilterConfig, seen: set):
+    """Returns (parsed, None) when the text passes, else (parsed, (reason, detail))."""
+    parsed = parse_response(text, strict=True)
+    candidate = Candidate(text=text, record=record, cues=cues, parsed=parsed, seen=seen)
+    for name in cfg.enabled:
+        if name not in FILTERS:
+            raise ValueError(f"unknown filter {name!r}; known: {', '.join(FILTERS)}")
+        if name != "format" and not parsed.valid:
+            break
+        failure = FILTERS[name](candidate, cfg)
+        if failure:
+            return parsed, failure
+    if not parsed.valid:
+        return parsed, ("format", ",".join(parsed.errors))
+    return parsed, None

@@ -1,0 +1,509 @@
+"""The data-generation run: corpus -> acoustic cues -> calibration -> teacher rationales -> filters -> pairs.
+
+Runs are sharded and resumable. The plan (which record ids go into which shard) is fixed on the first start and
+saved; each shard's outputs are written to a temporary folder renamed into place only when the shard is complete,
+so a run killed at any moment and restarted redoes at most the shards in flight and ends with every input exactly
+once (kept, dropped by the filters, or reported as bad audio). Outputs under ``output_dir``:
+
+    records.jsonl / records.parquet   kept EmotionRecords (task, instruction, response, cues, meta.provenance)
+    pairs.jsonl / pairs.parquet       DPO pairs: response = chosen, meta["rejected"] = [{text, kind, detail}]
+    rejected.jsonl                    one line per rejected sample: id, sample, reason, detail, text, outcome
+    errors.jsonl                      bad audio / unreadable clips with the reason
+    calibration.json                  tertile edges fitted on the training split (reused for every split)
+    cooccurrence.json                 emotion co-occurrence of the training split's votes
+    summary.json                      counts: kept, dropped, bad audio, rejections by reason, pairs by kind
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .. import __version__
+from ..data.audio import AudioError, load_audio
+from ..data.corpora import CorpusError, load_corpus
+from ..data.labels import cooccurrence_matrix
+from ..data.schema import EmotionRecord, RecordError, read_records, write_records
+from .acoustic import Calibration, analyze
+from .filters import FilterConfig, run_filters, think_hash
+from .pairs import PAIR_KINDS, accept_rejected, pair_requests
+from .seed import PromptTemplate, SeedDescription, answer_format, load_pool, pick
+from .teachers import TeacherConfig, TeacherRequest, get_teacher
+
+logger = logging.getLogger(__name__)
+KILL_HOOK_ENV = "EMOREASON_DATAGEN_KILL_AFTER"  # "<phase>:<n>" (phase acoustic|generate): SIGKILL, for tests
+
+
+@dataclass
+class CorpusConfig:
+    name: str = "synthetic"
+    root: str = "."  # the data root; audio paths in records are relative to it
+    options: dict = field(default_factory=dict)  # adapter keyword arguments (e.g. manifest, test_sessions)
+
+
+@dataclass
+class AcousticConfig:
+    fmin: float = 60.0
+    fmax: float = 500.0
+    calibration: str | None = None  # reuse a saved calibration.json (e.g. the train run's) instead of fitting
+    calibration_split: str = "train"
+    workers: int = 1  # processes for the analysis
+
+
+@dataclass
+class PromptConfig:
+    template: str = "data_gen/prompts/rationale.txt"
+    spurious_template: str = "data_gen/prompts/spurious.txt"
+    instructions: str = "data_gen/instructions/emotion_reasoning.txt"
+    with_distribution: bool = True  # ask for (and keep) a <distribution> over emotions
+
+
+@dataclass
+class PairsConfig:
+    enabled: bool = True
+    kinds: list[str] = field(default_factory=lambda: list(PAIR_KINDS))
+
+
+@dataclass
+class DatagenConfig:
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    output_dir: str = "runs/datagen"
+    task: str = "emotion_reasoning"
+    seed: int = 0
+    shard_size: int = 64
+    limit: int | None = None  # generate for a deterministic subset of this many clips (all clips get cues)
+    splits: list[str] | None = None  # generate for these splits only (default: all)
+    acoustic: AcousticConfig = field(default_factory=AcousticConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup_scope: str = "record"  # "record": no two kept samples of a clip alike; "run": none in the whole run
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    write_parquet: bool = True
+    progress: bool = True
+    config_dir: str | None = None  # where the YAML was (relative prompt paths fall back to the repo around it)
+
+
+class ConfigError(ValueError):
+    """A config key or value that the data stage does not understand."""
+
+
+# -- config ----------------------------------------------------------------------------------------------------
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where or 'config'}; known: {sorted(fields)}")
+    values = {}
+    for name, value in data.items():
+        sub = NESTED.get((cls, name))
+        values[name] = _build(sub, value or {}, f"{where}.{name}".strip(".")) if sub else value
+    return cls(**values)
+
+
+NESTED = {(DatagenConfig, "corpus"): CorpusConfig, (DatagenConfig, "acoustic"): AcousticConfig,
+          (DatagenConfig, "teacher"): TeacherConfig, (DatagenConfig, "prompt"): PromptConfig,
+          (DatagenConfig, "filters"): FilterConfig, (DatagenConfig, "pairs"): PairsConfig}
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """``a.b.c=value`` (value parsed as YAML: numbers, booleans, lists) into nested dicts."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.sub=value")
+    key, raw = assignment.split("=", 1)
+    target = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
+    target[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DatagenConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        data.setdefault("config_dir", str(Path(path).resolve().parent))
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    cfg = _build(DatagenConfig, data, "")
+    if cfg.dedup_scope not in ("record", "run"):
+        raise ConfigError(f"dedup_scope must be 'record' or 'run', got {cfg.dedup_scope!r}")
+    if cfg.filters.answer_must_match not in ("votes", "consensus"):
+        raise ConfigError(f"filters.answer_must_match must be votes or consensus, got {cfg.filters.answer_must_match!r}")
+    if cfg.shard_size < 1:
+        raise ConfigError("shard_size must be >= 1")
+    return cfg
+
+
+def resolve_input(path: str, cfg: DatagenConfig) -> Path:
+    """A user-edited input (prompt, pool): as given, else relative to the repo around the config file."""
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists() or not cfg.config_dir:
+        return candidate
+    config_dir = Path(cfg.config_dir)
+    for base in (config_dir, *config_dir.parents[:3]):
+        if (base / path).exists():
+            return base / path
+    return candidate
+
+
+# -- small file helpers ----------------------------------------------------------------------------------------
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _atomic_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def _atomic_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    _write_jsonl(tmp, rows)
+    os.replace(tmp, path)
+
+
+class _KillHook:
+    """Test hook: SIGKILL this process after N items of a phase (simulates a crash at an arbitrary point)."""
+
+    def __init__(self, phase: str):
+        spec = os.environ.get(KILL_HOOK_ENV, "")
+        hook_phase, _, count = spec.partition(":")
+        self.limit = int(count) if spec and hook_phase == phase and count.isdigit() else None
+        self.seen = 0
+
+    def tick(self) -> None:
+        self.seen += 1
+        if self.limit is not None and self.seen >= self.limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="clip", disable=not enabled, dynamic_ncols=True)
+
+
+def _shards(ids: list[str], size: int) -> list[list[str]]:
+    return [ids[i: i + size] for i in range(0, len(ids), size)]
+
+
+def _plan(out: Path, name: str, shards: list[list[str]]) -> list[list[str]]:
+    """Fix the shard plan on the first start; a resumed run must see the same inputs in the same shards."""
+    path = out / f"plan_{name}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != shards:
+            raise ConfigError(
+                f"{out} holds a run with a different {name} plan (inputs, limit, splits or shard_size changed); "
+                "resume with the same settings, or use a new output_dir")
+        return saved
+    _atomic_json(path, shards)
+    return shards
+
+
+# -- phase A: acoustic analysis --------------------------------------------------------------------------------
+def _analyze_one(record: EmotionRecord, root: str, fmin: float, fmax: float) -> dict:
+    try:
+        waveform = load_audio(record.audio_path(root))
+        if len(waveform) < 160:
+            raise AudioError(record.audio, f"too short to analyse ({len(waveform)} samples)")
+        features = analyze(waveform, 16_000, transcript=record.transcript, fmin=fmin, fmax=fmax)
+    except (AudioError, RecordError) as err:
+        return {"id": record.id, "audio": record.audio, "corpus": record.corpus, "reason": str(err)}
+    return {"id": record.id, "features": features.to_dict()}
+
+
+def _analyze_shard(args) -> tuple[int, list[dict]]:
+    index, records, root, fmin, fmax, shard_dir = args
+    hook = _KillHook("acoustic")
+    rows = []
+    for record in records:
+        rows.append(_analyze_one(record, root, fmin, fmax))
+        hook.tick()
+    tmp = shard_dir / f"{index:05d}.jsonl.tmp"
+    _write_jsonl(tmp, rows)
+    os.replace(tmp, shard_dir / f"{index:05d}.jsonl")
+    return index, rows
+
+
+def analyze_corpus(records: list[EmotionRecord], root: Path, out: Path, cfg: DatagenConfig) -> dict[str, dict]:
+    by_id = {r.id: r for r in records}
+    shards = _plan(out, "acoustic", _shards([r.id for r in records], cfg.shard_size))
+    shard_dir = out / "acoustic"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    todo = []
+    for index, ids in enumerate(shards):
+        path = shard_dir / f"{index:05d}.jsonl"
+        if path.is_file():
+            for row in _read_jsonl(path):
+                results[row["id"]] = row
+        else:
+            todo.append((index, [by_id[i] for i in ids], str(root), cfg.acoustic.fmin, cfg.acoustic.fmax, shard_dir))
+    bar = _progress(len(records), len(results), "acoustic", cfg.progress)
+    if cfg.acoustic.workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=cfg.acoustic.workers) as pool:
+            for _, rows in pool.map(_analyze_shard, todo):
+                results.update({row["id"]: row for row in rows})
+                bar.update(len(rows))
+    else:
+        for job in todo:
+            _, rows = _analyze_shard(job)
+            results.update({row["id"]: row for row in rows})
+            bar.update(len(rows))
+    bar.close()
+    return results
+
+
+# -- phase B: rationales, filters, pairs -----------------------------------------------------------------------
+@dataclass
+class Generator:
+    cfg: DatagenConfig
+    calibration: Calibration
+    acoustic: dict[str, dict]
+    teacher: Any
+    label_space: list[str]
+    seen: set = field(default_factory=set)
+
+    def __post_init__(self):
+        self.prompt = PromptTemplate.load(resolve_input(self.cfg.prompt.template, self.cfg))
+        self.spurious_prompt = PromptTemplate.load(resolve_input(self.cfg.prompt.spurious_template, self.cfg))
+        self.pool = load_pool(resolve_input(self.cfg.prompt.instructions, self.cfg))
+        self.hook = _KillHook("generate")
+
+    def provenance(self, sample: int) -> dict:
+        return {"teacher": self.teacher.name, "model": self.teacher.model_id,
+                "backend": getattr(self.teacher, "backend", None), "prompt_id": self.prompt.prompt_id,
+                "seed": self.cfg.seed, "sample": sample, "emoreason": __version__}
+
+    def record_seed(self, record_id: str) -> int:
+        return int(hashlib.sha1(f"{self.cfg.seed}:{record_id}".encode()).hexdigest()[:8], 16)
+
+    def shard(self, records: list[EmotionRecord]) -> dict[str, list[dict]]:
+        out = {"records": [], "rejected": [], "pairs": [], "errors": [], "dropped": []}
+        prepared, requests = [], []
+        for record in records:
+            analysis = self.acoustic.get(record.id) or {"reason": "no acoustic analysis"}
+            if "features" not in analysis:
+                out["errors"].append({"id": record.id, "audio": record.audio, "reason": analysis["reason"]})
+                self.hook.tick()
+                continue
+            cues = self.calibration.describe(analysis["features"], record.corpus, record.gender)
+            sources = cues.pop("calibration")
+            description = SeedDescription.from_record(record, cues)
+            target = record.label or (description.annotators[0][0] if description.annotators else None)
+            if target is None:
+                out["dropped"].append({"id": record.id, "reason": "no_label", "detail": "no label and no votes"})
+                self.hook.tick()
+                continue
+            distribution = {k: v for k, v in record.distribution.items() if v > 0} if (
+                self.cfg.prompt.with_distribution) else None
+            instruction = pick(self.pool, record.id, self.cfg.seed)
+            prompt = self.prompt.render(description=description.render(), instruction=instruction, target=target,
+                                        format=answer_format(target, distribution or None))
+            requests.append(TeacherRequest(record.id, prompt, self.cfg.teacher.num_samples,
+                                           self.record_seed(record.id), description, target, distribution or None))
+            prepared.append((record, cues, sources, description, target, instruction))
+
+        samples = self.teacher.generate(requests)
+        kept = []
+        for (record, cues, sources, description, target, instruction), texts in zip(prepared, samples):
+            local_seen = self.seen if self.cfg.dedup_scope == "run" else set()
+            accepted, rejections = None, []
+            for index, text in enumerate(texts):
+                if accepted is not None:
+                    break
+                parsed, failure = run_filters(text, record, cues, self.cfg.filters, local_seen)
+                if failure:
+                    rejections.append({"id": record.id, "sample": index, "reason": failure[0], "detail": failure[1],
+                                       "text": text})
+                    continue
+                accepted = (index, text)
+                local_seen.add(think_hash(parsed.think or ""))
+            outcome = "kept_other_sample" if accepted else "dropped"
+            out["rejected"].extend({**r, "outcome": outcome} for r in rejections)
+            if accepted is None:
+                out["dropped"].append({"id": record.id, "reason": rejections[-1]["reason"] if rejections
+                                       else "no_samples", "detail": f"{len(texts)} samples rejected"})
+            else:
+                index, text = accepted
+                kept_record = dataclasses.replace(
+                    record, cues=cues, task=self.cfg.task, instruction=instruction, response=text,
+                    meta={**record.meta, "provenance": self.provenance(index), "cue_calibration": sources,
+                          "samples": len(texts), "rejected_samples": len(rejections)})
+                out["records"].append(kept_record.to_dict())
+                kept.append((kept_record, description, target, instruction))
+            self.hook.tick()
+
+        if self.cfg.pairs.enabled and kept:
+            out["pairs"] = self.pairs(kept)
+        return out
+
+    def pairs(self, kept) -> list[dict]:
+        jobs = []
+        for record, description, target, instruction in kept:
+            for job in pair_requests(record, description, target, instruction, self.prompt, self.spurious_prompt,
+                                     self.label_space, self.cfg.pairs.kinds, self.record_seed(record.id)):
+                jobs.append((record, job))
+        texts = self.teacher.generate([job.request for _, job in jobs])
+        rejected_by_record: dict[str, list[dict]] = {}
+        failures: dict[str, list[dict]] = {}
+        for (record, job), outputs in zip(jobs, texts):
+            text = outputs[0] if outputs else ""
+            problem = accept_rejected(job.kind, text, record.response or "", record, record.cues)
+            entry = {"text": text, "kind": job.kind, "detail": job.detail}
+            if problem:
+                failures.setdefault(record.id, []).append({**entry, "unusable": problem})
+            else:
+                rejected_by_record.setdefault(record.id, []).append(entry)
+        lines = []
+        for record, *_ in kept:
+            if record.id in rejected_by_record:
+                meta = {**record.meta, "rejected": rejected_by_record[record.id]}
+                if record.id in failures:
+                    meta["unusable_negatives"] = failures[record.id]
+                lines.append(dataclasses.replace(record, meta=meta).to_dict())
+        return lines
+
+
+def _select(records: list[EmotionRecord], cfg: DatagenConfig) -> list[EmotionRecord]:
+    chosen = [r for r in records if not cfg.splits or r.split in cfg.splits]
+    if cfg.limit is not None and cfg.limit < len(chosen):
+        # A stable pseudo-random subset (spread over speakers and emotions), not the first N ids.
+        chosen = sorted(chosen, key=lambda r: hashlib.sha1(f"{cfg.seed}:{r.id}".encode()).hexdigest())[: cfg.limit]
+        chosen.sort(key=lambda r: r.id)
+    return chosen
+
+
+def run(cfg: DatagenConfig) -> dict:
+    start = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    root = Path(cfg.corpus.root)
+    corpus = load_corpus(cfg.corpus.name, root, **cfg.corpus.options)
+    records = sorted(corpus.records, key=lambda r: r.id)
+    duplicates = [i for i, n in Counter(r.id for r in records).items() if n > 1]
+    if duplicates:
+        raise CorpusError(f"duplicate record ids in the corpus, e.g. {duplicates[:3]}")
+
+    acoustic = analyze_corpus(records, root, out, cfg)
+
+    calibration_path = out / "calibration.json"
+    if cfg.acoustic.calibration:
+        calibration = Calibration.load(cfg.acoustic.calibration)
+        calibration.save(calibration_path)
+    elif calibration_path.is_file():
+        calibration = Calibration.load(calibration_path)
+    else:
+        split = cfg.acoustic.calibration_split
+        calibration = Calibration.fit(((r.corpus, r.gender, acoustic[r.id]["features"]) for r in records
+                                       if r.split == split and "features" in acoustic.get(r.id, {})), split=split)
+        calibration.save(calibration_path)
+    train_votes = [[v.emotion for v in r.votes] + [s for v in r.votes for s in v.secondary]
+                   for r in records if r.split == "train"]
+    label_space = sorted({e for r in records for e in r.distribution if r.distribution.get(e, 0) > 0}
+                         | {r.label for r in records if r.label})
+    _atomic_json(out / "cooccurrence.json", cooccurrence_matrix(train_votes, label_space))
+
+    selected = _select(records, cfg)
+    by_id = {r.id: r for r in selected}
+    shards = _plan(out, "generate", _shards([r.id for r in selected], cfg.shard_size))
+    shard_root = out / "shards"
+    shard_root.mkdir(exist_ok=True)
+    for stale in shard_root.glob("*.tmp"):
+        shutil.rmtree(stale)
+    done = [i for i in range(len(shards)) if (shard_root / f"{i:05d}").is_dir()]
+    teacher = get_teacher(cfg.teacher, work_dir=out)
+    generator = Generator(cfg, calibration, acoustic, teacher, label_space)
+    if cfg.dedup_scope == "run":
+        for i in done:
+            for row in _read_jsonl(shard_root / f"{i:05d}" / "records.jsonl"):
+                parsed_think = row["response"].split("<think>")[-1].split("</think>")[0]
+                generator.seen.add(think_hash(parsed_think.strip()))
+    bar = _progress(len(selected), sum(len(shards[i]) for i in done), f"datagen[{teacher.name}]", cfg.progress)
+    for index, ids in enumerate(shards):
+        final = shard_root / f"{index:05d}"
+        if final.is_dir():
+            continue
+        result = generator.shard([by_id[i] for i in ids])
+        tmp = shard_root / f"{index:05d}.tmp"
+        tmp.mkdir()
+        for name, rows in result.items():
+            _write_jsonl(tmp / f"{name}.jsonl", rows)
+        os.replace(tmp, final)
+        bar.update(len(ids))
+    bar.close()
+    return merge(out, cfg, shards, corpus.errors, acoustic, teacher, time.time() - start)
+
+
+def merge(out: Path, cfg: DatagenConfig, shards, adapter_errors, acoustic, teacher, elapsed: float) -> dict:
+    """Concatenate the shards (in plan order) into the run's outputs; idempotent."""
+    collected: dict[str, list[dict]] = {k: [] for k in ("records", "rejected", "pairs", "errors", "dropped")}
+    for index in range(len(shards)):
+        for name in collected:
+            collected[name].extend(_read_jsonl(out / "shards" / f"{index:05d}" / f"{name}.jsonl"))
+    records = [EmotionRecord.from_dict(row) for row in collected["records"]]
+    pairs = [EmotionRecord.from_dict(row) for row in collected["pairs"]]
+    write_records(records, out / "records.jsonl")
+    write_records(pairs, out / "pairs.jsonl")
+    if cfg.write_parquet:
+        write_records(records, out / "records.parquet")
+        write_records(pairs, out / "pairs.parquet")
+    _atomic_jsonl(out / "rejected.jsonl", collected["rejected"])
+    errors = list(adapter_errors) + [row for row in acoustic.values() if "reason" in row]
+    _atomic_jsonl(out / "errors.jsonl", errors)
+    kinds = Counter(entry["kind"] for line in pairs for entry in line.meta["rejected"])
+    summary = {
+        "inputs": sum(len(s) for s in shards),
+        "kept": len(records),
+        "dropped": len(collected["dropped"]),
+        "bad_audio": len(collected["errors"]),
+        "bad_audio_all_clips": len(errors),
+        "rejections_by_reason": dict(Counter(r["reason"] for r in collected["rejected"]).most_common()),
+        "dropped_by_reason": dict(Counter(r["reason"] for r in collected["dropped"]).most_common()),
+        "pairs": len(pairs),
+        "pair_negatives_by_kind": dict(kinds),
+        "teacher": {"name": teacher.name, "model": teacher.model_id},
+        "shards": len(shards),
+        "elapsed_seconds": round(elapsed, 2),
+        "emoreason": __version__,
+    }
+    _atomic_json(out / "summary.json", summary)
+    return summary
+
+
+def read_outputs(out: str | os.PathLike) -> dict[str, Any]:
+    """Convenience for tests and downstream stages: the run's records, pairs and summary."""
+    out = Path(out)
+    return {"records": read_records(out / "records.jsonl"), "pairs": read_records(out / "pairs.jsonl"),
+            "summary": json.loads((out / "summary.json").read_text()),
+            "rejected": _read_jsonl(out / "rejected.jsonl"), "errors": _read_jsonl(out / "errors.jsonl")}
