@@ -1,0 +1,389 @@
+"""GRPO rewards for emotion reasoning: a registry of named reward functions that recipes pick by name.
+
+Every reward follows TRL's reward-function signature ``f(prompts, completions, completion_ids, **columns)`` and
+returns one float per completion (``None`` where the reward does not apply to the record, e.g. no measured cues).
+Completions are parsed with :func:`emoreason.data.response_format.parse_response`, which never raises: a malformed
+completion (missing tags, two answers, unknown emotion, empty) scores :data:`INVALID` instead of crashing.
+
+Dataset columns the rewards read (:func:`emoreason.train.grpo.record_to_example` writes them): ``label`` (consensus
+emotion), ``distribution`` and ``cues`` (JSON text, so that Arrow keeps each record's own keys), ``id`` (groups).
+
+The reasoning-quality reward is the one with state: its raw judge score is weighted per group by :func:`trust_weights`
+and switched on by a :class:`ProgressiveSchedule` once the policy's accuracy passes a threshold (the GRPO trainer
+applies both on the rewards gathered from every process, so all ranks agree).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from scipy.spatial.distance import jensenshannon
+
+from ..data.labels import LabelError, consensus_label, normalize_emotion
+from ..data.response_format import ParsedResponse, parse_response
+
+INVALID = 0.0  # what a malformed completion scores on every outcome reward
+
+RewardFunc = Callable[..., list[float | None]]
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+def completion_text(completion: Any) -> str:
+    """TRL hands conversational completions as ``[{"role": "assistant", "content": ...}]`` and plain ones as str."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], Mapping):
+        content = completion[-1].get("content")
+        if isinstance(content, str):
+            return content
+        if isinstance(content, Sequence):
+            return "".join(part.get("text") or "" for part in content if isinstance(part, Mapping))
+    return ""
+
+
+def as_mapping(value: Any) -> dict[str, Any]:
+    """A dict column that may arrive as JSON text (how the GRPO dataset stores it) or as a dict."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError:
+            return {}
+    return {k: v for k, v in dict(value).items() if v is not None}
+
+
+def _column(kwargs: Mapping[str, Any], name: str, n: int) -> list[Any]:
+    values = kwargs.get(name)
+    return list(values) if values is not None else [None] * n
+
+
+def _parsed(completions: Sequence[Any], strict: bool = True) -> list[ParsedResponse]:
+    return [parse_response(completion_text(c), strict=strict) for c in completions]
+
+
+def _reference_label(label: Any, distribution: Mapping[str, float]) -> str | None:
+    if label:
+        try:
+            return normalize_emotion(str(label))
+        except LabelError:
+            return None
+    return consensus_label(distribution) if distribution else None
+
+
+# -- outcome and format rewards ---------------------------------------------------------------------------------------
+def format_reward(prompts=None, completions=(), **kwargs) -> list[float]:
+    """1 when the completion is exactly one non-empty think block then one known answer (distribution optional)."""
+    return [1.0 if p.valid else INVALID for p in _parsed(completions)]
+
+
+def accuracy_reward(prompts=None, completions=(), **kwargs) -> list[float | None]:
+    """1 when a well-formed answer equals the consensus label; None for records without one."""
+    n = len(completions)
+    rewards: list[float | None] = []
+    for parsed, label, dist in zip(_parsed(completions), _column(kwargs, "label", n),
+                                   _column(kwargs, "distribution", n)):
+        reference = _reference_label(label, as_mapping(dist))
+        if reference is None:
+            rewards.append(None)
+        else:
+            rewards.append(1.0 if parsed.valid and parsed.answer == reference else INVALID)
+    return rewards
+
+
+def soft_label_reward(prompts=None, completions=(), **kwargs) -> list[float | None]:
+    """The annotators' share of the predicted emotion: a minority-but-plausible answer earns partial credit."""
+    n = len(completions)
+    rewards: list[float | None] = []
+    for parsed, dist in zip(_parsed(completions), _column(kwargs, "distribution", n)):
+        shares = as_mapping(dist)
+        if not shares:
+            rewards.append(None)
+        elif not parsed.valid:
+            rewards.append(INVALID)
+        else:
+            rewards.append(float(shares.get(parsed.answer, 0.0)))
+    return rewards
+
+
+def jensen_shannon_divergence(p: Mapping[str, float], q: Mapping[str, float]) -> float:
+    """JS divergence in bits (0 = identical, 1 = disjoint) between two soft labels over any emotions."""
+    keys = sorted(set(p) | set(q))
+    a = [max(float(p.get(k, 0.0)), 0.0) for k in keys]
+    b = [max(float(q.get(k, 0.0)), 0.0) for k in keys]
+    if sum(a) <= 0 or sum(b) <= 0:
+        return 1.0
+    # scipy returns the JS *distance* (the square root of the divergence).
+    return float(jensenshannon(a, b, base=2.0)) ** 2
+
+
+def distribution_reward(prompts=None, completions=(), **kwargs) -> list[float | None]:
+    """1 - JS divergence between the predicted <distribution> and the annotators'; a missing block scores INVALID."""
+    n = len(completions)
+    rewards: list[float | None] = []
+    for parsed, dist in zip(_parsed(completions), _column(kwargs, "distribution", n)):
+        shares = as_mapping(dist)
+        if not shares:
+            rewards.append(None)
+        elif not parsed.valid or not parsed.distribution:
+            rewards.append(INVALID)
+        else:
+            rewards.append(1.0 - jensen_shannon_divergence(parsed.distribution, shares))
+    return rewards
+
+
+# -- cue grounding --------------------------------------------------------------------------------------------------
+# For each cue: the words that say a clause talks about it, and the words for each measured level. A clause
+# ("..., the pitch is high, and the voice is loud") is scored on the cues it names; a level word only counts inside a
+# clause that names its cue, so "high" next to "pitch" is a pitch claim and next to "volume" an energy one.
+CUE_VOCABULARY: dict[str, dict[str, Any]] = {
+    "pitch_level": {
+        "anchors": ("pitch", "pitched", "f0", "fundamental frequency"),
+        "levels": {"low": ("low", "deep", "lowered"), "high": ("high", "raised", "elevated", "higher"),
+                   "normal": ("normal", "moderate", "average", "medium", "mid")},
+    },
+    "energy_level": {
+        "anchors": ("volume", "energy", "loudness", "intensity", "loud", "soft", "quiet", "loudly", "softly"),
+        "levels": {"loud": ("loud", "loudly", "strong", "high", "raised"), "soft": ("soft", "softly", "quiet", "low",
+                                                                                   "weak", "faint"),
+                   "normal": ("normal", "moderate", "average", "medium")},
+    },
+    "rate_level": {
+        "anchors": ("rate", "pace", "tempo", "speed", "speaks", "talks", "speaking"),
+        "levels": {"fast": ("fast", "quick", "quickly", "rapid", "rapidly", "hurried"),
+                   "slow": ("slow", "slowly", "sluggish", "unhurried"),
+                   "normal": ("normal", "moderate", "average", "medium", "steady")},
+    },
+    "intonation": {
+        "anchors": ("intonation", "contour", "melody", "inflection"),
+        "levels": {"rising": ("rising", "rises"), "falling": ("falling", "falls"), "rise-fall": ("rise-fall",),
+                   "fall-rise": ("fall-rise",), "flat": ("flat", "monotone", "monotonous")},
+    },
+}
+_CLAUSE_SPLIT = re.compile(r"[.;,:!?\n]|\band\b|\bbut\b|\bwhile\b|\bwhereas\b", re.I)
+_WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+
+
+def cue_claims(rationale: str) -> dict[str, set[str]]:
+    """The levels a rationale claims for each cue, e.g. ``{"pitch_level": {"high"}, "rate_level": {"fast"}}``."""
+    claims: dict[str, set[str]] = {}
+    for clause in _CLAUSE_SPLIT.split(rationale.lower()):
+        words = _WORD.findall(clause)
+        text = " ".join(words)
+        for cue, vocab in CUE_VOCABULARY.items():
+            if not any(re.search(rf"\b{re.escape(a)}\b", text) for a in vocab["anchors"]):
+                continue
+            for level, synonyms in vocab["levels"].items():
+                if any(w in synonyms for w in words):
+                    claims.setdefault(cue, set()).add(level)
+    return claims
+
+
+def cue_grounding_score(rationale: str, cues: Mapping[str, Any], contradiction_penalty: float = 1.0) -> float | None:
+    """(agreeing - penalty * contradicting claims) / claims, in [-penalty, 1]; 0 when no cue is claimed.
+
+    ``None`` when the record has no measured cue levels to check against.
+    """
+    measured = {cue: str(cues[cue]).lower() for cue in CUE_VOCABULARY if cues.get(cue)}
+    if not measured:
+        return None
+    agree = contradict = 0
+    for cue, levels in cue_claims(rationale).items():
+        if cue not in measured:
+            continue
+        for level in levels:
+            if level == measured[cue]:
+                agree += 1
+            else:
+                contradict += 1
+    total = agree + contradict
+    return 0.0 if total == 0 else (agree - contradiction_penalty * contradict) / total
+
+
+def make_cue_grounding_reward(contradiction_penalty: float = 1.0) -> RewardFunc:
+    def cue_grounding(prompts=None, completions=(), **kwargs) -> list[float | None]:
+        """Claims about pitch / energy / rate / intonation must agree with the measured cues."""
+        n = len(completions)
+        rewards: list[float | None] = []
+        for parsed, cues in zip(_parsed(completions), _column(kwargs, "cues", n)):
+            score = cue_grounding_score(parsed.think or "", as_mapping(cues), contradiction_penalty)
+            if score is None:
+                rewards.append(None)
+            else:
+                rewards.append(score if parsed.valid else INVALID)
+        return rewards
+
+    return cue_grounding
+
+
+# -- penalties ------------------------------------------------------------------------------------------------------
+def make_length_penalty(target_tokens: int = 256, max_penalty: float = 1.0) -> RewardFunc:
+    if target_tokens <= 0:
+        raise ValueError(f"length reward: target_tokens must be > 0, got {target_tokens}")
+
+    def length(prompts=None, completions=(), completion_ids=None, **kwargs) -> list[float]:
+        """0 up to ``target_tokens``, then minus the overshoot as a share of the target (floored at -max_penalty)."""
+        lengths = ([len(ids) for ids in completion_ids] if completion_ids is not None
+                   else [len(completion_text(c).split()) for c in completions])
+        return [-min(max_penalty, max(0, n - target_tokens) / target_tokens) for n in lengths]
+
+    return length
+
+
+def repetition_ratio(text: str, ngram: int = 3) -> float:
+    """Share of word n-grams that repeat an earlier one (0 = none repeated)."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + ngram]) for i in range(len(words) - ngram + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def make_repetition_penalty(ngram: int = 3) -> RewardFunc:
+    def repetition(prompts=None, completions=(), **kwargs) -> list[float]:
+        """Minus the share of repeated word n-grams (degenerate loops score near -1)."""
+        return [-repetition_ratio(completion_text(c), ngram) for c in completions]
+
+    return repetition
+
+
+# -- reasoning quality: judge x trust weight x progressive schedule ----------------------------------------------------
+class ProgressiveSchedule:
+    """Keeps the reasoning reward off until the policy is accurate enough (GRPO-PTR-style progressive reward).
+
+    ``update(batch_accuracy)`` folds the batch's accuracy into an exponential moving average; once the average
+    reaches ``threshold`` (and at least ``min_steps`` updates were seen) the schedule switches on and stays on.
+    ``threshold <= 0`` means always on.
+    """
+
+    def __init__(self, threshold: float = 0.5, smoothing: float = 0.9, min_steps: int = 1):
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"schedule: smoothing must be in [0, 1), got {smoothing}")
+        self.threshold = threshold
+        self.smoothing = smoothing
+        self.min_steps = min_steps
+        self.accuracy: float | None = None
+        self.steps = 0
+        self.active = threshold <= 0
+
+    def update(self, batch_accuracy: float) -> bool:
+        if not math.isnan(batch_accuracy):
+            self.steps += 1
+            self.accuracy = (batch_accuracy if self.accuracy is None
+                             else self.smoothing * self.accuracy + (1 - self.smoothing) * batch_accuracy)
+            if self.steps >= self.min_steps and self.accuracy >= self.threshold:
+                self.active = True
+        return self.active
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "steps": self.steps, "active": self.active}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.accuracy, self.steps, self.active = state["accuracy"], state["steps"], state["active"]
+
+
+def trust_weights(quality: torch.Tensor, correct: torch.Tensor, num_generations: int,
+                  sharpness: float = 5.0) -> torch.Tensor:
+    """Per-completion trust in the judge, computed per group of ``num_generations`` consecutive completions.
+
+    Within a group that has both correct and incorrect answers, let ``gap`` be the mean judge score of the incorrect
+    ones minus that of the correct ones. A judge that rates wrong answers' reasoning higher is not to be trusted on
+    that group: the weight is ``exp(-sharpness * max(gap, 0))`` (1 when the judge ranks correct answers at least as
+    high, or when the group is all-correct / all-incorrect). NaN entries (no judge score / no label) are ignored.
+    """
+    q = quality.view(-1, num_generations)
+    c = correct.view(-1, num_generations)
+    ok = ~torch.isnan(q) & ~torch.isnan(c)
+    is_right = ok & (c > 0.5)
+    is_wrong = ok & (c <= 0.5)
+    q0 = torch.nan_to_num(q, nan=0.0)
+    n_right, n_wrong = is_right.sum(1), is_wrong.sum(1)
+    mean_right = (q0 * is_right).sum(1) / n_right.clamp(min=1)
+    mean_wrong = (q0 * is_wrong).sum(1) / n_wrong.clamp(min=1)
+    mixed = (n_right > 0) & (n_wrong > 0)
+    gap = torch.where(mixed, mean_wrong - mean_right, torch.zeros_like(mean_right)).clamp(min=0)
+    weight = torch.exp(-sharpness * gap)
+    return weight.repeat_interleave(num_generations)
+
+
+def make_reasoning_reward(judge: Any = "cue_heuristic", judge_options: Mapping[str, Any] | None = None,
+                          threshold: float = 0.5, smoothing: float = 0.9, min_steps: int = 1,
+                          trust_sharpness: float = 5.0, schedule: ProgressiveSchedule | None = None) -> RewardFunc:
+    """Raw judge score in [0, 1] of the rationale (a judge name from :data:`emoreason.train.judge.JUDGES` or an object
+    with ``score``). The GRPO trainer multiplies it by :func:`trust_weights` (``trust_sharpness``); until the
+    :class:`ProgressiveSchedule` (``threshold``, ``smoothing``, ``min_steps``) is on, the judge is not called and the
+    reward is 0."""
+    from .judge import get_judge
+
+    if isinstance(judge, str):
+        judge = get_judge(judge, **dict(judge_options or {}))
+    schedule = schedule or ProgressiveSchedule(threshold=threshold, smoothing=smoothing, min_steps=min_steps)
+
+    def reasoning(prompts=None, completions=(), **kwargs) -> list[float | None]:
+        parsed = _parsed(completions)
+        if not schedule.active:
+            return [0.0] * len(parsed)
+        n = len(parsed)
+        contexts = [{"cues": as_mapping(cues), "label": label, "transcript": transcript}
+                    for cues, label, transcript in zip(_column(kwargs, "cues", n), _column(kwargs, "label", n),
+                                                       _column(kwargs, "transcript", n))]
+        valid = [i for i, p in enumerate(parsed) if p.valid]
+        scores = judge.score([parsed[i].think or "" for i in valid], [contexts[i] for i in valid]) if valid else []
+        rewards: list[float | None] = [INVALID] * n
+        for i, score in zip(valid, scores):
+            rewards[i] = None if score is None else float(min(1.0, max(0.0, score)))
+        return rewards
+
+    reasoning.schedule = schedule
+    reasoning.judge = judge
+    reasoning.trust_sharpness = trust_sharpness
+    return reasoning
+
+
+# -- registry -------------------------------------------------------------------------------------------------------
+# name -> factory(**options) -> reward function. The name is what recipes list in `reward_funcs` and what TRL logs.
+REWARDS: dict[str, Callable[..., RewardFunc]] = {
+    "format": lambda: format_reward,
+    "accuracy": lambda: accuracy_reward,
+    "soft_label": lambda: soft_label_reward,
+    "distribution": lambda: distribution_reward,
+    "cue_grounding": make_cue_grounding_reward,
+    "reasoning": make_reasoning_reward,
+    "length": make_length_penalty,
+    "repetition": make_repetition_penalty,
+}
+
+
+def _named(func: RewardFunc, name: str) -> RewardFunc:
+    @functools.wraps(func)
+    def reward(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    reward.__name__ = reward.__qualname__ = name
+    return reward
+
+
+def get_reward_funcs(names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None) -> list[RewardFunc]:
+    """Build the named rewards; ``options[name]`` are that factory's keyword arguments. Each gets ``__name__ = name``
+    so TRL logs ``rewards/<name>/mean``."""
+    options = dict(options or {})
+    unknown = [n for n in list(names) + list(options) if n not in REWARDS]
+    if unknown:
+        raise ValueError(f"unknown reward(s) {unknown}; known: {', '.join(REWARDS)}")
+    funcs = []
+    for name in names:
+        try:
+            func = REWARDS[name](**dict(options.get(name) or {}))
+        except TypeError as err:
+            raise ValueError(f"reward {name!r}: bad options {dict(options.get(name) or {})}: {err}") from None
+        funcs.append(_named(func, name))
+    if "reasoning" in names and "accuracy" not in names:
+        raise ValueError("reward 'reasoning' needs 'accuracy' in reward_funcs too: its trust weight and schedule are "
+                         "computed from the accuracy reward (give accuracy weight 0 to use it only for that)")
+    return funcs
