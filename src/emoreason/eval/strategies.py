@@ -111,10 +111,17 @@ def texts(response: dict) -> list[str]:
     return [(c.get("message") or {}).get("content") or "" for c in response.get("choices", [])]
 
 
+_DISTRIBUTION_ERRORS = {"bad_distribution", "multiple_distributions"}
+
+
 def parse(text: str, labels: tuple[str, ...], reasoning: bool) -> ParsedResponse:
     """Reasoning styles must follow the format strictly; the direct style needs an answer tag or a bare label."""
     if reasoning:
-        return parse_response(text, strict=True, labels=labels)
+        parsed = parse_response(text, strict=True, labels=labels)
+        # A broken <distribution> costs the distribution only; any other format error costs the answer.
+        if set(parsed.errors) - _DISTRIBUTION_ERRORS:
+            parsed.answer = None
+        return parsed
     parsed = parse_response(text, strict=False, labels=labels)
     if parsed.answer is not None and not ANSWER_RE.search(text or "") and len((text or "").split()) > 1:
         parsed.answer, parsed.valid = None, False
