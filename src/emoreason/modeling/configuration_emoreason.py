@@ -6,9 +6,15 @@ from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
-from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.configuration_utils import PreTrainedConfig
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers < 5.20 (the version vLLM pins): sub-configs are resolved in __post_init__
+    SubConfigSpec = None
 
 FUSIONS = ("concat", "sum", "gated")
+DEFAULT_SUB_CONFIG_TYPES = {"content_config": "whisper", "paralinguistic_config": "wavlm", "text_config": "qwen2"}
 PARALINGUISTIC_TYPES = ("wavlm", "hubert", "wav2vec2", "data2vec-audio", "unispeech-sat")
 
 
@@ -29,11 +35,13 @@ class EmoReasonConfig(PreTrainedConfig):
     """
 
     model_type = "emoreason"
-    sub_configs_defaults = {
-        "content_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper"),
-        "paralinguistic_config": SubConfigSpec(config_class=AutoConfig, model_type="wavlm"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            key: SubConfigSpec(config_class=AutoConfig, model_type=default)
+            for key, default in DEFAULT_SUB_CONFIG_TYPES.items()
+        }
+    else:
+        sub_configs = {key: AutoConfig for key in DEFAULT_SUB_CONFIG_TYPES}
 
     content_config: dict | PreTrainedConfig | None = None
     paralinguistic_config: dict | PreTrainedConfig | None = None
@@ -51,6 +59,9 @@ class EmoReasonConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if SubConfigSpec is None:
+            for key, default in DEFAULT_SUB_CONFIG_TYPES.items():
+                setattr(self, key, _as_sub_config(getattr(self, key), default))
         super().__post_init__(**kwargs)
         if self.auto_map is None:
             self.auto_map = {}
@@ -72,6 +83,16 @@ class EmoReasonConfig(PreTrainedConfig):
     def max_audio_seconds(self) -> float:
         # Whisper: max_source_positions encoder frames at 50 Hz (two mel frames of 10 ms each)
         return self.content_config.max_source_positions * 2 * 0.01
+
+
+def _as_sub_config(value, default_model_type: str) -> PreTrainedConfig:
+    """dict / None -> config object, for transformers versions without ``SubConfigSpec``."""
+    from transformers import CONFIG_MAPPING
+
+    if isinstance(value, PreTrainedConfig):
+        return value
+    value = dict(value or {})
+    return CONFIG_MAPPING[value.pop("model_type", default_model_type)](**value)
 
 
 __all__ = ["EmoReasonConfig"]
