@@ -30,7 +30,8 @@ def _launch_transformers(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     # One parseable line, flushed, so scripts that start the server on port 0 learn the address.
     print(f"emoreason serve: {args.served_model_name!r} on http://{host}:{port}/v1", flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, lifespan="on")
+    # Keep-alive longer than clients idle between requests (a connection closed as it is reused fails a request).
+    config = uvicorn.Config(app, log_level=args.log_level, lifespan="on", timeout_keep_alive=120)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

@@ -1,0 +1,124 @@
+"""Evaluator throughput against the built-in server (tiny model, CPU), measured side by side in one run:
+
+1. self-consistency@8 for one clip as one ``n=8`` request vs 8 requests of ``n=1`` (sent one after another, and all
+   at once), i.e. what batching the samples of one item buys;
+2. a batch of single-sample items at concurrency 8 vs concurrency 1, i.e. what the server's batching queue buys.
+
+    python benchmarks/eval_throughput.py [--items 16] [--max-tokens 32] [--model DIR]
+
+Prints wall times and ratios (>1 = the first option is faster). Absolute numbers depend on the machine; the ratios
+are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_clips(count: int, seed: int = 0) -> list[dict]:
+    from emoreason.data.audio import encode_wav
+    from emoreason.serve.audio_inputs import encode_audio_part
+
+    rng = np.random.default_rng(seed)
+    clips = []
+    for i in range(count):
+        seconds = 1.5 + (i % 4) * 0.5
+        t = np.arange(int(16000 * seconds)) / 16000
+        wave = 0.3 * np.sin(2 * np.pi * (120 + 40 * i) * t) + 0.02 * rng.standard_normal(t.shape)
+        clips.append(encode_audio_part(encode_wav(wave.astype(np.float32))))
+    return clips
+
+
+def messages(part: dict) -> list[dict]:
+    return [{"role": "user", "content": [part, {"type": "text", "text": "Which emotion does the speaker express?"}]}]
+
+
+async def timed(coro) -> float:
+    start = time.perf_counter()
+    await coro
+    return time.perf_counter() - start
+
+
+async def run(url: str, clips: list[dict], max_tokens: int, repeats: int) -> dict[str, float]:
+    from emoreason.eval.client import EndpointClient
+
+    def client(concurrency: int) -> EndpointClient:
+        return EndpointClient(url, "tiny", concurrency=concurrency, max_retries=2, backoff=0.1, timeout=600)
+
+    common = dict(temperature=1.0, max_tokens=max_tokens)
+    c1, c8 = client(1), client(8)
+    # Warm-up: first calls pay one-off costs (allocations, lazy imports) that should not count.
+    await c8.chat(messages=messages(clips[0]), n=2, **common)
+
+    times = {"sc8_one_request": 0.0, "sc8_eight_sequential": 0.0, "sc8_eight_concurrent": 0.0,
+             "items_concurrency_1": 0.0, "items_concurrency_8": 0.0}
+    for r in range(repeats):
+        clip = clips[r % len(clips)]
+        times["sc8_one_request"] += await timed(c8.chat(messages=messages(clip), n=8, **common))
+
+        async def sequential():
+            for _ in range(8):
+                await c1.chat(messages=messages(clip), n=1, **common)
+
+        times["sc8_eight_sequential"] += await timed(sequential())
+        times["sc8_eight_concurrent"] += await timed(asyncio.gather(
+            *(c8.chat(messages=messages(clip), n=1, **common) for _ in range(8))))
+        times["items_concurrency_1"] += await timed(asyncio.gather(
+            *(c1.chat(messages=messages(c), **common) for c in clips)))
+        times["items_concurrency_8"] += await timed(asyncio.gather(
+            *(c8.chat(messages=messages(c), **common) for c in clips)))
+    await c1.close()
+    await c8.close()
+    times["retries"] = c1.stats["retries"] + c8.stats["retries"]  # should be 0: a retry would distort the timings
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: build the tiny model)")
+    parser.add_argument("--items", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from emoreason.serve.app import create_app
+    from emoreason.serve.background import BackgroundServer
+    from emoreason.serve.engine import TransformersEngine
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model
+        if model_dir is None:
+            from emoreason.testing.tiny import build_tiny_model
+
+            model_dir = build_tiny_model(Path(tmp) / "tiny")
+        engine = TransformersEngine.from_pretrained(model_dir, max_batch_rows=16)
+        app = create_app(engine, "tiny")
+        clips = make_clips(args.items)
+        with BackgroundServer(app) as server:
+            times = asyncio.run(run(server.url + "/v1", clips, args.max_tokens, args.repeats))
+    print(f"built-in server, tiny model, max_tokens={args.max_tokens}, {args.items} items, {args.repeats} repeats, "
+          f"{torch.get_num_threads()} torch threads")
+    retries = times.pop("retries")
+    for name, seconds in times.items():
+        print(f"  {name:<22} {seconds:8.2f} s")
+    print(f"  client retries: {retries}")
+    print(f"self-consistency@8: 8 sequential requests / one n=8 request  = "
+          f"{times['sc8_eight_sequential'] / times['sc8_one_request']:.2f}x")
+    print(f"self-consistency@8: 8 concurrent requests / one n=8 request  = "
+          f"{times['sc8_eight_concurrent'] / times['sc8_one_request']:.2f}x")
+    print(f"{args.items} items: concurrency 1 / concurrency 8              = "
+          f"{times['items_concurrency_1'] / times['items_concurrency_8']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
