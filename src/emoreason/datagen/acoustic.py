@@ -235,7 +235,7 @@ def analyze(
 
     energy_db = track.energy_db
     active = energy_db > max(energy_db.max() - active_db, -70.0)
-    basis = track.voiced if track.voiced.any() else active
+    basis = track.voiced if track.voiced.any() else active if active.any() else np.ones_like(active)
     energy_dbfs = float(10.0 * np.log10(np.mean(10.0 ** (energy_db[basis] / 10.0)) + 1e-12))
 
     runs = _runs(active)

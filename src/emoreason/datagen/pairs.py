@@ -79,12 +79,12 @@ def accept_rejected(kind: str, text: str, chosen: str, record: EmotionRecord, cu
     parsed = parse_response(text, strict=True)
     if not parsed.valid:
         return "format:" + ",".join(parsed.errors)
-    if normalise(text) == normalise(chosen):
-        return "same_as_chosen"
     if kind == "hallucinated_cue" and not contradictions(parsed.think or "", cues):
         return "states_no_false_cue"
     if kind == "wrong_emotion" and parsed.answer in allowed_answers(record, "votes"):
         return "answer_was_voted"
     if kind == "spurious_cue" and parsed.answer not in allowed_answers(record, "votes"):
         return "answer_not_voted"
+    if normalise(text) == normalise(chosen):
+        return "same_as_chosen"
     return None

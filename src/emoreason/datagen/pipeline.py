@@ -193,15 +193,19 @@ def _atomic_jsonl(path: Path, rows: list[dict]) -> None:
 class _KillHook:
     """Test hook: SIGKILL this process after N items of a phase (simulates a crash at an arbitrary point)."""
 
+    counts: dict[str, int] = {}  # per phase, for the whole process
+
     def __init__(self, phase: str):
         spec = os.environ.get(KILL_HOOK_ENV, "")
         hook_phase, _, count = spec.partition(":")
+        self.phase = phase
         self.limit = int(count) if spec and hook_phase == phase and count.isdigit() else None
-        self.seen = 0
 
     def tick(self) -> None:
-        self.seen += 1
-        if self.limit is not None and self.seen >= self.limit:
+        if self.limit is None:
+            return
+        self.counts[self.phase] = self.counts.get(self.phase, 0) + 1
+        if self.counts[self.phase] >= self.limit:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
