@@ -229,3 +229,58 @@ def test_serve_cli_starts_and_answers(tiny_model_dir, clips):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_text_only_and_audio_requests_batch_together(server, clips):
+    async def run():
+        async_client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        text_only = [{"role": "user", "content": "Describe the speaker's voice."}]
+        try:
+            return await asyncio.gather(
+                async_client.chat.completions.create(model=MODEL, messages=text_only, max_tokens=3, temperature=0),
+                async_client.chat.completions.create(model=MODEL, messages=audio_message(encode_audio_part(clips[0])),
+                                                     max_tokens=3, temperature=0),
+            )
+        finally:
+            await async_client.close()
+
+    text_response, audio_response = asyncio.run(run())
+    assert text_response.usage.prompt_tokens < 30 < audio_response.usage.prompt_tokens
+
+
+def test_vllm_backend_is_delegated_lazily(monkeypatch, tiny_model_dir):
+    import types
+
+    from emoreason.serve import cli
+
+    seen = {}
+    fake = types.ModuleType("emoreason.serve.vllm_launcher")
+    fake.launch = lambda args: seen.setdefault("args", args) and 0
+    monkeypatch.setitem(sys.modules, "emoreason.serve.vllm_launcher", fake)
+    assert cli.main(["--model", str(tiny_model_dir), "--backend", "vllm", "--port", "8123"]) == 0
+    assert seen["args"].port == 8123 and seen["args"].host == "127.0.0.1"
+    assert seen["args"].served_model_name == Path(tiny_model_dir).resolve().name
+
+
+def test_evaluator_against_the_builtin_server(server, synth_corpus, tmp_path):
+    """The demo's path: a suite run against the real server (tiny model), strategies that need n, logprobs and
+    continue_final_message included; the gibberish answers are invalid but every item is accounted for."""
+    import yaml
+
+    from emoreason.eval import run_suite
+
+    suite = yaml.safe_load((Path(__file__).resolve().parents[1] / "eval/suites/synthetic.yaml").read_text())
+    suite.update(max_tokens=6, strategies=["direct", {"name": "self_consistency", "n": 2},
+                                           {"name": "best_of_n", "n": 2, "verifier": "loglik"},
+                                           {"name": "budget_forcing", "min_thinking_tokens": 4,
+                                            "max_thinking_tokens": 6, "answer_tokens": 3}])
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    report = run_suite(path, server.url + "/v1", MODEL, tmp_path / "out", records=synth_corpus,
+                       data_root=synth_corpus.parent, api_key=API_KEY, limit=2, progress=False)
+    assert set(report["strategies"]) == {"direct", "self_consistency", "best_of_n", "budget_forcing"}
+    for name, result in report["strategies"].items():
+        assert result["failures"] == [], name
+        assert result["tokens"]["completion_per_item"] > 0, name
+        assert sum(map(sum, result["metrics"]["classification"]["confusion_matrix"])) == 2, name
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "plots" / "reliability.png").is_file()

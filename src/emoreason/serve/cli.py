@@ -37,7 +37,12 @@ def _launch_transformers(args: argparse.Namespace) -> int:
 
 
 def _launch_vllm(args: argparse.Namespace) -> int:
-    launcher = importlib.import_module("emoreason.serve.vllm_launcher")
+    try:
+        launcher = importlib.import_module("emoreason.serve.vllm_launcher")
+    except ImportError as err:
+        print(f"emoreason serve: the vLLM backend is unavailable ({err}); install vLLM in its own environment "
+              "(see docs/serving.md) or use --backend transformers", file=sys.stderr)
+        return 2
     return int(launcher.launch(args) or 0)
 
 
