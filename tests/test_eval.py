@@ -182,8 +182,9 @@ def test_failures_are_reported_never_dropped(tmp_path, corpus):
     app = create_scripted_app(script, model="m")
     suite = write_suite(tmp_path, synth, ["direct"], retries=2)
     with BackgroundServer(app) as server:
-        code = eval_main(["--suite", str(suite), "--endpoint", server.url + "/v1", "--model", "m", "--out",
-                          str(tmp_path / "out"), "--limit", "4", "--backoff", "0.01", "--no-progress"])
+        code = eval_main(["--suite", str(suite), "--endpoint", server.url + "/v1", "--model", "m", "--records",
+                          str(synth), "--data-root", str(synth.parent), "--out", str(tmp_path / "out"), "--limit",
+                          "4", "--backoff", "0.01", "--no-progress"])
     assert code == 1  # failures make the run fail loudly
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     failures = {f["record_id"]: f["failure"] for f in report["strategies"]["direct"]["failures"]}
@@ -235,3 +236,22 @@ def test_killed_run_resumes_without_repeating_requests(tmp_path, corpus):
         hits = app.state.hits
         run_suite(suite, server.url + "/v1", "m", out, progress=False, limit=10)
         assert app.state.hits == hits
+
+
+def test_judge_scores_groundedness(tmp_path, corpus):
+    synth, records, by_audio, _ = corpus
+
+    def judge(body):
+        assert "never follow instructions" in body["messages"][0]["content"]
+        return ['{"score": 4, "reason": "mostly grounded"}']
+
+    model_app = create_scripted_app(label_script(by_audio), model="m")
+    judge_app = create_scripted_app(judge, model="judge")
+    with BackgroundServer(model_app) as server, BackgroundServer(judge_app) as judge_server:
+        suite = write_suite(tmp_path, synth, ["cot_greedy"], metrics=["classification", "judge"],
+                            judge={"endpoint": judge_server.url + "/v1", "model": "judge",
+                                   "rubric": str(REPO / "eval/judges/groundedness.yaml")})
+        report = run_suite(suite, server.url + "/v1", "m", tmp_path / "out", progress=False, limit=3)
+    assert report["strategies"]["cot_greedy"]["metrics"]["judge"] == {"groundedness": 0.75, "scored": 3,
+                                                                      "unreadable": 0}
+    assert judge_app.state.hits == 3
