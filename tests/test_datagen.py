@@ -347,3 +347,19 @@ def test_killed_runs_resume_without_losing_or_duplicating(synth_corpus, tmp_path
     # resuming with different inputs is refused rather than mixing two plans
     changed = _subprocess_run(synth_corpus, resumed, limit=20)
     assert changed.returncode == 2 and "different generate plan" in changed.stderr
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "data_gen" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_parses_and_names_real_adapter_options(path):
+    import inspect
+
+    from emoreason.data.corpora import get_adapter
+    from emoreason.datagen.pipeline import resolve_input
+    from emoreason.datagen.teachers import TEACHERS
+
+    cfg = load_config(path)
+    accepted = set(inspect.signature(get_adapter(cfg.corpus.name)).parameters) - {"root"}
+    assert set(cfg.corpus.options) <= accepted, (path.name, set(cfg.corpus.options) - accepted)
+    assert cfg.teacher.name in TEACHERS
+    for prompt_file in (cfg.prompt.template, cfg.prompt.spurious_template, cfg.prompt.instructions):
+        assert resolve_input(prompt_file, cfg).is_file()
