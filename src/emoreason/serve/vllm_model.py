@@ -178,20 +178,22 @@ class EmoReasonAudioEncoder(nn.Module):
         return super().train(False)  # inference only: no dropout, LayerDrop or SpecAugment
 
     def forward(self, input_features: list[torch.Tensor], input_values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-clip features (n_mels, frames) and waveforms (samples,) -> per-clip embeddings (tokens, D_lm)."""
+        """Per-clip features (n_mels, frames) and waveforms (samples,) -> per-clip embeddings (tokens, D_lm).
+
+        Clips are encoded one at a time, unpadded: group-norm feature extractors (wavlm-base, hubert-base) normalise
+        over the padded length, so in a padded batch a clip's embeddings would depend on the requests it happens to
+        be scheduled with. Alone, it gets exactly what the training model computes for it.
+        """
         device = self.projector.linear_1.weight.device
-        features, features_mask = _pad_right([f.transpose(0, 1) for f in input_features], device)
-        values, values_mask = _pad_right(list(input_values), device)
-        embeds, tokens_per_clip = self.get_audio_features(features.transpose(1, 2), features_mask, values, values_mask)
-        return [embeds[i, :n] for i, n in enumerate(tokens_per_clip.tolist())]
-
-
-def _pad_right(items: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged (length, ...) tensors -> (batch, max_length, ...) zero-padded, and the (batch, max_length) mask."""
-    lengths = [int(t.shape[0]) for t in items]
-    padded = nn.utils.rnn.pad_sequence([t.to(device) for t in items], batch_first=True)
-    mask = torch.arange(max(lengths), device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-    return padded, mask.long()
+        outputs = []
+        for features, values in zip(input_features, input_values):
+            features, values = features.to(device)[None], values.to(device)[None]
+            embeds, tokens = self.get_audio_features(
+                features, torch.ones(features.shape[::2], dtype=torch.long, device=device),
+                values, torch.ones(values.shape, dtype=torch.long, device=device),
+            )
+            outputs.append(embeds[0, : int(tokens[0])])
+        return outputs
 
 
 def _as_clip_list(value) -> list[torch.Tensor]:

@@ -1,0 +1,106 @@
+"""The vLLM model, built on CPU: every checkpoint tensor has a home, and the audio path equals the training model's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_vllm
+
+pytestmark = needs_vllm
+
+# vLLM fuses these projections; a checkpoint tensor named like the key lands in the shard of the value.
+PACKED = {".q_proj.": ".qkv_proj.", ".k_proj.": ".qkv_proj.", ".v_proj.": ".qkv_proj.",
+          ".gate_proj.": ".gate_up_proj.", ".up_proj.": ".gate_up_proj."}
+
+
+def vllm_name(checkpoint_name: str, mapper) -> str:
+    name = mapper.map_name(checkpoint_name)
+    if name.startswith("language_model."):
+        for original, packed in PACKED.items():
+            name = name.replace(original, packed)
+    return name
+
+
+def test_every_checkpoint_tensor_maps_to_a_parameter_and_none_is_left_over(vllm_model, checkpoint_tensors):
+    model, _ = vllm_model
+    params = dict(model.named_parameters())
+    mapped = {name: vllm_name(name, model.hf_to_vllm_mapper) for name in checkpoint_tensors}
+    homeless = sorted(name for name, target in mapped.items() if target not in params)
+    assert homeless == []
+    unfilled = sorted(set(params) - set(mapped.values()))
+    assert unfilled == []
+    # The audio side is the training model's module tree, shape for shape.
+    for name, target in mapped.items():
+        if target.startswith("audio_encoder."):
+            assert params[target].shape == checkpoint_tensors[name].shape, name
+
+
+def test_load_weights_fills_every_parameter_with_the_checkpoint(loaded_vllm_model, checkpoint_tensors):
+    model, loaded = loaded_vllm_model
+    assert loaded == set(dict(model.named_parameters()))
+    params = dict(model.named_parameters())
+    torch.testing.assert_close(params["audio_encoder.projector.linear_1.weight"],
+                               checkpoint_tensors["model.projector.linear_1.weight"])
+    lm_head = checkpoint_tensors["lm_head.weight"]  # vLLM pads the vocabulary to a multiple of 64
+    torch.testing.assert_close(params["language_model.lm_head.weight"][: lm_head.shape[0]], lm_head)
+    qkv = params["language_model.model.layers.0.self_attn.qkv_proj.weight"]
+    q, k, v = (checkpoint_tensors[f"model.language_model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
+    torch.testing.assert_close(qkv, torch.cat([q, k, v]))
+
+
+def test_merged_peft_export_names_and_unmerged_adapters(vllm_model, checkpoint_tensors):
+    from vllm.config import set_current_vllm_config
+
+    from emoreason.serve.vllm_model import UnmergedAdapterError
+
+    model, vllm_config = vllm_model
+    mapper = model.hf_to_vllm_mapper
+    # A PeftModel saved whole keeps its wrappers in the names; they map to the same parameters.
+    assert mapper.map_name("base_model.model.model.language_model.layers.0.self_attn.q_proj.base_layer.weight") == \
+        "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert mapper.map_name("base_model.model.model.projector.linear_2.bias") == "audio_encoder.projector.linear_2.bias"
+    lora = {"model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight": torch.zeros(8, 64)}
+    with set_current_vllm_config(vllm_config), pytest.raises(UnmergedAdapterError, match="emoreason export"):
+        model.load_weights(lora.items())
+    with set_current_vllm_config(vllm_config), pytest.raises(KeyError, match="no parameter"):
+        model.load_weights({"model.projector.not_a_layer.weight": torch.zeros(1)}.items())
+
+
+def test_audio_embeddings_equal_the_training_model(loaded_vllm_model, mm_processor, hf_model_and_processor):
+    """Clips of different lengths, batched by vLLM: each clip's embeddings equal what our model computes for it."""
+    model, _ = loaded_vllm_model
+    hf_model, processor = hf_model_and_processor
+    rng = np.random.default_rng(7)
+    clips = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (16_000, 41_000, 3_000)]
+    ids = mm_processor.info.get_tokenizer().encode("<audio>" * len(clips), add_special_tokens=False)
+    out = mm_processor(ids, mm_processor.info.parse_mm_data({"audio": [(c, 16_000) for c in clips]}))
+    embeds = model.embed_multimodal(**out["mm_kwargs"].get_data())
+    assert [e.shape[0] for e in embeds] == [r.length for r in out["mm_placeholders"]["audio"]]
+    for wav, embedding in zip(clips, embeds):
+        with torch.no_grad():
+            reference, tokens = hf_model.model.get_audio_features(**processor.audio_features([processor.load(wav)]))
+        assert embedding.shape[0] == int(tokens[0])
+        torch.testing.assert_close(embedding, reference[0, : int(tokens[0])], rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_embeddings_equal_the_training_merge(loaded_vllm_model, mm_processor, hf_model_and_processor):
+    """Text embeddings with the clip's embeddings written over its `<audio>` tokens, as our model's merge_audio does."""
+    model, _ = loaded_vllm_model
+    hf_model, processor = hf_model_and_processor
+    wav = (0.1 * np.random.default_rng(8).standard_normal(24_000)).astype(np.float32)
+    ids = mm_processor.info.get_tokenizer().encode("<|im_start|>user\n<audio>\nWhy?<|im_end|>", add_special_tokens=False)
+    out = mm_processor(ids, mm_processor.info.parse_mm_data({"audio": [(wav, 16_000)]}))
+    input_ids = torch.tensor(out["prompt_token_ids"])
+    is_audio = input_ids == model.config.audio_token_id
+    embeds = model.embed_input_ids(input_ids, model.embed_multimodal(**out["mm_kwargs"].get_data()),
+                                   is_multimodal=is_audio)
+    batch = processor(text="<|im_start|>user\n<audio>\nWhy?<|im_end|>", audio=wav)
+    assert batch["input_ids"][0].tolist() == input_ids.tolist()
+    with torch.no_grad():
+        audio, tokens = hf_model.model.get_audio_features(batch["input_features"], batch["input_features_mask"],
+                                                          batch["input_values"], batch["input_values_mask"])
+        text = hf_model.get_input_embeddings()(batch["input_ids"])
+        reference = hf_model.model.merge_audio(batch["input_ids"], text, audio, tokens)[0]
+    torch.testing.assert_close(embeds, reference, rtol=1e-4, atol=1e-5)
