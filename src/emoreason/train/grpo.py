@@ -1,0 +1,189 @@
+"""GRPO for emotion reasoning: `accelerate launch ... -m emoreason.train.grpo --config recipes/<model>/grpo.yaml`.
+
+Start from an SFT checkpoint (adapter folder or merged model) in ``model_name_or_path``. Each training record (a clip
+with its consensus label, annotator distribution and measured cues) becomes one prompt; the policy samples
+``num_generations`` rationales per prompt, the rewards named in ``reward_funcs`` score them (weights in TRL's
+``reward_weights``), and :class:`~emoreason.train.grpo_trainer.AudioGRPOTrainer` optimises TRL's GRPO loss with the
+audio in every pass. Same ``main`` order as every method: seed, logging, resume, data, model, trainer, train, save, card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import transformers
+from transformers.trainer_utils import get_last_checkpoint
+from trl import GRPOConfig, TrlParser
+
+from ..data.collators import build_messages
+from ..data.labels import consensus_label
+from ..data.schema import EmotionRecord, read_records
+from .common import (
+    EmoReasonModelArguments,
+    EmoReasonScriptArguments,
+    get_model,
+    get_peft_config,
+    get_processor,
+)
+from .rewards import REWARDS, get_reward_funcs
+from .tasks import DEFAULT_INSTRUCTIONS
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EmoReasonGRPOConfig(GRPOConfig):
+    """TRL's GRPO config plus which rewards to use (``reward_weights`` is TRL's own field, one weight per reward)."""
+
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["format", "accuracy"],
+        metadata={"help": f"rewards by name, from: {', '.join(REWARDS)}"},
+    )
+    reward_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "options per reward, e.g. {reasoning: {judge: openai, judge_options: {...}, threshold: 0.5}}"
+                          " (a JSON string on the command line)"},
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "optional system turn before each prompt"})
+    eval_split: str = field(default="validation", metadata={"help": "split of eval_records (or train_records) to eval"})
+
+    def __post_init__(self):
+        if isinstance(self.reward_funcs, str):
+            self.reward_funcs = [n.strip() for n in self.reward_funcs.split(",") if n.strip()]
+        if isinstance(self.reward_kwargs, str):
+            self.reward_kwargs = json.loads(self.reward_kwargs) if self.reward_kwargs.strip() else None
+        unknown = [n for n in self.reward_funcs if n not in REWARDS]
+        if unknown:
+            raise ValueError(f"reward_funcs: unknown reward(s) {unknown}; known: {', '.join(REWARDS)}")
+        super().__post_init__()
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} "
+                             f"reward_funcs {self.reward_funcs}")
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+def record_to_example(record: EmotionRecord, data_root: str | Path, instruction: str,
+                      system_prompt: str | None = None) -> dict[str, Any]:
+    """One GRPO row: the prompt (clip + instruction, the clip's path inside its audio part) and the reward columns.
+
+    ``distribution`` and ``cues`` are JSON text so Arrow keeps each record's own keys.
+    """
+    messages = build_messages(instruction, None, system_prompt, record.context)
+    for part in messages[-1]["content"]:
+        if part["type"] == "audio":
+            part["audio"] = str(record.audio_path(data_root))
+    return {
+        "prompt": messages,
+        "id": record.id,
+        "label": record.label or consensus_label(record.distribution) or "",
+        "distribution": json.dumps(record.distribution),
+        "cues": json.dumps(record.cues),
+        "transcript": record.transcript or "",
+    }
+
+
+def load_examples(path: str, data_root: str, split: str | None, system_prompt: str | None = None, seed: int = 0,
+                  max_records: int | None = None) -> list[dict[str, Any]]:
+    """Rows of every record of ``split`` that has something to reward (a label or an annotator distribution).
+
+    A record's own instruction is kept; others draw one from the emotion-reasoning pool (seeded)."""
+    rng = random.Random(seed)
+    pool = DEFAULT_INSTRUCTIONS["emotion_reasoning"]
+    rows = []
+    for record in read_records(path):
+        if split is not None and record.split != split:
+            continue
+        if not (record.label or record.distribution):
+            continue
+        instruction = record.instruction if record.task in (None, "emotion_reasoning") and record.instruction \
+            else rng.choice(pool)
+        rows.append(record_to_example(record, data_root, instruction, system_prompt))
+        if max_records is not None and len(rows) >= max_records:
+            break
+    if not rows:
+        raise ValueError(f"{path}: no record of split {split!r} with a label or a distribution to reward")
+    return rows
+
+
+def get_dataset(script_args: EmoReasonScriptArguments, training_args: EmoReasonGRPOConfig):
+    train = load_examples(script_args.train_records, script_args.data_root, "train", training_args.system_prompt,
+                          training_args.seed, script_args.max_train_records)
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        source = script_args.eval_records or script_args.train_records
+        eval_dataset = datasets.Dataset.from_list(
+            load_examples(source, script_args.data_root, training_args.eval_split, training_args.system_prompt,
+                          training_args.seed)
+        )
+    return datasets.Dataset.from_list(train), eval_dataset
+
+
+# -- entry point ----------------------------------------------------------------------------------------------------
+def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonGRPOConfig,
+         model_args: EmoReasonModelArguments) -> dict[str, float]:
+    from .grpo_trainer import AudioGRPOTrainer
+
+    # seed
+    transformers.set_seed(training_args.seed)
+    # logging
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=training_args.get_process_log_level(), stream=sys.stdout)
+    datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    logger.info("script %s\nmodel %s\ntraining %s", script_args, model_args, training_args)
+    # resume
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and Path(training_args.output_dir).is_dir():
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+        if checkpoint:
+            logger.info("resuming from %s", checkpoint)
+    # data
+    train_dataset, eval_dataset = get_dataset(script_args, training_args)
+    # model
+    processor = get_processor(model_args)
+    model = get_model(model_args, processor)
+    peft_config = None if hasattr(model, "peft_config") else get_peft_config(model_args)
+    reward_funcs = get_reward_funcs(training_args.reward_funcs, training_args.reward_kwargs)
+    # trainer
+    trainer = AudioGRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+    )
+    # train
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    # save
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(training_args.output_dir)
+        # card
+        trainer.create_model_card(dataset_name=script_args.train_records, tags=["emoreason", "grpo", "audio"])
+    return result.metrics
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((EmoReasonScriptArguments, EmoReasonGRPOConfig, EmoReasonModelArguments))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    main(script_args, training_args, model_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

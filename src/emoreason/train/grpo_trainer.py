@@ -1,0 +1,187 @@
+"""An audio-aware GRPO trainer: TRL's ``GRPOTrainer`` with the clip carried into generation and every log-prob pass.
+
+TRL 1.16's multimodal path knows images only; given our prompts it would render the `<audio>` placeholder as a plain
+token and **train without audio, silently**. This subclass changes four points and nothing else:
+
+- ``_tokenize_prompts``: each prompt carries its clip as a ``{"type": "audio", "audio": path}`` content part (as TRL
+  prompts carry ``{"type": "image"}`` parts). The processor renders the chat, expands `<audio>` to the clip's token
+  count and computes the audio tensors, which go to ``generate`` as its multimodal fields (one clip per row: GRPO's
+  repeated prompts are separate rows).
+- ``_generate_and_score_completions``: the same audio tensors are kept for the old/reference log-prob passes and
+  returned in the batch, so TRL's shuffling and splitting keep them aligned with their rows.
+- ``_compute_loss``: makes the batch's audio available to the policy log-prob pass.
+- ``_get_per_token_logps_and_entropies``: sends the audio of each chunk of rows to the model, and refuses to run on
+  rows that hold `<audio>` placeholders without audio (the silent failure above becomes an error).
+
+It also applies the reasoning reward's trust weight and progressive schedule (see :mod:`emoreason.train.rewards`) to
+the rewards gathered from all processes, so every rank sees the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import Trainer
+from trl import GRPOTrainer
+
+from .rewards import trust_weights
+
+logger = logging.getLogger(__name__)
+
+AUDIO_KEYS = ("input_features", "input_features_mask", "input_values", "input_values_mask")
+
+
+class MissingAudioError(RuntimeError):
+    """Rows with `<audio>` placeholders reached a log-prob pass without their audio."""
+
+
+def prompt_audio(prompt: list[dict[str, Any]]) -> list[Any]:
+    """The clips a conversational prompt carries, in order (``{"type": "audio", "audio": path_or_array}`` parts)."""
+    clips = []
+    for message in prompt:
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") in ("audio", "input_audio"):
+                    clip = part.get("audio")
+                    if clip is None:
+                        raise ValueError("an audio content part has no 'audio' (path or waveform); GRPO prompts must "
+                                         "carry their clip: {'type': 'audio', 'audio': '/path/clip.wav'}")
+                    clips.append(clip)
+    return clips
+
+
+def pin_reference_attention(model, args) -> None:
+    """TRL builds the reference model with the policy's ``attn_implementation`` applied to every sub-model, which
+    WavLM/HuBERT refuse for SDPA; hand it the per-sub-config choice the policy was loaded with instead."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "sub_configs", None):
+        return
+    init_kwargs = dict(args.model_init_kwargs or {})
+    if "attn_implementation" not in init_kwargs:
+        init_kwargs["attn_implementation"] = {
+            "": config._attn_implementation,
+            **{name: getattr(config, name)._attn_implementation for name in config.sub_configs},
+        }
+        args.model_init_kwargs = init_kwargs
+
+
+class AudioGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` for :class:`~emoreason.modeling.EmoReasonForConditionalGeneration` (see the module docstring).
+
+    The processor must be the :class:`~emoreason.modeling.EmoReasonProcessor`; prompts must be conversational.
+    """
+
+    def __init__(self, model, *args, **kwargs):
+        if kwargs.get("args") is not None and not isinstance(model, str):
+            pin_reference_attention(model, kwargs["args"])
+        # TRL suppresses "the image token" in sampling for any processor; for us that is `<audio>` (the model's own
+        # generate suppresses it too). The attribute lives only for the constructor, so it is never saved.
+        config = getattr(model, "config", None)
+        borrowed = config is not None and not hasattr(config, "image_token_id")
+        if borrowed:
+            config.image_token_id = config.audio_token_id
+        try:
+            super().__init__(model, *args, **kwargs)
+        finally:
+            if borrowed:
+                del config.image_token_id
+        self._audio_batch: dict[str, torch.Tensor] | None = None
+        self._audio_token_id = self.processing_class.audio_token_id
+        names = list(self.reward_func_names)
+        self._reasoning_index = names.index("reasoning") if "reasoning" in names else None
+        self._accuracy_index = names.index("accuracy") if "accuracy" in names else None
+        if self._reasoning_index is not None and self._accuracy_index is None:
+            raise ValueError("the 'reasoning' reward needs the 'accuracy' reward for its trust weight and schedule")
+
+    # -- prompts -> token ids + audio ---------------------------------------------------------------------------
+    def _tokenize_prompts(self, prompts: list):
+        if not prompts or not isinstance(prompts[0], list):
+            raise ValueError("AudioGRPOTrainer needs conversational prompts whose user turn holds an audio part")
+        clips = [clip for prompt in prompts for clip in prompt_audio(prompt)]
+        texts = self.processing_class.apply_chat_template(prompts, add_generation_prompt=True,
+                                                          **self.chat_template_kwargs)
+        encoded = self.processing_class(text=texts, audio=[self.processing_class.load(c) for c in clips] or None)
+        prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
+        audio = {k: encoded[k] for k in AUDIO_KEYS if k in encoded}
+        if audio and audio["input_features"].shape[0] != len(prompts):
+            raise ValueError(f"{audio['input_features'].shape[0]} clips for {len(prompts)} prompts: each GRPO prompt "
+                             "carries exactly one clip")
+        self._audio_batch = Trainer._prepare_inputs(self, audio) if audio else None
+        # TRL hands these to `generate` alongside the left-padded prompt ids.
+        return prompt_ids, None, dict(audio)
+
+    def _generate_and_score_completions(self, inputs):
+        self._audio_batch = None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+            if self._audio_batch is not None:
+                output.update(self._audio_batch)
+        finally:
+            self._audio_batch = None
+        return output
+
+    def _compute_loss(self, model, inputs):
+        audio = {k: inputs[k] for k in AUDIO_KEYS if k in inputs}
+        self._audio_batch = audio or None
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._audio_batch = None
+
+    # -- log-probs with audio -------------------------------------------------------------------------------------
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **image_inputs):
+        if any(v is not None for v in image_inputs.values() if not isinstance(v, list)):
+            raise ValueError("AudioGRPOTrainer takes audio prompts, not images")
+        audio = self._audio_batch
+        if audio is None and bool((input_ids == self._audio_token_id).any()):
+            raise MissingAudioError("rows hold `<audio>` placeholders but no audio reached this log-prob pass; "
+                                    "training on them would silently ignore the clip")
+        if audio is not None and audio["input_features"].shape[0] != input_ids.shape[0]:
+            raise MissingAudioError(f"{audio['input_features'].shape[0]} clips for {input_ids.shape[0]} rows")
+        batch_size = batch_size or input_ids.size(0)
+        all_logps, all_entropies, all_aux = [], [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            end = min(start + batch_size, input_ids.size(0))
+            ids, mask = input_ids[start:end], attention_mask[start:end]
+            model_inputs = {"input_ids": ids, "attention_mask": mask}
+            if audio is not None:
+                model_inputs.update({k: v[start:end] for k, v in audio.items()})
+            if compute_aux_loss:
+                model_inputs["output_router_logits"] = True
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, :-logits_to_keep] = -100  # only the completion tokens are scored
+            with self.accelerator.autocast():
+                outputs = model(**model_inputs, labels=labels, fused_lm_head=True)
+            all_logps.append(outputs.log_probs[:, -logits_to_keep:])
+            if compute_entropy:
+                all_entropies.append(outputs.entropy[:, -logits_to_keep:])
+            if compute_aux_loss:
+                all_aux.append(outputs.aux_loss)
+        logps = torch.cat(all_logps, dim=0)
+        entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
+        aux_loss = torch.stack(all_aux).mean() if compute_aux_loss else None
+        return logps, entropies, aux_loss
+
+    # -- trust-weighted, progressively scheduled reasoning reward ---------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # all processes
+        if self._reasoning_index is None:
+            return rewards
+        mode = "train" if self.model.training else "eval"
+        reasoning = self.reward_funcs[self._reasoning_index]
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        accuracy = rewards[:, self._accuracy_index]
+        trust = trust_weights(rewards[:, self._reasoning_index], accuracy, num_generations,
+                              getattr(reasoning, "trust_sharpness", 5.0))
+        rewards[:, self._reasoning_index] = rewards[:, self._reasoning_index] * trust
+        schedule = getattr(reasoning, "schedule", None)
+        self._metrics[mode]["reasoning/trust"].append(trust.mean().item())
+        if schedule is not None:
+            if mode == "train":
+                schedule.update(torch.nanmean(accuracy).item())
+            self._metrics[mode]["reasoning/active"].append(float(schedule.active))
+        return rewards

@@ -1,0 +1,156 @@
+"""GRPO: audio reaches generation and the loss, the reward rises on the tiny model, the entry point runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from emoreason.data.response_format import format_response
+from emoreason.data.schema import EmotionRecord, read_records
+
+# espeak-ng controls -> the cue words the data stage would measure (thresholds sit between the synthetic emotions).
+_LEVELS = {
+    "pitch_level": ("pitch", ((35, "low"), (62, "normal"), (100, "high"))),
+    "energy_level": ("amplitude", ((70, "soft"), (140, "normal"), (201, "loud"))),
+    "rate_level": ("rate", ((140, "slow"), (190, "normal"), (400, "fast"))),
+}
+_OPPOSITE = {"low": "high", "high": "low", "soft": "loud", "loud": "soft", "slow": "fast", "fast": "slow",
+             "normal": "high"}
+_NOUN = {"pitch_level": "pitch", "energy_level": "volume", "rate_level": "speaking rate"}
+
+
+def synthetic_cues(record: EmotionRecord) -> dict:
+    params = record.meta["espeak"]
+    cues = {}
+    for cue, (control, bands) in _LEVELS.items():
+        cues[cue] = next(word for limit, word in bands if params[control] < limit)
+    cues["intonation"] = "falling"
+    return cues
+
+
+def rationale(cues: dict, label: str) -> str:
+    said = ", ".join(f"the {_NOUN[c]} is {cues[c]}" for c in _NOUN)
+    return format_response(f"{said[0].upper()}{said[1:]}.", label)
+
+
+def reasoning_records(manifest: str | Path) -> tuple[list[EmotionRecord], list[EmotionRecord]]:
+    """What the data stage writes, built from the synthetic corpus: reasoning records (records.jsonl) and preference
+    pairs (pairs.jsonl, one chosen + three rejected kinds per clip)."""
+    records, pairs = [], []
+    for record in read_records(manifest):
+        cues = synthetic_cues(record)
+        record.cues = cues
+        record.task = "emotion_reasoning"
+        record.instruction = "What emotion does the speaker express? Explain your reasoning, then answer."
+        record.response = rationale(cues, record.label)
+        records.append(record)
+        hallucinated = dict(cues, pitch_level=_OPPOSITE[cues["pitch_level"]])
+        wrong = next(e for e in ("happy", "sad", "angry", "neutral") if e != record.label)
+        spurious = record.response.replace("</think>", "The voice is trembling and the intonation is rising.\n</think>")
+        pair = EmotionRecord.from_dict(record.to_dict())
+        pair.meta = dict(record.meta, rejected=[
+            {"text": rationale(hallucinated, record.label), "kind": "hallucinated_cue"},
+            {"text": rationale(cues, wrong), "kind": "wrong_emotion"},
+            {"text": spurious, "kind": "spurious_cue"},
+        ])
+        pairs.append(pair)
+    return records, pairs
+
+
+# -- fixtures -------------------------------------------------------------------------------------------------------
+import datasets  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from emoreason.data.schema import write_records  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def rl_records(synth_corpus, tmp_path_factory):
+    """(reasoning records file, pairs file, data root) built from the synthetic corpus."""
+    records, pairs = reasoning_records(synth_corpus)
+    out = tmp_path_factory.mktemp("rl-records")
+    return write_records(records, out / "records.jsonl"), write_records(pairs, out / "pairs.jsonl"), synth_corpus.parent
+
+
+def make_trainer(model_dir, records_file, data_root, tmp_path, reward_funcs=("format", "accuracy"), n_prompts=2,
+                 **config):
+    from emoreason.modeling import load_pretrained
+    from emoreason.train.grpo import EmoReasonGRPOConfig, load_examples
+    from emoreason.train.grpo_trainer import AudioGRPOTrainer
+    from emoreason.train.rewards import get_reward_funcs
+
+    model, processor = load_pretrained(model_dir)
+    rows = load_examples(str(records_file), str(data_root), "train", max_records=max(n_prompts, 8))
+    options = dict(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
+                   max_completion_length=8, max_steps=1, learning_rate=1e-3, report_to="none", use_cpu=True,
+                   save_strategy="no", logging_steps=1, reward_funcs=list(reward_funcs), beta=0.0, seed=0)
+    options.update(config)
+    args = EmoReasonGRPOConfig(**options)
+    trainer = AudioGRPOTrainer(model=model, reward_funcs=get_reward_funcs(args.reward_funcs, args.reward_kwargs),
+                               args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
+    return trainer, rows
+
+
+# -- audio reaches generation and the loss ------------------------------------------------------------------------
+def test_audio_reaches_generation_and_the_grpo_loss(tiny_model_dir, rl_records, tmp_path):
+    from emoreason.train.grpo_trainer import MissingAudioError
+
+    records_file, _, data_root = rl_records
+    trainer, rows = make_trainer(tiny_model_dir, records_file, data_root, tmp_path, beta=0.04)
+    model, processor = trainer.model, trainer.processing_class
+    seen = {}
+    generate = model.generate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return generate(*args, **kwargs)
+
+    model.generate = spy
+    model.train()
+    inputs = [rows[0], rows[0], rows[1], rows[1]]  # two prompts x num_generations, as the sampler repeats them
+    batch = trainer._generate_and_score_completions(inputs)
+
+    # Generation got the clips, one per row, and prompts with each clip's placeholders expanded.
+    assert seen["input_features"].shape[0] == 4 and seen["input_values"].shape[0] == 4
+    expected = processor.num_audio_tokens(int(seen["input_values_mask"][0].sum()))
+    assert int((batch["prompt_ids"][0] == processor.audio_token_id).sum()) == expected
+    # The batch carries the audio for the loss, row-aligned with the completions (and the reference pass used it).
+    assert batch["input_features"].shape[0] == batch["completion_ids"].shape[0] == 4
+    assert "ref_per_token_logps" in batch
+
+    def logps_and_loss(audio_batch):
+        trainer._audio_batch = {k: audio_batch[k] for k in ("input_features", "input_features_mask",
+                                                             "input_values", "input_values_mask")}
+        ids = torch.cat([audio_batch["prompt_ids"], audio_batch["completion_ids"]], 1)
+        mask = torch.cat([audio_batch["prompt_mask"], audio_batch["completion_mask"]], 1)
+        with torch.no_grad():
+            logps, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, ids.shape[1]
+                                                                      - audio_batch["prompt_ids"].shape[1])
+        trainer._audio_batch = None
+        return logps, trainer._compute_loss(model, audio_batch)
+
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test bypasses
+    batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    logps, _ = logps_and_loss(batch)
+    batch["old_per_token_logps"] = logps  # so that the loss value, not only its gradient, depends on the log-probs
+    logps_same, loss_same = logps_and_loss(batch)
+    other = dict(batch)
+    generator = torch.Generator().manual_seed(0)  # the same clip lengths, different sounds
+    other["input_features"] = torch.randn(batch["input_features"].shape, generator=generator) \
+        * batch["input_features_mask"][:, None, :]
+    other["input_values"] = torch.randn(batch["input_values"].shape, generator=generator) * batch["input_values_mask"]
+    logps_other, loss_other = logps_and_loss(other)
+    assert torch.allclose(logps, logps_same)
+    assert not torch.allclose(logps, logps_other)
+    assert abs(loss_other.item() - loss_same.item()) > 1e-6
+
+    # The gradient of the loss flows into the projector: the audio is part of the graph.
+    model.zero_grad()
+    loss_other.backward()
+    projector_grad = sum(p.grad.abs().sum() for p in model.model.projector.parameters() if p.grad is not None)
+    assert projector_grad > 0
+
+    # Rows with placeholders but no audio are refused instead of silently training without the clip.
+    text_only = {k: v for k, v in batch.items() if not k.startswith("input_")}
+    with pytest.raises(MissingAudioError):
+        trainer._compute_loss(model, text_only)
