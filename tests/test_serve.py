@@ -284,3 +284,30 @@ def test_evaluator_against_the_builtin_server(server, synth_corpus, tmp_path):
         assert result["tokens"]["completion_per_item"] > 0, name
         assert sum(map(sum, result["metrics"]["classification"]["confusion_matrix"])) == 2, name
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "plots" / "reliability.png").is_file()
+
+
+def test_a_failing_request_does_not_fail_its_batch(server, clips, monkeypatch):
+    engine = server.engine
+    real_generate = engine.generate
+
+    def fragile_generate(requests):
+        if any("BOOM" in r.prompt for r in requests):
+            raise RuntimeError("cannot generate this one")
+        return real_generate(requests)
+
+    monkeypatch.setattr(engine, "generate", fragile_generate)
+
+    async def run():
+        async_client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        texts = ["What emotion?", "BOOM", "How does it sound?"]
+        try:
+            return await asyncio.gather(*(
+                async_client.chat.completions.create(model=MODEL, messages=audio_message(
+                    encode_audio_part(clips[0]), text), max_tokens=3, temperature=0) for text in texts),
+                return_exceptions=True)
+        finally:
+            await async_client.close()
+
+    good, bad, also_good = asyncio.run(run())
+    assert isinstance(bad, openai.InternalServerError) and "cannot generate this one" in str(bad)
+    assert good.choices and also_good.choices

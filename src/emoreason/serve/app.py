@@ -121,7 +121,10 @@ def create_app(
         if req.stream:
             raise RequestError("stream=true is not supported by the transformers backend", param="stream")
         prepared = await run_in_threadpool(prepare_request, req, engine, allowed_audio_root, default_max_tokens)
-        result = await engine.submit(prepared)
+        try:
+            result = await engine.submit(prepared)
+        except Exception as err:  # logged by the engine; the client gets the reason in OpenAI's error shape
+            raise RequestError(f"generation failed: {type(err).__name__}: {err}", 500) from None
         choices = []
         for index, choice in enumerate(result.choices):
             # With continue_final_message the content is only the continuation, as in vLLM.

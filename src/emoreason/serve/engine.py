@@ -151,17 +151,24 @@ class TransformersEngine:
                 else:
                     rest.append(job)
             pending = rest
-            try:
-                results = await loop.run_in_executor(self._executor, self.generate, [j.request for j in batch])
-            except Exception as err:  # a failed batch fails its requests, never the server
-                logger.exception("generation failed for a batch of %d request(s)", len(batch))
+            await self._run(loop, batch)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
+        try:
+            results = await loop.run_in_executor(self._executor, self.generate, [j.request for j in batch])
+        except Exception as err:  # a failed batch fails its requests, never the server
+            if len(batch) > 1:
+                # Run them one by one, so that only the request that breaks generation fails.
                 for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(err)
-                continue
-            for job, result in zip(batch, results):
-                if not job.future.done():
-                    job.future.set_result(result)
+                    await self._run(loop, [job])
+                return
+            logger.exception("generation failed")
+            if not batch[0].future.done():
+                batch[0].future.set_exception(err)
+            return
+        for job, result in zip(batch, results):
+            if not job.future.done():
+                job.future.set_result(result)
 
     # -- generation -------------------------------------------------------------------------------------------
     @torch.inference_mode()
