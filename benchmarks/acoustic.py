@@ -7,7 +7,8 @@ Renders the espeak-ng corpus (9 speakers x 4 emotions x N clips, 22.05 kHz like 
   * ours: ``emoreason.datagen.acoustic.analyze`` (pitch, energy, rate, pauses, intonation);
   * pyin: ``librosa.pyin`` F0 + ``librosa.feature.rms`` energy (the common pyin-based analysis).
 Prints x real time for both (best of ``--repeats`` passes, so other processes on a shared machine disturb less),
-their ratio, librosa.yin alone as a reference for this machine's load, and the agreement of voiced-frame median F0 per clip (share within 5%, mean and worst relative error).
+their ratio, librosa.yin alone as a reference for this machine's load, and the agreement of voiced-frame median F0
+per clip (share within 5%, mean and worst relative error).
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ def test_crema_d_per_rater_votes_voice_only(tmp_path):
     for name in ("1001_DFA_ANG_XX", "1002_IEO_SAD_HI"):
         tone(tmp_path / "AudioWAV" / f"{name}.wav")
     (tmp_path / "AudioWAV" / "readme.wav").write_bytes(b"")  # not coded like a clip -> reported
-    (tmp_path / "VideoDemographics.csv").write_text("ActorID,Age,Sex,Race,Ethnicity\n1001,51,Male,Caucasian,Not Hispanic\n"
+    (tmp_path / "VideoDemographics.csv").write_text("ActorID,Age,Sex,Race,Ethnicity\n"
+                                                   "1001,51,Male,Caucasian,Not Hispanic\n"
                                                    "1002,21,Female,Caucasian,Not Hispanic\n")
     (tmp_path / "finishedResponses.csv").write_text(
         ",localid,pos,ans,ttr,queryType,numTries,clipNum,questNum,subType,clipName,sessionNums,respEmo,respLevel,"

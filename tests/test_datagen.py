@@ -363,3 +363,45 @@ def test_every_shipped_config_parses_and_names_real_adapter_options(path):
     assert cfg.teacher.name in TEACHERS
     for prompt_file in (cfg.prompt.template, cfg.prompt.spurious_template, cfg.prompt.instructions):
         assert resolve_input(prompt_file, cfg).is_file()
+
+
+def test_self_teacher_vllm_backend_batches_one_offline_call(monkeypatch, tmp_path):
+    """vLLM needs a GPU; a stand-in module checks what our code hands it: chat-templated prompts, one
+    SamplingParams per request (n, seed), one batched generate call, outputs mapped back per request."""
+    import types
+
+    from emoreason.datagen.seed import SeedDescription
+    from emoreason.datagen.teachers import SelfTeacher, TeacherConfig, TeacherRequest
+
+    calls = {}
+
+    class FakeTokenizer:
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            assert add_generation_prompt and not tokenize
+            return "<user>" + messages[-1]["content"] + "<assistant>"
+
+    class FakeLLM:
+        def __init__(self, model, trust_remote_code, **kwargs):
+            calls["init"] = (model, trust_remote_code, kwargs)
+
+        def get_tokenizer(self):
+            return FakeTokenizer()
+
+        def generate(self, prompts, params, use_tqdm):
+            calls.setdefault("generate", []).append((prompts, params))
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"{p}#{i}") for i in range(sp.n)])
+                    for p, sp in zip(prompts, params)]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = FakeLLM
+    fake.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    teacher = SelfTeacher(TeacherConfig(name="self", model=str(tmp_path), vllm_kwargs={"tensor_parallel_size": 2}))
+    assert teacher.backend == "vllm"  # auto picks vLLM when it imports
+    desc = SeedDescription(duration=1.0, transcript="Hi.", gender=None, cues={})
+    requests = [TeacherRequest("a", "first", 2, 11, desc, "happy"), TeacherRequest("b", "second", 1, 12, desc, "sad")]
+    outputs = teacher.generate(requests)
+    assert outputs == [["<user>first<assistant>#0", "<user>first<assistant>#1"], ["<user>second<assistant>#0"]]
+    assert calls["init"] == (str(tmp_path), False, {"tensor_parallel_size": 2})
+    (prompts, params), = calls["generate"]
+    assert [p.n for p in params] == [2, 1] and [p.seed for p in params] == [11, 12]

@@ -143,7 +143,8 @@ def track_pitch(
     first = np.argmax(candidates, axis=1) + 1  # index into `search`
     rows = np.arange(n_frames)
     # Parabolic interpolation around the chosen lag for sub-sample precision.
-    left, mid, right = search[rows, first - 1], search[rows, first], search[rows, np.minimum(first + 1, search.shape[1] - 1)]
+    left, mid = search[rows, first - 1], search[rows, first]
+    right = search[rows, np.minimum(first + 1, search.shape[1] - 1)]
     denom = left - 2 * mid + right
     shift = np.where(np.abs(denom) > 1e-12, 0.5 * (left - right) / np.where(denom == 0, 1, denom), 0.0)
     lag = tau_min + first + np.clip(shift, -1, 1)
@@ -188,7 +189,8 @@ def _count_nuclei(energy_db: np.ndarray, voiced: np.ndarray, prominence_db: floa
     for i in range(1, len(smooth) - 1):
         if smooth[i] < last_dip:
             last_dip = smooth[i]
-        if voiced[i] and smooth[i] >= smooth[i - 1] and smooth[i] > smooth[i + 1] and smooth[i] - last_dip >= prominence_db:
+        is_peak = smooth[i] >= smooth[i - 1] and smooth[i] > smooth[i + 1]
+        if voiced[i] and is_peak and smooth[i] - last_dip >= prominence_db:
             count += 1
             last_dip = smooth[i]
     return count
@@ -251,7 +253,10 @@ def analyze(
     else:
         pause_ratio = 0.0
     speaking_seconds = max(speaking_frames * track.hop_seconds, 1e-3)
-    syllables = count_syllables(transcript) if transcript and transcript.strip() else _count_nuclei(energy_db, track.voiced)
+    if transcript and transcript.strip():
+        syllables = count_syllables(transcript)
+    else:
+        syllables = _count_nuclei(energy_db, track.voiced)
     return AcousticFeatures(
         duration=duration,
         pitch_hz=pitch_hz,

@@ -146,7 +146,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if cfg.dedup_scope not in ("record", "run"):
         raise ConfigError(f"dedup_scope must be 'record' or 'run', got {cfg.dedup_scope!r}")
     if cfg.filters.answer_must_match not in ("votes", "consensus"):
-        raise ConfigError(f"filters.answer_must_match must be votes or consensus, got {cfg.filters.answer_must_match!r}")
+        raise ConfigError("filters.answer_must_match must be votes or consensus, "
+                          f"got {cfg.filters.answer_must_match!r}")
     if cfg.shard_size < 1:
         raise ConfigError("shard_size must be >= 1")
     return cfg
@@ -325,7 +326,9 @@ class Generator:
             description = SeedDescription.from_record(record, cues)
             target = record.label or (description.annotators[0][0] if description.annotators else None)
             if target is None:
-                out["dropped"].append({"id": record.id, "reason": "no_label", "detail": "no label and no votes"})
+                dropped = {"id": record.id, "reason": "no_label", "detail": "no label and no votes"}
+                out["dropped"].append(dropped)
+                out["rejected"].append({**dropped, "sample": None, "text": None, "outcome": "dropped"})
                 self.hook.tick()
                 continue
             distribution = {k: v for k, v in record.distribution.items() if v > 0} if (

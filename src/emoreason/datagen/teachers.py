@@ -303,15 +303,16 @@ class SelfTeacher(Teacher):
         return self._generate_vllm(engine, requests) if self.backend == "vllm" else self._generate_hf(engine, requests)
 
     def _generate_vllm(self, llm, requests):
+        # One offline batched call for the whole shard: vLLM schedules all prompts (and their n samples) together.
         from vllm import SamplingParams
 
-        outputs = []
-        for r in requests:
-            params = SamplingParams(n=r.n, temperature=self.config.temperature, top_p=self.config.top_p,
-                                    max_tokens=self.config.max_new_tokens, seed=r.seed)
-            result = llm.chat([r.messages], params, use_tqdm=False)[0]
-            outputs.append([o.text for o in result.outputs])
-        return outputs
+        tokenizer = llm.get_tokenizer()
+        prompts = [tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
+                   for r in requests]
+        params = [SamplingParams(n=r.n, temperature=self.config.temperature, top_p=self.config.top_p,
+                                 max_tokens=self.config.max_new_tokens, seed=r.seed) for r in requests]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return [[o.text for o in result.outputs] for result in outputs]
 
     def _generate_hf(self, engine, requests):
         import torch
