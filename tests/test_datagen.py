@@ -405,3 +405,17 @@ def test_self_teacher_vllm_backend_batches_one_offline_call(monkeypatch, tmp_pat
     assert calls["init"] == (str(tmp_path), False, {"tensor_parallel_size": 2})
     (prompts, params), = calls["generate"]
     assert [p.n for p in params] == [2, 1] and [p.seed for p in params] == [11, 12]
+
+
+def test_workers_share_a_run_and_the_last_one_merges(synth_corpus, tmp_path):
+    common = ["--manifest", str(synth_corpus), "--limit", "20", "--set", "shard_size=4"]
+    assert run_cli(*common, "--out", str(tmp_path / "single")) == 0
+    shared = tmp_path / "shared"
+    assert run_cli(*common, "--out", str(shared), "--set", "num_workers=2", "--set", "worker_index=1") == 0
+    assert sorted(p.name for p in (shared / "shards").iterdir()) == ["00001", "00003"]
+    assert not (shared / "records.jsonl").exists()  # worker 0 has shards left
+    assert run_cli(*common, "--out", str(shared), "--set", "num_workers=2", "--set", "worker_index=0") == 0
+    assert (shared / "records.jsonl").read_text() == (tmp_path / "single" / "records.jsonl").read_text()
+    assert json.loads((shared / "summary.json").read_text())["inputs"] == 20
+    with pytest.raises(ConfigError, match="worker_index"):
+        load_config(CONFIG, ["num_workers=2", "worker_index=2"])

@@ -3,7 +3,9 @@
 Runs are sharded and resumable. The plan (which record ids go into which shard) is fixed on the first start and
 saved; each shard's outputs are written to a temporary folder renamed into place only when the shard is complete,
 so a run killed at any moment and restarted redoes at most the shards in flight and ends with every input exactly
-once (kept, dropped by the filters, or reported as bad audio). Outputs under ``output_dir``:
+once (kept, dropped by the filters, or reported as bad audio). Several processes (GPUs, nodes) can share a run
+(``num_workers``, ``worker_index``): each generates its share of the shards, and the one that completes the last
+shard merges. Outputs under ``output_dir``:
 
     records.jsonl / records.parquet   kept EmotionRecords (task, instruction, response, cues, meta.provenance)
     pairs.jsonl / pairs.parquet       DPO pairs: response = chosen, meta["rejected"] = [{text, kind, detail}]
@@ -85,6 +87,8 @@ class DatagenConfig:
     seed: int = 0
     shard_size: int = 64
     limit: int | None = None  # generate for a deterministic subset of this many clips (all clips get cues)
+    num_workers: int = 1  # processes/GPUs/nodes sharing one run: each generates the shards i % num_workers == index
+    worker_index: int = 0
     splits: list[str] | None = None  # generate for these splits only (default: all)
     acoustic: AcousticConfig = field(default_factory=AcousticConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -150,6 +154,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                           f"got {cfg.filters.answer_must_match!r}")
     if cfg.shard_size < 1:
         raise ConfigError("shard_size must be >= 1")
+    if not 0 <= cfg.worker_index < cfg.num_workers:
+        raise ConfigError(f"worker_index must be in [0, num_workers), got {cfg.worker_index} of {cfg.num_workers}")
+    if cfg.num_workers > 1 and cfg.dedup_scope == "run":
+        raise ConfigError("dedup_scope: run needs one worker (workers cannot see each other's kept rationales)")
     return cfg
 
 
@@ -446,8 +454,10 @@ def run(cfg: DatagenConfig) -> dict:
     shards = _plan(out, "generate", _shards([r.id for r in selected], cfg.shard_size))
     shard_root = out / "shards"
     shard_root.mkdir(exist_ok=True)
-    for stale in shard_root.glob("*.tmp"):
+    tmp_suffix = f".tmp-w{cfg.worker_index}"  # per worker: never remove another worker's shard in flight
+    for stale in shard_root.glob(f"*{tmp_suffix}"):
         shutil.rmtree(stale)
+    mine = [i for i in range(len(shards)) if i % cfg.num_workers == cfg.worker_index]
     done = [i for i in range(len(shards)) if (shard_root / f"{i:05d}").is_dir()]
     teacher = get_teacher(cfg.teacher, work_dir=out)
     generator = Generator(cfg, calibration, acoustic, teacher, label_space)
@@ -456,19 +466,28 @@ def run(cfg: DatagenConfig) -> dict:
             for row in _read_jsonl(shard_root / f"{i:05d}" / "records.jsonl"):
                 parsed_think = row["response"].split("<think>")[-1].split("</think>")[0]
                 generator.seen.add(think_hash(parsed_think.strip()))
-    bar = _progress(len(selected), sum(len(shards[i]) for i in done), f"datagen[{teacher.name}]", cfg.progress)
-    for index, ids in enumerate(shards):
+    bar = _progress(sum(len(shards[i]) for i in mine), sum(len(shards[i]) for i in done if i in mine),
+                    f"datagen[{teacher.name}]", cfg.progress)
+    for index in mine:
+        ids = shards[index]
         final = shard_root / f"{index:05d}"
         if final.is_dir():
             continue
         result = generator.shard([by_id[i] for i in ids])
-        tmp = shard_root / f"{index:05d}.tmp"
+        tmp = shard_root / f"{index:05d}{tmp_suffix}"
         tmp.mkdir()
         for name, rows in result.items():
             _write_jsonl(tmp / f"{name}.jsonl", rows)
         os.replace(tmp, final)
         bar.update(len(ids))
     bar.close()
+    missing = [i for i in range(len(shards)) if not (shard_root / f"{i:05d}").is_dir()]
+    if missing:
+        # Other workers still have shards to finish; whichever worker completes the last one merges.
+        logger.info("worker %d/%d done; %d shard(s) left to other workers", cfg.worker_index, cfg.num_workers,
+                    len(missing))
+        return {"complete": False, "worker_index": cfg.worker_index, "shards_left": len(missing),
+                "shards": len(shards)}
     return merge(out, cfg, shards, corpus.errors, acoustic, teacher, time.time() - start)
 
 
@@ -490,6 +509,7 @@ def merge(out: Path, cfg: DatagenConfig, shards, adapter_errors, acoustic, teach
     _atomic_jsonl(out / "errors.jsonl", errors)
     kinds = Counter(entry["kind"] for line in pairs for entry in line.meta["rejected"])
     summary = {
+        "complete": True,
         "inputs": sum(len(s) for s in shards),
         "kept": len(records),
         "dropped": len(collected["dropped"]),
