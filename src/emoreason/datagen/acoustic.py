@@ -336,7 +336,7 @@ class Calibration:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         data = {"split": self.split, "edges": {k: list(v) for k, v in sorted(self.edges.items())},
                 "counts": dict(sorted(self.counts.items())), "defaults": {k: list(v) for k, v in DEFAULT_EDGES.items()}}
         tmp.write_text(json.dumps(data, indent=2))

@@ -187,14 +187,19 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def _tmp(path: Path) -> Path:
+    # Per process: workers sharing a run may write the same (identical) file at the same moment.
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def _atomic_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp(path)
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
     os.replace(tmp, path)
 
 
 def _atomic_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp(path)
     _write_jsonl(tmp, rows)
     os.replace(tmp, path)
 
@@ -261,9 +266,10 @@ def _analyze_shard(args) -> tuple[int, list[dict]]:
     for record in records:
         rows.append(_analyze_one(record, root, fmin, fmax))
         hook.tick()
-    tmp = shard_dir / f"{index:05d}.jsonl.tmp"
+    final = shard_dir / f"{index:05d}.jsonl"
+    tmp = _tmp(final)
     _write_jsonl(tmp, rows)
-    os.replace(tmp, shard_dir / f"{index:05d}.jsonl")
+    os.replace(tmp, final)
     return index, rows
 
 
