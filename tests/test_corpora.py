@@ -214,17 +214,17 @@ def test_generic_manifest_csv_and_jsonl(tmp_path):
     (tmp_path / "manifest.csv").write_text(
         "path,emotions,text,spk,sex\nclips/a.wav,anger;anger;joy,Go away.,s1,F\nclips/b.wav,sad,,s2,m\n")
     cols = {"audio": "path", "votes": "emotions", "transcript": "text", "speaker": "spk", "gender": "sex"}
-    recs = by_id(load_corpus("manifest", tmp_path, path="manifest.csv", columns=cols, corpus="mine"))
+    recs = by_id(load_corpus("manifest", tmp_path, manifest="manifest.csv", columns=cols, corpus="mine"))
     assert recs["a"].distribution == pytest.approx({"angry": 2 / 3, "happy": 1 / 3}) and recs["a"].label == "angry"
     assert recs["a"].gender == "female" and recs["a"].corpus == "mine" and recs["b"].gender == "male"
     (tmp_path / "m.jsonl").write_text(json.dumps({"id": "x", "audio": "clips/a.wav", "label": "fear"}) + "\n"
                                       + json.dumps({"id": "y", "audio": "../outside.wav", "label": "sad"}) + "\n")
-    load = load_corpus("manifest", tmp_path, path="m.jsonl")
+    load = load_corpus("manifest", tmp_path, manifest="m.jsonl")
     assert by_id(load)["x"].label == "fearful"
     assert load.errors[0]["id"] == "y" and "escapes the data root" in load.errors[0]["reason"]
     (tmp_path / "bad.csv").write_text("audio,label\nclips/a.wav,bored-ish\n")
     with pytest.raises(ValueError, match=r"bad.csv:2.*unknown emotion label"):
-        load_corpus("manifest", tmp_path, path="bad.csv")
+        load_corpus("manifest", tmp_path, manifest="bad.csv")
 
 
 def test_synthetic_adapter_reads_the_espeak_manifest(synth_corpus):
@@ -233,3 +233,8 @@ def test_synthetic_adapter_reads_the_espeak_manifest(synth_corpus):
     assert {r.split for r in load.records} == {"train", "validation", "test"}
     with pytest.raises(CorpusError, match="does not exist"):
         load_corpus("synthetic", synth_corpus.parent / "missing")
+
+
+def test_unknown_adapter_option_is_a_clear_error(tmp_path):
+    with pytest.raises(CorpusError, match=r"unknown option\(s\) \['sessions'\] for corpus adapter 'iemocap'"):
+        load_corpus("iemocap", tmp_path, sessions=[1])

@@ -194,8 +194,8 @@ def test_bad_audio_goes_to_errors_and_the_run_carries_on(synth_corpus, tmp_path)
     rows.append({"id": "gone", "audio": "missing.wav", "label": "sad", "duration": 1.0})
     (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    assert run_cli("--data-root", str(root), "--out", str(out), "--set", "corpus.name=manifest",
-                   "--set", "corpus.options={path: m.jsonl}", "--set", "pairs.enabled=false") == 0
+    assert run_cli("--manifest", str(root / "m.jsonl"), "--out", str(out), "--set", "corpus.name=manifest",
+                   "--set", "pairs.enabled=false") == 0
     outputs = read_outputs(out)
     errors = {e["id"]: e["reason"] for e in outputs["errors"]}
     assert set(errors) == {"garbage", "empty", "gone"}

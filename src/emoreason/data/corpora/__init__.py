@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -55,7 +56,12 @@ def load_corpus(name: str, root: str | os.PathLike, **options) -> CorpusLoad:
     root = Path(root)
     if not root.exists():
         raise CorpusError(f"corpus root {str(root)!r} does not exist")
-    result = get_adapter(name)(root, **options)
+    adapter = get_adapter(name)
+    accepted = set(inspect.signature(adapter).parameters) - {"root"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise CorpusError(f"unknown option(s) {unknown} for corpus adapter {name!r}; known: {sorted(accepted)}")
+    result = adapter(root, **options)
     result.root = root
     return result
 

@@ -39,9 +39,9 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
     raise CorpusError(f"manifest {path} must be .jsonl, .csv or .tsv")
 
 
-def load(root: Path, path: str = "manifest.csv", columns: dict | None = None, corpus: str = "manifest",
+def load(root: Path, manifest: str = "manifest.csv", columns: dict | None = None, corpus: str = "manifest",
          vote_separator: str = ";") -> CorpusLoad:
-    manifest = Path(path) if Path(path).is_absolute() else root / path
+    manifest = Path(manifest) if Path(manifest).is_absolute() else root / manifest
     if not manifest.is_file():
         raise CorpusError(f"manifest {manifest} not found")
     cols = {**DEFAULT_COLUMNS, **(columns or {})}
