@@ -65,6 +65,9 @@ def test_template_teacher_produces_grounded_valid_records(template_run, synth_co
         assert any(record.cues[k] in parsed.think for k in ("pitch_level", "energy_level", "rate_level"))
         assert set(record.meta["provenance"]) >= {"teacher", "model", "prompt_id", "seed", "emoreason"}
         assert record.meta["provenance"]["teacher"] == "template"
+        soft = record.meta["soft_label"]
+        assert soft["num_classes"] == 4 and (soft["entropy"] == 0.0) == (len(parsed.distribution) == 1)
+        assert soft["multi_label"] == [e for e, share in source.distribution.items() if share > 0.25]
     # varied phrasings, not one sentence pattern
     openers = {parse_response(r.response).think.split('"')[0] for r in records}
     conclusions = {parse_response(r.response).think.rsplit(".", 2)[-2].split(",")[0] for r in records}

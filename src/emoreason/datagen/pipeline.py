@@ -37,7 +37,7 @@ import yaml
 from .. import __version__
 from ..data.audio import AudioError, load_audio
 from ..data.corpora import CorpusError, load_corpus
-from ..data.labels import cooccurrence_matrix
+from ..data.labels import cooccurrence_matrix, entropy, multi_label
 from ..data.schema import EmotionRecord, RecordError, read_records, write_records
 from .acoustic import Calibration, analyze
 from .filters import FilterConfig, run_filters, think_hash
@@ -323,6 +323,12 @@ class Generator:
                 "backend": getattr(self.teacher, "backend", None), "prompt_id": self.prompt.prompt_id,
                 "seed": self.cfg.seed, "sample": sample, "emoreason": __version__}
 
+    def soft_label(self, record: EmotionRecord) -> dict:
+        """Ambiguity (entropy, bits) and the 1/C multi-label target over the corpus's label space."""
+        return {"entropy": round(entropy(record.distribution), 4),
+                "multi_label": multi_label(record.distribution, num_classes=len(self.label_space)),
+                "num_classes": len(self.label_space)}
+
     def record_seed(self, record_id: str) -> int:
         return int(hashlib.sha1(f"{self.cfg.seed}:{record_id}".encode()).hexdigest()[:8], 16)
 
@@ -379,7 +385,8 @@ class Generator:
                 kept_record = dataclasses.replace(
                     record, cues=cues, task=self.cfg.task, instruction=instruction, response=text,
                     meta={**record.meta, "provenance": self.provenance(index), "cue_calibration": sources,
-                          "samples": len(texts), "rejected_samples": len(rejections)})
+                          "samples": len(texts), "rejected_samples": len(rejections),
+                          "soft_label": self.soft_label(record)})
                 out["records"].append(kept_record.to_dict())
                 kept.append((kept_record, description, target, instruction))
             self.hook.tick()
