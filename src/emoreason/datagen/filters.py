@@ -59,7 +59,7 @@ CUE_CLAIMS: dict[str, tuple[re.Pattern, dict[str, str]]] = {
     "rate_level": (re.compile(r"\b(rate|pace|tempo|speed|speaks|talks|speaking)\b", re.I),
                    {"slow": "slow", "slowly": "slow", "unhurried": "slow", "fast": "fast", "quick": "fast",
                     "quickly": "fast", "rapid": "fast", "rapidly": "fast", "hurried": "fast", "normal": "normal",
-                    "moderate": "normal", "average": "normal", "medium": "normal", "steady": "normal"}),
+                    "moderate": "normal", "average": "normal", "medium": "normal"}),
 }
 _CLAUSE_SPLIT = re.compile(r"[.;:!?\n]|,|\b(?:and|but|while|although|though|whereas|with)\b", re.I)
 _NEGATION = re.compile(r"\b(not|n't|no|never|neither|nor|without|rather than|instead of)\b", re.I)
