@@ -422,3 +422,28 @@ def test_workers_share_a_run_and_the_last_one_merges(synth_corpus, tmp_path):
     assert json.loads((shared / "summary.json").read_text())["inputs"] == 20
     with pytest.raises(ConfigError, match="worker_index"):
         load_config(CONFIG, ["num_workers=2", "worker_index=2"])
+
+
+def test_tiny_backbone_served_over_an_openai_endpoint_as_teacher(synth_corpus, tiny, tmp_path, monkeypatch):
+    """The self-generation path through a server: our transformers server hosts the tiny checkpoint, the openai
+    teacher calls it (API key from the named environment variable), and the filters judge what comes back."""
+    from emoreason.serve.app import create_app
+    from emoreason.serve.background import BackgroundServer
+    from emoreason.serve.engine import TransformersEngine
+
+    model, processor = tiny
+    engine = TransformersEngine(model, processor, max_batch_rows=8, batch_wait_s=0.02)
+    app = create_app(engine, "tiny-teacher", api_key="secret-test-key", default_max_tokens=12)
+    monkeypatch.setenv("DATAGEN_TEST_KEY", "secret-test-key")
+    with BackgroundServer(app) as server:
+        out = tmp_path / "served"
+        assert run_cli("--manifest", str(synth_corpus), "--out", str(out), "--teacher", "openai", "--model",
+                       "tiny-teacher", "--limit", "2", "--set", f"teacher.base_url={server.url}/v1",
+                       "--set", "teacher.api_key_env=DATAGEN_TEST_KEY", "--set", "teacher.num_samples=2",
+                       "--set", "teacher.max_new_tokens=12") == 0
+        assert engine.rows_run >= 4  # 2 clips x 2 samples went through the served model
+    outputs = read_outputs(out)
+    summary = outputs["summary"]
+    assert summary["inputs"] == 2 and summary["kept"] + summary["dropped"] == 2
+    assert summary["teacher"] == {"name": "openai", "model": "tiny-teacher"}
+    assert len(outputs["rejected"]) >= 2 * summary["dropped"] and all(r["detail"] for r in outputs["rejected"])
