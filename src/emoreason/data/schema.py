@@ -225,7 +225,7 @@ def write_records(records: Iterable[EmotionRecord], path: str | os.PathLike) -> 
     """Write records as JSONL or parquet (by suffix), atomically (a temp file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: concurrent writers never collide
     rows = [r.to_dict() for r in records]
     if path.suffix == ".parquet":
         import pyarrow as pa
