@@ -4,7 +4,7 @@
    at once), i.e. what batching the samples of one item buys;
 2. a batch of single-sample items at concurrency 8 vs concurrency 1, i.e. what the server's batching queue buys.
 
-    python benchmarks/eval_throughput.py [--items 16] [--max-tokens 32] [--model DIR]
+    python benchmarks/eval_throughput.py [--items 16] [--max-tokens 32] [--num-threads 1] [--model DIR]
 
 Prints wall times and ratios (>1 = the first option is faster). Absolute numbers depend on the machine; the ratios
 are what to compare.
@@ -85,28 +85,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--num-threads", type=int, default=1,
+                        help="torch threads for generation (1: stable on shared CPUs)")
     args = parser.parse_args(argv)
-
-    import torch
 
     from emoreason.serve.app import create_app
     from emoreason.serve.background import BackgroundServer
     from emoreason.serve.engine import TransformersEngine
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
             from emoreason.testing.tiny import build_tiny_model
 
             model_dir = build_tiny_model(Path(tmp) / "tiny")
-        engine = TransformersEngine.from_pretrained(model_dir, max_batch_rows=16)
+        engine = TransformersEngine.from_pretrained(model_dir, max_batch_rows=16, num_threads=args.num_threads)
         app = create_app(engine, "tiny")
         clips = make_clips(args.items)
         with BackgroundServer(app) as server:
             times = asyncio.run(run(server.url + "/v1", clips, args.max_tokens, args.repeats))
     print(f"built-in server, tiny model, max_tokens={args.max_tokens}, {args.items} items, {args.repeats} repeats, "
-          f"{torch.get_num_threads()} torch threads")
+          f"{args.num_threads} torch thread(s) for generation")
     retries = times.pop("retries")
     for name, seconds in times.items():
         print(f"  {name:<22} {seconds:8.2f} s")

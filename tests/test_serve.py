@@ -210,7 +210,7 @@ def test_serve_cli_starts_and_answers(tiny_model_dir, clips):
     """`emoreason serve --model PATH --port 0` prints its address and answers the openai client."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "emoreason.cli", "serve", "--model", str(tiny_model_dir), "--port", "0",
-         "--served-model-name", "cli-tiny", "--log-level", "warning"],
+         "--served-model-name", "cli-tiny", "--num-threads", "1", "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

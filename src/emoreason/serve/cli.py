@@ -22,7 +22,8 @@ def _launch_transformers(args: argparse.Namespace) -> int:
     from .engine import TransformersEngine
 
     engine = TransformersEngine.from_pretrained(
-        args.model, dtype=args.dtype, max_batch_rows=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000
+        args.model, dtype=args.dtype, max_batch_rows=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
+        num_threads=args.num_threads,
     )
     app = create_app(engine, model_name=args.served_model_name, api_key=args.api_key,
                      allowed_audio_root=args.allowed_audio_root, default_max_tokens=args.default_max_tokens)
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long an idle server waits for more requests to batch with the first")
     parser.add_argument("--default-max-tokens", type=int, default=256)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch CPU threads for generation (default: torch's, one per core); 1 is much faster "
+                        "on a CPU other jobs share")
     parser.add_argument("--log-level", default="info")
     return parser
 
