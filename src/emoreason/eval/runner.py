@@ -71,8 +71,13 @@ async def _evaluate(suite: Suite, records: list[EmotionRecord], client: Endpoint
         indexed.append((owner, positions[owner]))
         positions[owner] += 1
 
+    # Items hold their encoded audio while they wait for the client: bound them too, or a large corpus would load
+    # every clip at once before the first answer came back.
+    item_slots = asyncio.Semaphore(2 * max(1, suite.concurrency))
+
     async def tracked(i, coro):
-        return i, await coro
+        async with item_slots:
+            return i, await coro
 
     with tqdm(total=len(tasks), desc=f"eval {suite.name}", unit="item", disable=not progress) as bar:
         for future in asyncio.as_completed([tracked(i, t) for i, t in enumerate(tasks)]):
@@ -141,6 +146,8 @@ async def run_suite_async(
         suite.strategies = [s for s in suite.strategies if s.label in strategies]
     if limit is not None:
         suite.limit = limit
+    if concurrency:
+        suite.concurrency = concurrency
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     chosen, skipped = select_records(suite)
