@@ -36,9 +36,10 @@ def plot_tradeoff(strategies: dict, out: Path) -> list[Path]:
         if not points:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        for x, y, name in points:
-            ax.scatter(x, y)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        markers = "osD^vP*X"
+        for i, (x, y, name) in enumerate(points):  # a legend, not annotations: strategies often share a budget
+            ax.scatter(x, y, label=name, marker=markers[i % len(markers)], s=50)
+        ax.legend(fontsize=7)
         ax.set_xlabel("completion tokens per item")
         ax.set_ylabel(f"{metric} ({better} is better)")
         ax.set_title(f"{metric} vs tokens spent")
