@@ -1,0 +1,249 @@
+"""Cached encoder features: run the frozen towers once, train many epochs on their outputs.
+
+    emoreason cache-features --config recipes/<model>/sft.yaml [--feature_cache_dir DIR] [--field value ...]
+
+When both encoders are frozen, what they output for a clip never changes, so a training step only needs the projector
+and the language model. This command encodes every clip of the recipe's records once, **alone** (a clip's Whisper
+states do not depend on its batch, but group-norm WavLM/HuBERT states do depend on padding, so each clip is encoded as
+if it were alone) and stores the content states and the paralinguistic states in safetensors shards:
+
+    DIR/<fingerprint>/shard-00000.safetensors    "<clip id>/content", "<clip id>/paralinguistic", "<clip id>/num_samples"
+    DIR/<fingerprint>/index.json                 {clip id: shard file}
+    DIR/<fingerprint>/fingerprint.json           what the fingerprint covers
+
+The fingerprint hashes both towers' configs, their weights and the feature extractors' settings: any change to an
+encoder gives a new folder, so stale features are never read (the old folder can be deleted). Training with
+``feature_cache_dir`` set looks the fingerprint of the model it loaded up; a batch with a clip missing from the cache
+is computed live. The command resumes: clips already in the index are skipped, shards are written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..data.schema import EmotionRecord, read_records, resolve_under_root
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+
+
+# -- fingerprint ----------------------------------------------------------------------------------------------
+def encoder_fingerprint(model, processor=None) -> str:
+    """Hex digest of everything the cached states depend on: tower configs + weights, layer weighting, and the
+    processor's feature settings. Weights are hashed in full (a few seconds for billion-parameter towers)."""
+    inner = _inner_model(model)
+    config = inner.config
+    digest = hashlib.sha256()
+    described = {
+        "version": CACHE_FORMAT_VERSION,
+        "content": config.content_config.to_dict(),
+        "paralinguistic": config.paralinguistic_config.to_dict(),
+        "weighted_layers": bool(config.paralinguistic_weighted_layers),
+    }
+    if processor is not None:
+        described["feature_extractor"] = processor.feature_extractor.to_dict()
+        described["paralinguistic_feature_extractor"] = processor.paralinguistic_feature_extractor.to_dict()
+        described["max_source_positions"] = processor.max_source_positions
+    for volatile in ("_name_or_path", "transformers_version", "architectures", "layerdrop"):
+        for key in ("content", "paralinguistic"):
+            described[key].pop(volatile, None)
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    for tower in (inner.content_encoder, inner.paralinguistic_encoder):
+        for name, tensor in sorted(tower.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _inner_model(model):
+    """The EmoReasonModel inside a (PEFT-wrapped) EmoReasonForConditionalGeneration."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model if hasattr(base, "model") and hasattr(base.model, "content_encoder") else base
+
+
+# -- reading --------------------------------------------------------------------------------------------------
+class FeatureCache:
+    """Read side: clip ids -> padded tower states for :class:`~emoreason.data.collators.SFTCollator`."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        index_file = self.folder / INDEX_FILE
+        self.index: dict[str, str] = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        self._handles: dict[str, Any] = {}
+
+    @classmethod
+    def for_model(cls, cache_dir: str | os.PathLike, model, processor=None) -> FeatureCache:
+        """The cache matching ``model``'s encoders; an empty one (every lookup misses) when none was computed."""
+        inner = _inner_model(model)
+        if inner.config.train_content_encoder or inner.config.train_paralinguistic_encoder:
+            raise ValueError("feature_cache_dir is set but an encoder is trainable: cached features would be stale "
+                             "after the first step; unset feature_cache_dir or freeze the encoders")
+        fingerprint = encoder_fingerprint(model, processor)
+        cache = cls(Path(cache_dir) / fingerprint)
+        if not cache.index:
+            logger.warning("no cached features for encoder fingerprint %s under %s: computing features live "
+                           "(run `emoreason cache-features` with this recipe to build them)", fingerprint, cache_dir)
+        else:
+            logger.info("feature cache %s: %d clips", cache.folder, len(cache.index))
+        return cache
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, clip_id: str) -> bool:
+        return clip_id in self.index
+
+    def __getstate__(self):  # DataLoader workers get their own file handles
+        return {**self.__dict__, "_handles": {}}
+
+    def _handle(self, shard: str):
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
+        return self._handles[shard]
+
+    def get(self, clip_id: str) -> dict[str, torch.Tensor]:
+        handle = self._handle(self.index[clip_id])
+        return {k: handle.get_tensor(f"{clip_id}/{k}") for k in ("content", "paralinguistic", "num_samples")}
+
+    def lookup(self, clip_ids: Sequence[str]) -> dict[str, Any] | None:
+        """Padded batch of states for ``clip_ids``, or None when any clip is not cached."""
+        if not all(c in self.index for c in clip_ids):
+            return None
+        items = [self.get(c) for c in clip_ids]
+        content = _pad([i["content"] for i in items], time_dim=0)  # (B, T, Dc)
+        para = [i["paralinguistic"] for i in items]
+        if para[0].dim() == 3:  # (layers, L, Dp) per clip -> (layers, B, L, Dp)
+            paralinguistic = _pad([p.transpose(0, 1) for p in para], time_dim=0).permute(2, 0, 1, 3).contiguous()
+        else:
+            paralinguistic = _pad(para, time_dim=0)
+        return {"content_states": content, "paralinguistic_states": paralinguistic,
+                "num_samples": [int(i["num_samples"]) for i in items]}
+
+
+def _pad(tensors: Sequence[torch.Tensor], time_dim: int = 0) -> torch.Tensor:
+    """Stack clips of different lengths (time first) with zeros after each clip's end."""
+    return torch.nn.utils.rnn.pad_sequence(list(tensors), batch_first=True)
+
+
+# -- writing --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_clip(model, processor, wav) -> dict[str, torch.Tensor]:
+    """One clip's tower outputs, computed alone: content (T, Dc), paralinguistic ((layers, L, Dp) or (L, Dp))."""
+    inner = _inner_model(model)
+    device = next(inner.projector.parameters()).device
+    feats = {k: v.to(device) for k, v in processor.audio_features([wav]).items()}
+    mel_lengths = feats["input_features_mask"].sum(-1).long()
+    content = inner.encode_content(feats["input_features"], mel_lengths)
+    para, _ = inner.encode_paralinguistic(feats["input_values"], feats["input_values_mask"])
+    para = para[:, 0] if para.dim() == 4 else para[0]
+    return {"content": content[0].cpu().contiguous(), "paralinguistic": para.cpu().contiguous(),
+            "num_samples": torch.tensor(int(wav.shape[0]))}
+
+
+def cache_features(model, processor, records: Iterable[EmotionRecord], data_root: str | os.PathLike,
+                   cache_dir: str | os.PathLike, shard_size: int = 256, dtype: torch.dtype | None = None) -> Path:
+    """Encode every clip not yet cached into ``cache_dir/<fingerprint>``; returns that folder. Resumable."""
+    from tqdm.auto import tqdm
+
+    fingerprint = encoder_fingerprint(model, processor)
+    folder = Path(cache_dir) / fingerprint
+    folder.mkdir(parents=True, exist_ok=True)
+    inner = _inner_model(model)
+    (folder / "fingerprint.json").write_text(json.dumps({
+        "fingerprint": fingerprint, "version": CACHE_FORMAT_VERSION,
+        "content_encoder": inner.config.content_config._name_or_path or inner.config.content_config.model_type,
+        "paralinguistic_encoder": inner.config.paralinguistic_config._name_or_path
+        or inner.config.paralinguistic_config.model_type,
+        "weighted_layers": bool(inner.config.paralinguistic_weighted_layers),
+    }, indent=2))
+    index_file = folder / INDEX_FILE
+    index: dict[str, str] = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    seen, todo = set(index), []
+    for record in records:
+        if record.id not in seen:
+            seen.add(record.id)
+            todo.append(record)
+    model.eval()
+    next_shard = len({*index.values()})
+    pending: dict[str, torch.Tensor] = {}
+    pending_ids: list[str] = []
+
+    def flush():
+        nonlocal next_shard, pending, pending_ids
+        if not pending_ids:
+            return
+        name = f"shard-{next_shard:05d}.safetensors"
+        while (folder / name).exists():  # a shard from an interrupted run that never reached the index
+            next_shard += 1
+            name = f"shard-{next_shard:05d}.safetensors"
+        tmp = folder / (name + ".tmp")
+        save_file(pending, str(tmp), metadata={"fingerprint": fingerprint})
+        os.replace(tmp, folder / name)
+        index.update(dict.fromkeys(pending_ids, name))
+        tmp_index = index_file.with_name(INDEX_FILE + ".tmp")
+        tmp_index.write_text(json.dumps(index))
+        os.replace(tmp_index, index_file)
+        next_shard += 1
+        pending, pending_ids = {}, []
+
+    for record in tqdm(todo, desc="cache-features", unit="clip", disable=not todo):
+        wav = processor.load(str(resolve_under_root(record.audio, data_root, record=record.id)))
+        for key, tensor in encode_clip(model, processor, wav).items():
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            pending[f"{record.id}/{key}"] = tensor
+        pending_ids.append(record.id)
+        if len(pending_ids) >= shard_size:
+            flush()
+    flush()
+    logger.info("feature cache %s: %d clips (%d new)", folder, len(index), len(todo))
+    return folder
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Parse the same recipe as training; encode the clips of its train/eval records and every task's records."""
+    from .common import get_model, get_processor
+    from .sft import make_parser
+    from .tasks import parse_task_specs
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = {"--shard_size": 256, "--cache_dtype": None}
+    for flag in list(extra):
+        if flag in argv:
+            i = argv.index(flag)
+            extra[flag] = argv[i + 1]
+            del argv[i : i + 2]
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not training_args.feature_cache_dir:
+        print("cache-features: set feature_cache_dir in the recipe or with --feature_cache_dir DIR", file=sys.stderr)
+        return 2
+    if model_args.train_content_encoder or model_args.train_paralinguistic_encoder:
+        print("cache-features: the recipe trains an encoder; cached features would go stale", file=sys.stderr)
+        return 2
+    sources = [script_args.train_records, script_args.eval_records]
+    sources += [s.records for s in parse_task_specs(training_args.tasks)]
+    records = [r for src in dict.fromkeys(s for s in sources if s) for r in read_records(src)]
+    processor = get_processor(model_args)
+    model = get_model(model_args, processor)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    dtype = getattr(torch, extra["--cache_dtype"]) if extra["--cache_dtype"] else None
+    folder = cache_features(model, processor, records, script_args.data_root, training_args.feature_cache_dir,
+                            shard_size=int(extra["--shard_size"]), dtype=dtype)
+    print(folder)
+    return 0

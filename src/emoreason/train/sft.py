@@ -1,0 +1,331 @@
+"""Supervised fine-tuning of the dual-encoder audio LLM with TRL's ``SFTTrainer``.
+
+    accelerate launch --config_file accelerate_configs/ddp.yaml -m emoreason.train.sft \\
+        --config recipes/qwen2.5-7b-whisper-wavlm/sft.yaml [--field value ...]
+    emoreason train sft --config recipes/tiny-cpu/sft.yaml [--accelerate-config FILE] [--field value ...]
+
+Command-line flags override the recipe. ``main`` follows the order every method shares: seed, logging, resume, data,
+model, trainer, train, save, card. Rows come from :mod:`emoreason.train.tasks` (one or many tasks, one task per
+batch), batches from :class:`emoreason.data.collators.SFTCollator` (loss on the response only), tower outputs from the
+feature cache when one matches the encoders (:mod:`emoreason.train.feature_cache`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer, TrlParser
+
+from ..data.collators import IGNORE_INDEX, SFTCollator
+from ..data.labels import EMOTIONS
+from .common import EmoReasonModelArguments, EmoReasonScriptArguments, get_model, get_peft_config, get_processor
+from .tasks import TaskAlternatingSampler, build_task_examples, label_only_response, parse_task_specs
+
+logger = logging.getLogger(__name__)
+
+TRAINING_INFO_FILE = "emoreason_training.json"
+
+
+@dataclass
+class EmoReasonSFTConfig(SFTConfig):
+    """TRL's ``SFTConfig`` plus the multitask schedule, the feature cache and audio-specific optimisation knobs."""
+
+    tasks: dict | str | None = field(
+        default=None,
+        metadata={"help": "tasks to train: {name: {weight, records, instructions}} (YAML), a JSON string, or "
+                          "'emotion_label:2,transcription'. Default: emotion_reasoning"},
+    )
+    task_schedule: str = field(default="round_robin", metadata={"help": "round_robin | weighted (one task per batch)"})
+    length_group_size: int = field(
+        default=16, metadata={"help": "batches per mega-batch sorted by clip duration (1: no length grouping)"}
+    )
+    train_split: str = field(default="train", metadata={"help": "records of this split train ('all': every record)"})
+    eval_split: str = field(default="validation", metadata={"help": "records of this split evaluate"})
+    system_prompt: str | None = field(default=None, metadata={"help": "system message prepended to every chat"})
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "folder written by `emoreason cache-features` (frozen encoders only)"}
+    )
+    projector_lr_multiplier: float = field(
+        default=1.0, metadata={"help": "the projector's learning rate is learning_rate times this"}
+    )
+    train_language_model: bool = field(
+        default=True, metadata={"help": "without LoRA: train the LM in full (True) or freeze it (False)"}
+    )
+    label_accuracy_split: str | None = field(
+        default=None,
+        metadata={"help": "after training, score emotion-label accuracy on this split (label log-likelihood "
+                          "comparison), with the audio and with silence; written to all_results.json"},
+    )
+    # Audio batches are built by our collator from raw rows: TRL must neither drop columns nor tokenize.
+    remove_unused_columns: bool = False
+    dataset_kwargs: dict[str, Any] | None = field(default_factory=lambda: {"skip_prepare_dataset": True})
+
+    def __post_init__(self):
+        if isinstance(self.tasks, str) and self.tasks.strip().startswith(("{", "[")):
+            self.tasks = json.loads(self.tasks)
+        self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        self.remove_unused_columns = False
+        if self.task_schedule not in ("round_robin", "weighted"):
+            raise ValueError(f"task_schedule must be round_robin or weighted, got {self.task_schedule!r}")
+        if self.projector_lr_multiplier <= 0:
+            raise ValueError("projector_lr_multiplier must be > 0")
+        super().__post_init__()
+
+
+class EmoReasonSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` with one task per batch (task-alternating, length-grouped sampler) and a projector LR group."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        specs = parse_task_specs(self.args.tasks)
+        return TaskAlternatingSampler(
+            dataset["task"],
+            batch_size=self._train_batch_size,
+            weights={s.name: s.weight for s in specs if s.name in set(dataset["task"])},
+            schedule=self.args.task_schedule,
+            lengths=dataset["duration"] if self.args.length_group_size > 1 else None,
+            length_group_size=self.args.length_group_size,
+            blocks_per_step=self.args.world_size,
+            seed=self.args.seed,
+        )
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        multiplier = self.args.projector_lr_multiplier
+        if multiplier == 1.0 or getattr(self, "_projector_group_done", False):
+            return optimizer
+        opt_model = self.model if model is None else model
+        projector = {id(p) for n, p in opt_model.named_parameters() if ".projector." in f".{n}" and p.requires_grad}
+        new_groups = []
+        for group in optimizer.param_groups:
+            moved = [p for p in group["params"] if id(p) in projector]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in projector]
+                new_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
+                                   "lr": group["lr"] * multiplier})
+        for group in new_groups:
+            optimizer.add_param_group(group)
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        self._projector_group_done = True
+        return optimizer
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def outside_zero3_init():
+    """Build models without DeepSpeed's ``zero.Init`` (it breaks WavLM's weight-norm parametrisation); ZeRO-3 still
+    partitions the finished model when the trainer wraps it."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def _split(name: str) -> str | None:
+    return None if name in ("all", "", None) else name
+
+
+def resolve_checkpoint(training_args) -> str | None:
+    """An explicit ``resume_from_checkpoint`` (a path, or ``true`` for the last one), else the last checkpoint in
+    ``output_dir`` when there is one (a restarted job continues instead of starting over)."""
+    explicit = training_args.resume_from_checkpoint
+    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    if explicit in (None, "", "false", "False"):
+        return last
+    if explicit in ("true", "True", True):
+        if last is None:
+            raise ValueError(f"resume_from_checkpoint=true but {training_args.output_dir} holds no checkpoint")
+        return last
+    return explicit
+
+
+@torch.no_grad()
+def label_accuracy(model, processor, rows: Sequence[dict], data_root: str | Path, labels: Sequence[str] | None = None,
+                   silence: bool = False, batch_size: int = 8, system_prompt: str | None = None) -> dict[str, Any]:
+    """Emotion-label accuracy by constrained comparison: for each row, the summed log-likelihood of every candidate
+    target ``<answer>label</answer><end of turn>`` given the clip and the instruction; the most likely label is the
+    prediction. No sampling, no parsing, so the number measures what the model knows, not its formatting."""
+    labels = list(labels or sorted({r["label"] for r in rows if r.get("label")}))
+    collator = SFTCollator(processor, data_root, system_prompt=system_prompt, silence=silence)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct, predictions = 0, []
+    scored = [r for r in rows if r.get("label") in labels]
+    for start in range(0, len(scored), batch_size):
+        chunk = scored[start : start + batch_size]
+        batch = collator([{**r, "response": label_only_response(lab)} for r in chunk for lab in labels])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        target = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1].float()
+        target = target[:, 1:]
+        mask = target != IGNORE_INDEX
+        logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        scores = (logp * mask).sum(-1).view(len(chunk), len(labels))
+        for row, best in zip(chunk, scores.argmax(-1).tolist()):
+            predictions.append(labels[best])
+            correct += labels[best] == row["label"]
+    model.train(was_training)
+    return {"accuracy": correct / max(1, len(scored)), "n": len(scored), "labels": labels,
+            "predictions": predictions}
+
+
+def _save_training_info(training_args, script_args, model_args, metrics: dict[str, Any], recipe: str | None):
+    info = {
+        "method": "sft",
+        "recipe": recipe,
+        "train_records": script_args.train_records,
+        "data_root": script_args.data_root,
+        "tasks": [s.name for s in parse_task_specs(training_args.tasks)],
+        "task_schedule": training_args.task_schedule,
+        "model": model_args.model_name_or_path or {
+            "content_encoder": model_args.content_encoder,
+            "paralinguistic_encoder": model_args.paralinguistic_encoder,
+            "language_model": model_args.language_model,
+        },
+        "use_peft": model_args.use_peft,
+        "metrics": metrics,
+    }
+    path = Path(training_args.output_dir) / TRAINING_INFO_FILE
+    path.write_text(json.dumps(info, indent=2, default=str))
+    return path
+
+
+# -- main -----------------------------------------------------------------------------------------------------
+def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfig,
+         model_args: EmoReasonModelArguments, recipe: str | None = None) -> dict[str, Any]:
+    # seed, logging
+    set_seed(training_args.seed)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=training_args.get_process_log_level())
+    # resume
+    checkpoint = resolve_checkpoint(training_args)
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
+
+    # data
+    specs = parse_task_specs(training_args.tasks)
+    train_rows = build_task_examples(specs, script_args.train_records, split=_split(training_args.train_split),
+                                     seed=training_args.seed, max_records=script_args.max_train_records)
+    from datasets import Dataset
+
+    train_dataset = Dataset.from_list(train_rows)
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_rows = build_task_examples(specs, script_args.eval_records or script_args.train_records,
+                                        split=None if script_args.eval_records else _split(training_args.eval_split),
+                                        seed=training_args.seed)
+        eval_dataset = Dataset.from_list(eval_rows)
+
+    # model
+    processor = get_processor(model_args)
+    with outside_zero3_init():
+        model = get_model(model_args, processor)
+    if model_args.model_name_or_path:
+        model.config._name_or_path = str(Path(model_args.model_name_or_path).resolve())
+    else:
+        # An adapter must name a base it can be loaded onto: save the freshly assembled model once.
+        base_dir = Path(training_args.output_dir) / "base"
+        if training_args.process_index == 0 and not (base_dir / "config.json").exists():
+            model.save_pretrained(base_dir)
+            processor.save_pretrained(base_dir)
+        model.config._name_or_path = str(base_dir.resolve())
+    if training_args.world_size > 1 and model_args.train_paralinguistic_encoder:
+        # LayerDrop skips different layers on different ranks: DDP then waits for gradients that never come.
+        model.model.paralinguistic_encoder.config.layerdrop = 0.0
+    peft_config = get_peft_config(model_args)
+    if peft_config is None and not training_args.train_language_model:
+        model.model.language_model.requires_grad_(False)
+        model.lm_head.requires_grad_(False)
+
+    feature_cache = None
+    if training_args.feature_cache_dir:
+        from .feature_cache import FeatureCache
+
+        feature_cache = FeatureCache.for_model(training_args.feature_cache_dir, model, processor)
+    collator = SFTCollator(processor, script_args.data_root, max_length=training_args.max_length,
+                           system_prompt=training_args.system_prompt, feature_cache=feature_cache)
+
+    # trainer
+    trainer = EmoReasonSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=processor,
+        peft_config=peft_config,
+    )
+
+    # train
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = dict(result.metrics)
+    metrics["train_examples"] = len(train_dataset)
+    if feature_cache is not None:
+        metrics["feature_cache_hit_batches"] = collator.cache_hits
+        metrics["feature_cache_miss_batches"] = collator.cache_misses
+
+    # evaluation of the label task (optional)
+    if training_args.label_accuracy_split and trainer.accelerator.is_main_process:
+        from ..data.schema import read_records
+        from .tasks import TaskSpec
+
+        records = read_records(script_args.eval_records or script_args.train_records)
+        rows = build_task_examples([TaskSpec("emotion_label")], records,
+                                   split=_split(training_args.label_accuracy_split), seed=training_args.seed)
+        labels = sorted({r["label"] for r in build_task_examples(
+            [TaskSpec("emotion_label")], records, split=None, seed=0)} & set(EMOTIONS))
+        scoring_model = trainer.accelerator.unwrap_model(trainer.model)
+        for name, silence in (("label_accuracy", False), ("label_accuracy_silence", True)):
+            scored = label_accuracy(scoring_model, processor, rows, script_args.data_root, labels, silence=silence,
+                                    system_prompt=training_args.system_prompt)
+            metrics[name] = scored["accuracy"]
+            logger.info("%s on %s (%d clips): %.3f", name, training_args.label_accuracy_split, scored["n"],
+                        scored["accuracy"])
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("all", metrics)
+    trainer.save_state()
+
+    # save
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(training_args.output_dir)
+        _save_training_info(training_args, script_args, model_args, metrics, recipe)
+        # card
+        with contextlib.suppress(Exception):  # the card is a courtesy; never fail a finished run over it
+            trainer.create_model_card(model_name=Path(training_args.output_dir).name,
+                                      dataset_name=script_args.train_records, tags=["emoreason", "audio", "sft"])
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((EmoReasonScriptArguments, EmoReasonSFTConfig, EmoReasonModelArguments))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    recipe = argv[argv.index("--config") + 1] if "--config" in argv else None
+    main(script_args, training_args, model_args, recipe=recipe)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,97 @@
+"""Cached encoder features: same loss as live towers, keyed by an encoder fingerprint, resumable, with fallback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from emoreason.data.collators import SFTCollator
+from emoreason.data.schema import read_records
+from emoreason.modeling import load_pretrained
+from emoreason.train.feature_cache import FeatureCache, cache_features, encoder_fingerprint
+from emoreason.train.tasks import build_task_examples, parse_task_specs
+
+
+@pytest.fixture(scope="module")
+def records(synth_corpus):
+    return read_records(synth_corpus)[:6]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tiny, synth_corpus, records, tmp_path_factory):
+    model, processor = tiny
+    out = tmp_path_factory.mktemp("feature-cache")
+    cache_features(model, processor, records, synth_corpus.parent, out, shard_size=4)
+    return out
+
+
+def test_cached_batches_match_live_towers(tiny, synth_corpus, records, cache_dir):
+    model, processor = tiny
+    cache = FeatureCache.for_model(cache_dir, model, processor)
+    assert len(cache) == len(records)
+    assert len(list(cache.folder.glob("shard-*.safetensors"))) == 2  # 6 clips, 4 per shard
+    rows = build_task_examples(parse_task_specs("emotion_label"), records, split=None)
+    live = SFTCollator(processor, synth_corpus.parent)(rows)
+    collator = SFTCollator(processor, synth_corpus.parent, feature_cache=cache)
+    cached = collator(rows)
+    assert "input_values" not in cached and "content_states" in cached and collator.cache_hits == 1
+    assert torch.equal(live["input_ids"], cached["input_ids"]) and torch.equal(live["labels"], cached["labels"])
+    assert torch.equal(live["input_features_mask"], cached["input_features_mask"])
+    with torch.no_grad():
+        live_out, cached_out = model(**live), model(**cached)
+    # Whisper states are batch-invariant; WavLM group-norm states differ slightly with padding (cache = clip alone).
+    assert torch.allclose(live_out.loss, cached_out.loss, atol=2e-3)
+    single = SFTCollator(processor, synth_corpus.parent)(rows[:1])
+    with torch.no_grad():
+        assert torch.allclose(model(**single).loss, model(**SFTCollator(
+            processor, synth_corpus.parent, feature_cache=cache)(rows[:1])).loss, atol=1e-5)
+
+
+def test_a_missing_clip_falls_back_to_live_audio(tiny, synth_corpus, records, cache_dir):
+    model, processor = tiny
+    cache = FeatureCache.for_model(cache_dir, model, processor)
+    extra = read_records(synth_corpus)[10]
+    rows = build_task_examples(parse_task_specs("emotion_label"), [records[0], extra], split=None)
+    collator = SFTCollator(processor, synth_corpus.parent, feature_cache=cache)
+    batch = collator(rows)
+    assert "input_values" in batch and "content_states" not in batch
+    assert collator.cache_misses == 1
+
+
+def test_changing_an_encoder_invalidates_the_cache(tiny_model_dir, synth_corpus, records, cache_dir):
+    model, processor = load_pretrained(tiny_model_dir)
+    before = encoder_fingerprint(model, processor)
+    assert FeatureCache.for_model(cache_dir, model, processor).index  # same encoders: the cache is found
+    with torch.no_grad():
+        model.model.paralinguistic_encoder.encoder.layers[0].attention.q_proj.weight.add_(1e-3)
+    after = encoder_fingerprint(model, processor)
+    assert after != before
+    stale = FeatureCache.for_model(cache_dir, model, processor)
+    assert len(stale) == 0  # nothing read from the old encoder's folder
+    # a change outside the towers (projector, LM) keeps the fingerprint
+    model2, _ = load_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model2.model.projector.linear_1.weight.add_(1.0)
+    assert encoder_fingerprint(model2, processor) == before
+
+
+def test_caching_resumes_without_recomputing(tiny, synth_corpus, records, tmp_path):
+    model, processor = tiny
+    folder = cache_features(model, processor, records[:3], synth_corpus.parent, tmp_path, shard_size=2)
+    first = json.loads((folder / "index.json").read_text())
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*")}
+    cache_features(model, processor, records, synth_corpus.parent, tmp_path, shard_size=2)
+    index = json.loads((folder / "index.json").read_text())
+    assert set(index) == {r.id for r in records}
+    assert all(index[k] == v for k, v in first.items())
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in folder.glob("shard-*") if p.name in stamps)
+
+
+def test_trainable_encoders_refuse_the_cache(tiny_model_dir, cache_dir):
+    model, processor = load_pretrained(tiny_model_dir)
+    model.config.train_paralinguistic_encoder = True
+    model.model.config.train_paralinguistic_encoder = True
+    with pytest.raises(ValueError, match="trainable"):
+        FeatureCache.for_model(cache_dir, model, processor)
