@@ -254,4 +254,28 @@ def test_judge_scores_groundedness(tmp_path, corpus):
         report = run_suite(suite, server.url + "/v1", "m", tmp_path / "out", progress=False, limit=3)
     assert report["strategies"]["cot_greedy"]["metrics"]["judge"] == {"groundedness": 0.75, "scored": 3,
                                                                       "unreadable": 0}
-    assert judge_app.state.hits == 3
+    # Identical judge requests (same transcript and rationale) are asked once.
+    assert judge_app.state.hits == len({(r.transcript, r.label) for r in records[:3]})
+
+
+def test_identical_requests_in_flight_are_sent_once(tmp_path, corpus):
+    import asyncio
+
+    from emoreason.eval.client import EndpointClient, ResponseCache
+
+    app = create_scripted_app(lambda body: ["<answer>sad</answer>"], model="m", delay_s=0.2)
+    request = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.0, "max_tokens": 4}
+
+    async def run(url):
+        client = EndpointClient(url, "m", cache=ResponseCache(tmp_path / "cache.sqlite"))
+        try:
+            first = await asyncio.gather(*(client.chat(**request) for _ in range(3)))
+            again = await client.chat(**request)
+            return first, again, client.stats
+        finally:
+            await client.close()
+
+    with BackgroundServer(app) as server:
+        first, again, stats = asyncio.run(run(server.url + "/v1"))
+    assert app.state.hits == 1 and stats["shared"] == 2 and stats["cache_hits"] == 1
+    assert all(r["choices"][0]["message"]["content"] == "<answer>sad</answer>" for r in first + [again])

@@ -90,7 +90,8 @@ class EndpointClient:
         # Our own retry loop (not the client's) so that retries are counted and their backoff is ours.
         self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout,
                                           max_retries=0)
-        self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "failures": 0}
+        self.stats = {"requests": 0, "cache_hits": 0, "shared": 0, "retries": 0, "failures": 0}
+        self._inflight: dict[str, asyncio.Future] = {}
 
     async def close(self) -> None:
         await self._client.close()
@@ -99,6 +100,8 @@ class EndpointClient:
         """POST /chat/completions with ``request`` (messages, n, temperature, ...); returns the response as a dict.
 
         Non-OpenAI fields (``continue_final_message``...) go in ``extra_body``, as the ``openai`` client expects.
+        Identical requests in flight at the same time (e.g. the first turn of ``cot_greedy`` and ``self_refine``)
+        are sent once.
         """
         key = request_key(self.model, request)
         if self.cache is not None:
@@ -106,6 +109,25 @@ class EndpointClient:
             if cached is not None:
                 self.stats["cache_hits"] += 1
                 return cached
+        if key in self._inflight:
+            self.stats["shared"] += 1
+            return await asyncio.shield(self._inflight[key])
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            response = await self._send(dict(request))
+        except BaseException as err:
+            future.set_exception(err)
+            future.exception()  # retrieved here, so an unshared failure does not warn at garbage collection
+            raise
+        finally:
+            del self._inflight[key]
+        future.set_result(response)
+        if self.cache is not None:
+            self.cache.put(key, response)
+        return response
+
+    async def _send(self, request: dict[str, Any]) -> dict:
         extra_body = request.pop("extra_body", None)
         attempt = 0
         while True:
@@ -133,6 +155,4 @@ class EndpointClient:
         if not response.get("choices"):
             self.stats["failures"] += 1
             raise RequestFailed("the endpoint answered without choices", attempt)
-        if self.cache is not None:
-            self.cache.put(key, response)
         return response
