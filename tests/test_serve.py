@@ -262,6 +262,18 @@ def test_vllm_backend_is_delegated_lazily(monkeypatch, tiny_model_dir):
     assert seen["args"].served_model_name == Path(tiny_model_dir).resolve().name
 
 
+def test_vllm_flags_reach_the_real_launcher(tiny_model_dir, capsys):
+    """`emoreason serve --backend vllm --dry-run` parses the vLLM flags and prints the `vllm serve` command."""
+    pytest.importorskip("emoreason.serve.vllm_launcher")
+    from emoreason.serve import cli
+
+    code = cli.main(["--model", str(tiny_model_dir), "--backend", "vllm", "--dry-run", "--vllm-bin", "/bin/true",
+                     "--served-model-name", "tiny", "--port", "8123", "--tensor-parallel-size", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "serve" in printed and "--tensor-parallel-size 2" in printed
+    assert "--port 8123" in printed and "--served-model-name tiny" in printed and "--host 127.0.0.1" in printed
+
+
 def test_evaluator_against_the_builtin_server(server, synth_corpus, tmp_path):
     """The demo's path: a suite run against the real server (tiny model), strategies that need n, logprobs and
     continue_final_message included; the gibberish answers are invalid but every item is accounted for."""

@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads for generation (default: torch's, one per core); 1 is much faster "
                         "on a CPU other jobs share")
     parser.add_argument("--log-level", default="info")
+    try:  # the vLLM backend's own flags; its module is stdlib-only (vLLM runs as a child process)
+        from .vllm_launcher import add_vllm_arguments
+    except ImportError:
+        pass
+    else:
+        add_vllm_arguments(parser)
     return parser
 
 
