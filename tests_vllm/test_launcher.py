@@ -170,3 +170,44 @@ def test_smoke_script_catches_a_broken_server(tiny_checkpoint, tmp_path, fault, 
     finally:
         stub.terminate()
         stub.wait(timeout=60)
+
+
+def test_dry_run_prints_the_command_and_starts_nothing(tiny_checkpoint, tmp_path, capsys):
+    from emoreason.serve.vllm_launcher import launch
+
+    marker = tmp_path / "started"
+    args = launcher_args(tiny_checkpoint, dry_run=True, vllm_bin=str(fake_vllm(tmp_path, f"touch {marker}")))
+    assert launch(args) == 0
+    assert f"serve {tiny_checkpoint}" in capsys.readouterr().out and not marker.exists()
+
+
+def docs_vllm_serve_line() -> str:
+    lines = [line for line in (REPO / "docs" / "vllm.md").read_text().splitlines() if line.startswith("vllm serve ")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_docs_command_is_what_the_launcher_prints(tmp_path, monkeypatch):
+    import shlex
+
+    from emoreason.serve.vllm_launcher import build_vllm_command
+
+    checkpoint = tmp_path / "runs" / "sft" / "merged"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "chat_template.jinja").write_text("{{ messages }}")
+    monkeypatch.chdir(tmp_path)
+    assert shlex.join(build_vllm_command(launcher_args(Path("runs/sft/merged")))) == docs_vllm_serve_line()
+
+
+@needs_vllm
+def test_docs_command_is_accepted_by_vllm_serve():
+    import shlex
+
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="vllm")
+    ServeSubcommand().subparser_init(parser.add_subparsers(dest="subparser"))
+    parsed = parser.parse_args(shlex.split(docs_vllm_serve_line())[1:])
+    assert parsed.model_tag == "runs/sft/merged" and parsed.limit_mm_per_prompt == {"audio": 1}
