@@ -38,6 +38,39 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# -- vLLM serving tests (docs/vllm.md) -------------------------------------------------------------------------
+# vLLM pins an older transformers than training, so it gets its own environment. CPU-level tests need vLLM's Python
+# code, not its ~6 GB of CUDA kernels: vllm goes in --no-deps, then its requirements minus the GPU-only ones
+# (tests_vllm/cpu_requirements.py). GPU machines install requirements-vllm.txt in full instead.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
+VLLM_PLUGIN_STAMP := $(VLLM_VENV)/.emoreason-plugin-installed
+VLLM_TINY := runs/vllm-tiny
+
+$(VLLM_STAMP): requirements-vllm.txt tests_vllm/cpu_requirements.py
+	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip packaging
+	$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(VLLM_PY) -m pip install -q --no-deps -r requirements-vllm.txt
+	$(VLLM_PY) tests_vllm/cpu_requirements.py > $(VLLM_VENV)/cpu-requirements.txt
+	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/cpu-requirements.txt pytest pytest-timeout
+	@touch $@
+
+# The plugin goes in without its dependencies, so nothing can move vLLM's pins.
+$(VLLM_PLUGIN_STAMP): $(VLLM_STAMP) pyproject.toml
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	@touch $@
+
+# The tiny checkpoint is written by the training environment, as real checkpoints are.
+$(VLLM_TINY)/config.json: $(STAMP) $(wildcard src/emoreason/modeling/*.py) src/emoreason/testing/tiny.py
+	rm -rf $(VLLM_TINY)
+	$(PY) -m emoreason.cli make-tiny $(VLLM_TINY) > /dev/null
+
+test-vllm: $(VLLM_PLUGIN_STAMP) $(VLLM_TINY)/config.json
+	EMOREASON_VLLM_TINY=$(VLLM_TINY) $(VLLM_PY) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
+	  tests_vllm $(PYTEST_ARGS)
+
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
