@@ -154,3 +154,51 @@ def test_audio_reaches_generation_and_the_grpo_loss(tiny_model_dir, rl_records, 
     text_only = {k: v for k, v in batch.items() if not k.startswith("input_")}
     with pytest.raises(MissingAudioError):
         trainer._compute_loss(model, text_only)
+
+
+# -- the entry point under accelerate launch (2 CPU processes; DeepSpeed ZeRO-2 on CPU) -------------------------------
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_CONFIGS = {"ddp": "accelerate_configs/cpu_2proc.yaml", "zero2": "accelerate_configs/cpu_zero2.yaml"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(method: str, launch_config: str, overrides: list[str], timeout: int = 600) -> None:
+    """`accelerate launch --config_file <launch_config> -m emoreason.train.<method> --config recipes/tiny-cpu/...`
+    with overrides, the way the README and the demo run it; fails with the tail of its output."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / "emoreason-torch-extensions"))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / launch_config),
+           "--main_process_port", str(free_port()), "-m", f"emoreason.train.{method}",
+           "--config", str(REPO / f"recipes/tiny-cpu/{method}.yaml"), *overrides]
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch_config", sorted(LAUNCH_CONFIGS))
+def test_grpo_entry_point_under_accelerate_launch(launch_config, tiny_model_dir, rl_records, tmp_path):
+    import json
+
+    records_file, _, data_root = rl_records
+    out = tmp_path / "grpo"
+    launch("grpo", LAUNCH_CONFIGS[launch_config], [
+        "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--train_records", str(records_file),
+        "--data_root", str(data_root), "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--num_generations", "4", "--max_completion_length", "8", "--save_strategy", "no", "--max_train_records", "8",
+    ])
+    assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "reward" in h] == [1, 2]
+    assert all("rewards/cue_grounding/mean" in h and "reasoning/trust" in h for h in history if "reward" in h)
