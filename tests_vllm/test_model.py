@@ -104,3 +104,49 @@ def test_prompt_embeddings_equal_the_training_merge(loaded_vllm_model, mm_proces
         text = hf_model.get_input_embeddings()(batch["input_ids"])
         reference = hf_model.model.merge_audio(batch["input_ids"], text, audio, tokens)[0]
     torch.testing.assert_close(embeds, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_adapter_names_land_on_language_model_layers(vllm_model, tmp_path):
+    """An adapter as emoreason.modeling.lora makes it (its default targets, all under model.language_model) in the
+    format PEFT saves it (peft is not in vLLM's environment, so the files are written here), loads through vLLM's
+    LoRA loader onto the vLLM language model's (fused) projections."""
+    import json
+
+    from safetensors.torch import save_file
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.lora.utils import get_supported_lora_modules
+
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # lora.DEFAULT_TARGETS
+
+    model, vllm_config = vllm_model
+    text = vllm_config.model_config.hf_config.text_config
+    kv = text.num_key_value_heads * text.hidden_size // text.num_attention_heads
+    shapes = {"self_attn.q_proj": (text.hidden_size, text.hidden_size), "self_attn.k_proj": (kv, text.hidden_size),
+              "self_attn.v_proj": (kv, text.hidden_size), "self_attn.o_proj": (text.hidden_size, text.hidden_size),
+              "mlp.gate_proj": (text.intermediate_size, text.hidden_size),
+              "mlp.up_proj": (text.intermediate_size, text.hidden_size),
+              "mlp.down_proj": (text.hidden_size, text.intermediate_size)}
+    rank, tensors = 4, {}
+    for layer in range(text.num_hidden_layers):
+        for module, (out_features, in_features) in shapes.items():
+            key = f"base_model.model.model.language_model.layers.{layer}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "bias": "none",
+        "target_modules": r"model\.language_model\..*\.(" + "|".join(targets) + ")", "modules_to_save": None}))
+
+    expected = {name for module in get_supported_lora_modules(model)
+                for name in model.packed_modules_mapping.get(module, [module])}
+    assert set(targets) <= expected
+    lora = LoRAModel.from_local_checkpoint(
+        str(tmp_path), expected, PEFTHelper.from_local_dir(str(tmp_path), text.max_position_embeddings),
+        device="cpu", weights_mapper=model.hf_to_vllm_mapper.get_rename_mapper())
+    assert len(lora.loras) == text.num_hidden_layers * len(shapes)
+    modules = dict(model.named_modules())
+    fused = {name: packed for packed, names in model.packed_modules_mapping.items() for name in names}
+    for name in lora.loras:
+        parent, leaf = name.rsplit(".", 1)
+        assert parent.startswith("language_model.model.layers.") and f"{parent}.{fused.get(leaf, leaf)}" in modules
