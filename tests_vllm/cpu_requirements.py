@@ -1,9 +1,9 @@
 """Print vLLM's own requirements minus its GPU-only ones: what the CPU-level tests need (`make test-vllm`).
 
 vLLM's wheel pulls ~6 GB of CUDA kernels and libraries (flashinfer, cutlass, cuDNN frontends, CUDA builds of
-torchvision/torchaudio/torchcodec) that cannot load next to CPU torch and that nothing in tests_vllm/ touches. Installing
-``vllm --no-deps`` plus this list gives the same vLLM Python code in a fraction of the time. GPU machines install
-requirements-vllm.txt in full instead (docs/vllm.md).
+torchvision/torchaudio/torchcodec) that cannot load next to CPU torch and that nothing in tests_vllm/ touches.
+Installing ``vllm --no-deps`` plus this list gives the same vLLM Python code in a fraction of the time. GPU machines
+install requirements-vllm.txt in full instead (docs/vllm.md).
 
 Usage: python tests_vllm/cpu_requirements.py > reqs.txt   (run in the environment where vllm is installed --no-deps)
 """

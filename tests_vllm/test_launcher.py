@@ -158,7 +158,8 @@ def test_launcher_waits_for_health_then_smoke_test_passes(tiny_checkpoint, tmp_p
 def test_smoke_script_catches_a_broken_server(tiny_checkpoint, tmp_path, fault, check):
     port = free_port()
     stub = subprocess.Popen([sys.executable, str(STUB), "serve", str(tiny_checkpoint), "--port", str(port)],
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "EMOREASON_STUB_FAULT": fault, "EMOREASON_STUB_VALIDATE": "0"})
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "EMOREASON_STUB_FAULT": fault, "EMOREASON_STUB_VALIDATE": "0"})
     try:
         assert "stub serving" in stub.stdout.readline()
         smoke = subprocess.run(

@@ -90,13 +90,14 @@ def test_prompt_embeddings_equal_the_training_merge(loaded_vllm_model, mm_proces
     model, _ = loaded_vllm_model
     hf_model, processor = hf_model_and_processor
     wav = (0.1 * np.random.default_rng(8).standard_normal(24_000)).astype(np.float32)
-    ids = mm_processor.info.get_tokenizer().encode("<|im_start|>user\n<audio>\nWhy?<|im_end|>", add_special_tokens=False)
+    prompt = "<|im_start|>user\n<audio>\nWhy?<|im_end|>"
+    ids = mm_processor.info.get_tokenizer().encode(prompt, add_special_tokens=False)
     out = mm_processor(ids, mm_processor.info.parse_mm_data({"audio": [(wav, 16_000)]}))
     input_ids = torch.tensor(out["prompt_token_ids"])
     is_audio = input_ids == model.config.audio_token_id
     embeds = model.embed_input_ids(input_ids, model.embed_multimodal(**out["mm_kwargs"].get_data()),
                                    is_multimodal=is_audio)
-    batch = processor(text="<|im_start|>user\n<audio>\nWhy?<|im_end|>", audio=wav)
+    batch = processor(text=prompt, audio=wav)
     assert batch["input_ids"][0].tolist() == input_ids.tolist()
     with torch.no_grad():
         audio, tokens = hf_model.model.get_audio_features(batch["input_features"], batch["input_features_mask"],

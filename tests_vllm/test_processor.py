@@ -104,3 +104,12 @@ def test_chat_messages_render_like_our_processor(model_config, mm_processor, hf_
                                         add_generation_prompt=True)
     assert rendered == processor.apply_chat_template(messages, add_generation_prompt=True)
     assert rendered.count("<audio>") == 1 and len(mm_data["audio"]) == 1
+
+
+def test_unusable_audio_is_refused_with_the_reason(mm_processor):
+    from emoreason.data.audio import AudioError
+
+    ids = mm_processor.info.get_tokenizer().encode("<audio>", add_special_tokens=False)
+    broken = np.full(16_000, np.nan, dtype=np.float32)
+    with pytest.raises(AudioError, match="NaN"):
+        mm_processor(ids, mm_processor.info.parse_mm_data({"audio": [(broken, 16_000)]}))

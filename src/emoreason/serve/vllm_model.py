@@ -48,7 +48,7 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
-from emoreason.modeling.audio_tokens import MIN_SAMPLES, SAMPLE_RATE, max_samples_for, num_audio_tokens
+from emoreason.modeling.audio_tokens import SAMPLE_RATE, max_samples_for, num_audio_tokens
 from emoreason.modeling.configuration_emoreason import EmoReasonConfig
 from emoreason.modeling.modeling_emoreason import EmoReasonModel, EmoReasonProjector
 from emoreason.modeling.processing_emoreason import AUDIO_TOKEN, EmoReasonProcessor
@@ -119,18 +119,12 @@ class EmoReasonDummyInputsBuilder(BaseDummyInputsBuilder[EmoReasonProcessingInfo
         }
 
 
-def clip_for_model(audio: np.ndarray, max_samples: int) -> np.ndarray:
-    """The clip the model encodes: mono float32, cut to the encoder's window, padded to the minimum length."""
-    wav = np.asarray(audio, dtype=np.float32).reshape(-1)[:max_samples]
-    if wav.shape[0] < MIN_SAMPLES:
-        wav = np.pad(wav, (0, MIN_SAMPLES - wav.shape[0]))
-    return wav
-
-
 class EmoReasonMultiModalProcessor(BaseMultiModalProcessor[EmoReasonProcessingInfo]):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         processor = self.info.get_hf_processor()
-        clips = [clip_for_model(a, self.info.max_audio_samples) for a in hf_data.get("audio", [])]
+        # processor.load: the clip as training saw it (cut to the encoder window, padded to the minimum length, and
+        # refused with a reason if it holds NaN/inf or nothing at all).
+        clips = [processor.load(np.asarray(audio, dtype=np.float32), SAMPLE_RATE) for audio in hf_data.get("audio", [])]
         per_clip = [processor.audio_features([clip]) for clip in clips]
         # Lists of unpadded per-clip tensors (vLLM's batched fields accept ragged lists).
         return BatchFeature({key: [features[key][0] for features in per_clip] for key in AUDIO_FIELDS})
@@ -333,5 +327,4 @@ __all__ = [
     "EmoReasonProcessingInfo",
     "UnmergedAdapterError",
     "checkpoint_key_mapper",
-    "clip_for_model",
 ]
