@@ -212,3 +212,13 @@ def test_docs_command_is_accepted_by_vllm_serve():
     ServeSubcommand().subparser_init(parser.add_subparsers(dest="subparser"))
     parsed = parser.parse_args(shlex.split(docs_vllm_serve_line())[1:])
     assert parsed.model_tag == "runs/sft/merged" and parsed.limit_mm_per_prompt == {"audio": 1}
+
+
+def test_api_key_travels_in_the_environment_not_the_command(tiny_checkpoint, monkeypatch):
+    from emoreason.serve.vllm_launcher import build_vllm_command, vllm_environment
+
+    monkeypatch.setenv("VLLM_PLUGINS", "other")
+    args = launcher_args(tiny_checkpoint, api_key="s3cret")
+    assert not any("s3cret" in part for part in build_vllm_command(args))
+    env = vllm_environment(args)
+    assert env["VLLM_API_KEY"] == "s3cret" and env["VLLM_PLUGINS"] == "other,emoreason"
