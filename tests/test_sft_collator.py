@@ -48,12 +48,13 @@ def test_max_length_cuts_the_response_never_the_prompt(tiny, synth_corpus, rows)
         SFTCollator(processor, synth_corpus.parent, max_length=prompt_len - 1)(rows[:1])
 
 
-def test_silence_keeps_lengths_and_zeroes_audio(tiny, synth_corpus, rows):
+def test_silence_has_one_fixed_length_and_no_signal(tiny, synth_corpus, rows):
     _, processor = tiny
-    live = SFTCollator(processor, synth_corpus.parent)(rows[:2])
-    silent = SFTCollator(processor, synth_corpus.parent, silence=True)(rows[:2])
-    assert torch.equal(live["input_ids"], silent["input_ids"])
+    silent = SFTCollator(processor, synth_corpus.parent, silence_seconds=1.5)(rows[:2])
     assert silent["input_values"].abs().max() == 0
+    assert silent["input_values_mask"].sum(-1).tolist() == [24000, 24000]  # duration no longer tells the clip apart
+    tokens = (silent["input_ids"] == processor.audio_token_id).sum(-1)
+    assert tokens[0] == tokens[1] == processor.num_audio_tokens(24000)
 
 
 def test_audio_paths_stay_under_the_data_root(tiny, synth_corpus, rows):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..modeling.audio_tokens import HOP_LENGTH
+from .audio import TARGET_SAMPLE_RATE
 from .schema import resolve_under_root
 
 logger = logging.getLogger(__name__)
@@ -54,18 +55,21 @@ class SFTCollator:
 
     ``max_length`` truncates the response, never the prompt: a prompt (with its audio tokens) longer than
     ``max_length`` is an error naming the row, because cutting audio tokens would desynchronise them from the clip.
-    ``silence=True`` replaces every clip by zeros of the same length (the no-audio control of the learning test).
+    ``silence_seconds`` replaces every clip by that many seconds of zeros (the no-audio control of the learning
+    test). The length is fixed on purpose: silence as long as the clip would still tell the model the clip's duration
+    (through its number of audio tokens), and duration alone predicts the speaking rate, hence the emotion, in part.
     """
 
     def __init__(self, processor, data_root: str | Path = ".", max_length: int | None = None,
-                 system_prompt: str | None = None, feature_cache: FeatureLookup | None = None, silence: bool = False):
+                 system_prompt: str | None = None, feature_cache: FeatureLookup | None = None,
+                 silence_seconds: float | None = None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.data_root = Path(data_root)
         self.max_length = max_length
         self.system_prompt = system_prompt
         self.feature_cache = feature_cache
-        self.silence = silence
+        self.silence_seconds = silence_seconds
         self.cache_hits = 0
         self.cache_misses = 0
         if self.tokenizer.pad_token_id is None:
@@ -88,12 +92,13 @@ class SFTCollator:
     # -- audio ------------------------------------------------------------------------------------------------
     def load_clip(self, example: Mapping[str, Any]) -> np.ndarray:
         path = resolve_under_root(example["audio"], self.data_root, record=example.get("clip_id") or example.get("id"))
-        wav = self.processor.load(str(path))
-        return np.zeros_like(wav) if self.silence else wav
+        if self.silence_seconds is not None:
+            return self.processor.load(np.zeros(int(self.silence_seconds * TARGET_SAMPLE_RATE), dtype=np.float32))
+        return self.processor.load(str(path))
 
     def audio_inputs(self, examples: Sequence[Mapping[str, Any]]) -> tuple[list[int], dict[str, torch.Tensor]]:
         """Samples per clip and the audio part of the batch (cached tower states when every clip is cached)."""
-        if self.feature_cache is not None and not self.silence:
+        if self.feature_cache is not None and self.silence_seconds is None:
             cached = self.feature_cache.lookup([e.get("clip_id") or e["id"] for e in examples])
             if cached is not None:
                 self.cache_hits += 1

@@ -159,9 +159,13 @@ def label_accuracy(model, processor, rows: Sequence[dict], data_root: str | Path
                    silence: bool = False, batch_size: int = 8, system_prompt: str | None = None) -> dict[str, Any]:
     """Emotion-label accuracy by constrained comparison: for each row, the summed log-likelihood of every candidate
     target ``<answer>label</answer><end of turn>`` given the clip and the instruction; the most likely label is the
-    prediction. No sampling, no parsing, so the number measures what the model knows, not its formatting."""
+    prediction. No sampling, no parsing, so the number measures what the model knows, not its formatting.
+
+    ``silence=True`` replaces every clip by silence of one fixed length (the rows' mean duration), the no-audio
+    control: nothing about the clip, not even its duration, reaches the model."""
     labels = list(labels or sorted({r["label"] for r in rows if r.get("label")}))
-    collator = SFTCollator(processor, data_root, system_prompt=system_prompt, silence=silence)
+    silence_seconds = sum(r["duration"] for r in rows) / max(1, len(rows)) if silence else None
+    collator = SFTCollator(processor, data_root, system_prompt=system_prompt, silence_seconds=silence_seconds)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -276,6 +280,7 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(result.metrics)
     metrics["train_examples"] = len(train_dataset)
+    metrics["world_size"] = training_args.world_size
     if feature_cache is not None:
         metrics["feature_cache_hit_batches"] = collator.cache_hits
         metrics["feature_cache_miss_batches"] = collator.cache_misses
