@@ -230,3 +230,22 @@ def test_config_rejects_bad_settings(tiny_model_dir):
         EmoReasonConfig(**{**config, "fusion": "average"})
     with pytest.raises(ValueError, match="stack_factor"):
         EmoReasonConfig(**{**config, "stack_factor": 0})
+
+
+def test_paralinguistic_tower_is_batch_invariant(tiny):
+    """Group-norm SSL encoders normalise over time: padding must not leak into a clip's states."""
+    model, processor = tiny
+    assert model.config.paralinguistic_config.feat_extract_norm == "group"
+    short, long_ = tone(0.9), tone(2.6, freq=300)
+    together = processor(prompt(processor, 2), [short, long_])
+    alone = processor(prompt(processor, 1), [short])
+    mm = model.model
+    with torch.no_grad():
+        a, la = mm.encode_paralinguistic(together["input_values"], together["input_values_mask"])
+        b, lb = mm.encode_paralinguistic(alone["input_values"], alone["input_values_mask"])
+        n = int(lb[0])
+        assert int(la[0]) == n
+        assert torch.allclose(a[:, 0, :n], b[:, 0, :n], atol=1e-4)
+        batched = model(**together).logits[0, : alone["input_ids"].shape[1]]
+        single = model(**alone).logits[0]
+    assert torch.allclose(batched, single, atol=1e-4)

@@ -12,6 +12,7 @@ function the processor uses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -45,6 +46,39 @@ class EmoReasonCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     audio_hidden_states: torch.FloatTensor | None = None
+
+
+@contextlib.contextmanager
+def _record_layer_states(layers: nn.ModuleList):
+    """Record the input of the first transformer layer and every layer's output (layers + 1 states, the layout of
+    ``output_hidden_states``) with hooks, so the encoder can be driven from precomputed conv features. A layer skipped
+    by LayerDrop passes its input through, as skipping means."""
+    inputs: list[torch.Tensor] = []
+    outputs: dict[int, torch.Tensor] = {}
+
+    def first_input(module, args, kwargs):
+        inputs.append(args[0] if args else kwargs["hidden_states"])
+
+    def output_of(index):
+        def hook(module, args, output):
+            outputs[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
+    handles += [layer.register_forward_hook(output_of(i)) for i, layer in enumerate(layers)]
+
+    def collect(fallback: torch.Tensor) -> list[torch.Tensor]:
+        states = [inputs[0] if inputs else fallback]
+        for i in range(len(layers)):
+            states.append(outputs.get(i, states[-1]))
+        return states
+
+    try:
+        yield collect
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class EmoReasonProjector(nn.Module):
@@ -200,26 +234,34 @@ class EmoReasonModel(EmoReasonPreTrainedModel):
     def encode_paralinguistic(
         self, input_values: torch.Tensor, input_values_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns hidden states ((layers, B, L, D) when layer-weighted, else (B, L, D)) and frame lengths (B,)."""
+        """Returns hidden states ((layers, B, L, D) when layer-weighted, else (B, L, D)) and frame lengths (B,).
+
+        A clip's states do not depend on what it is batched with: group-norm feature encoders (wavlm-base,
+        hubert-base: normalised over time) see each clip at its own length, and the transformer masks padded frames.
+        """
         enc = self.paralinguistic_encoder
         values = input_values.to(next(enc.parameters()).dtype)
         if input_values_mask is None:
             input_values_mask = torch.ones(values.shape, dtype=torch.long, device=values.device)
         sample_lengths = input_values_mask.sum(-1)
         values = values[:, : int(sample_lengths.max())]
-        # Group-norm feature extractors (wavlm-base, hubert-base) were trained on unmasked, zero-padded input;
-        # layer-norm ones (the large models) expect the mask. Same convention as their feature extractors.
-        use_mask = getattr(self.config.paralinguistic_config, "feat_extract_norm", "layer") == "layer"
-        outputs = enc(
-            values,
-            attention_mask=input_values_mask[:, : values.shape[1]] if use_mask else None,
-            output_hidden_states=self.config.paralinguistic_weighted_layers,
-            return_dict=True,
-        )
-        if self.config.paralinguistic_weighted_layers:
-            states = torch.stack(outputs.hidden_states, dim=0)
+        mask = input_values_mask[:, : values.shape[1]]
+        group_norm = getattr(self.config.paralinguistic_config, "feat_extract_norm", "layer") == "group"
+        if group_norm and bool((sample_lengths != sample_lengths[0]).any()):
+            features = [enc.feature_extractor(values[i : i + 1, : int(n)]) for i, n in enumerate(sample_lengths)]
+            longest = max(f.shape[-1] for f in features)
+            extract = torch.cat([nn.functional.pad(f, (0, longest - f.shape[-1])) for f in features]).transpose(1, 2)
         else:
-            states = outputs.last_hidden_state
+            extract = enc.feature_extractor(values).transpose(1, 2)
+        frame_mask = enc._get_feature_vector_attention_mask(extract.shape[1], mask, add_adapter=False)
+        projected = enc.feature_projection(extract)
+        hidden = projected[0] if isinstance(projected, tuple) else projected
+        if self.config.paralinguistic_weighted_layers:
+            with _record_layer_states(enc.encoder.layers) as layer_states:
+                last = enc.encoder(hidden, attention_mask=frame_mask).last_hidden_state
+            states = torch.stack(layer_states(fallback=last), dim=0)
+        else:
+            states = enc.encoder(hidden, attention_mask=frame_mask).last_hidden_state
         frame_lengths = enc._get_feat_extract_output_lengths(sample_lengths).long().clamp(min=1)
         return states, frame_lengths
 
