@@ -103,7 +103,16 @@ class AudioGRPOTrainer(GRPOTrainer):
         clips = [clip for prompt in prompts for clip in prompt_audio(prompt)]
         texts = self.processing_class.apply_chat_template(prompts, add_generation_prompt=True,
                                                           **self.chat_template_kwargs)
-        encoded = self.processing_class(text=texts, audio=[self.processing_class.load(c) for c in clips] or None)
+        loaded: dict[str, Any] = {}  # GRPO repeats each prompt num_generations times: decode each file once
+        waveforms = []
+        for clip in clips:
+            if not isinstance(clip, str):
+                waveforms.append(self.processing_class.load(clip))
+                continue
+            if clip not in loaded:
+                loaded[clip] = self.processing_class.load(clip)
+            waveforms.append(loaded[clip])
+        encoded = self.processing_class(text=texts, audio=waveforms or None)
         prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
         audio = {k: encoded[k] for k in AUDIO_KEYS if k in encoded}
         if audio and audio["input_features"].shape[0] != len(prompts):
