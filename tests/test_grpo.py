@@ -284,3 +284,31 @@ def test_grpo_raises_the_mean_reward(tiny_model_dir, rl_records, tmp_path):
           f"completion length {before['eval_completions/mean_length']:.1f} -> "
           f"{after['eval_completions/mean_length']:.1f})")
     assert after["eval_reward"] > before["eval_reward"] + 0.2
+
+
+def test_grpo_starts_from_an_sft_adapter_with_the_adapter_as_reference(tiny_model_dir, rl_records, tmp_path):
+    """Real recipes start from a LoRA adapter folder: it loads onto its base, keeps training, and the KL reference is
+    the adapter's frozen copy (no second model)."""
+    from emoreason.modeling import load_pretrained
+    from emoreason.modeling.lora import apply_lora
+    from emoreason.train.common import EmoReasonModelArguments, get_model, get_processor
+    from emoreason.train.grpo import EmoReasonGRPOConfig, load_examples
+    from emoreason.train.grpo_trainer import AudioGRPOTrainer
+    from emoreason.train.rewards import get_reward_funcs
+
+    records_file, _, data_root = rl_records
+    base, _ = load_pretrained(tiny_model_dir)
+    apply_lora(base, r=4, alpha=8).save_pretrained(tmp_path / "adapter")
+    model_args = EmoReasonModelArguments(model_name_or_path=str(tmp_path / "adapter"))
+    model, processor = get_model(model_args), get_processor(model_args)
+    rows = load_examples(str(records_file), str(data_root), "train", max_records=2)
+    args = EmoReasonGRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2,
+                               max_completion_length=8, max_steps=1, report_to="none", use_cpu=True, bf16=False,
+                               save_strategy="no", beta=0.04, reward_funcs=["format", "accuracy"])
+    trainer = AudioGRPOTrainer(model=model, reward_funcs=get_reward_funcs(args.reward_funcs), args=args,
+                               train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
+    assert trainer.ref_model is None and "ref" in model.peft_config  # TRL's frozen copy of the SFT adapter
+    assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    trainer.train()
+    # The reference pass ran (KL logged) through the adapter's frozen copy, equal to the policy at the start.
+    assert [h["kl"] for h in trainer.state.log_history if "kl" in h] == [0.0]
