@@ -30,7 +30,7 @@ def _overrides(tiny_model_dir, synth_corpus, out: Path, steps: int) -> list[str]
     return ["--config", str(RECIPE), "--model_name_or_path", str(tiny_model_dir), "--train_records", str(synth_corpus),
             "--data_root", str(synth_corpus.parent), "--output_dir", str(out), "--max_steps", str(steps),
             "--per_device_train_batch_size", "2", "--tasks", "emotion_label,transcription", "--logging_steps", "1",
-            "--save_strategy", "no", "--label_accuracy_split", "", "--disable_tqdm", "true", "--max_train_records", "24"]
+            "--save_strategy", "no", "--label_accuracy_split", "", "--feature_cache_dir", "", "--disable_tqdm", "true", "--max_train_records", "24"]
 
 
 def _launch(config: str, args: list[str], timeout: int = 480) -> subprocess.CompletedProcess:
