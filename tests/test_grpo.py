@@ -189,6 +189,15 @@ def test_grpo_config_rejects_unknown_rewards_and_mismatched_weights(tmp_path):
                             use_cpu=True)
 
 
+def test_vllm_rollouts_are_refused_because_they_would_drop_the_audio(tmp_path):
+    from emoreason.train.grpo import EmoReasonGRPOConfig
+    from emoreason.train.grpo_trainer import AudioGRPOTrainer
+
+    args = EmoReasonGRPOConfig(output_dir=str(tmp_path), use_vllm=True, use_cpu=True, bf16=False)
+    with pytest.raises(ValueError, match="use_vllm"):
+        AudioGRPOTrainer(model=object(), reward_funcs=[], args=args)
+
+
 # -- the entry point under accelerate launch (2 CPU processes; DeepSpeed ZeRO-2 on CPU) -------------------------------
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_CONFIGS = {"ddp": "accelerate_configs/cpu_2proc.yaml", "zero2": "accelerate_configs/cpu_zero2.yaml"}

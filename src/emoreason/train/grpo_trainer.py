@@ -75,8 +75,12 @@ class AudioGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, model, *args, **kwargs):
-        if kwargs.get("args") is not None and not isinstance(model, str):
-            pin_reference_attention(model, kwargs["args"])
+        config_args = kwargs.get("args")
+        if config_args is not None and getattr(config_args, "use_vllm", False):
+            raise ValueError("use_vllm is not supported: TRL's vLLM rollouts carry images only, so the clips would "
+                             "not reach generation; leave use_vllm off (rollouts use generate)")
+        if config_args is not None and not isinstance(model, str):
+            pin_reference_attention(model, config_args)
         # TRL suppresses "the image token" in sampling for any processor; for us that is `<audio>` (the model's own
         # generate suppresses it too). The attribute lives only for the constructor, so it is never saved.
         config = getattr(model, "config", None)
