@@ -15,9 +15,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "tiny-cpu" / "sft.yaml"
 
-pytestmark = pytest.mark.slow
-
-
 def _env() -> dict[str, str]:
     env = os.environ.copy()
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
@@ -50,6 +47,7 @@ def _losses(out: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["cpu_2proc.yaml", "cpu_zero2.yaml", "cpu_zero3.yaml"])
 def test_accelerate_launch_trains_on_two_ranks(config, tiny_model_dir, synth_corpus, tmp_path):
     out = tmp_path / "run"
@@ -64,6 +62,7 @@ def test_accelerate_launch_trains_on_two_ranks(config, tiny_model_dir, synth_cor
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
+@pytest.mark.slow
 def test_emoreason_train_cli_and_resume_continue_steps_and_loss(tiny_model_dir, synth_corpus, tmp_path):
     def run(out: Path, steps: int, *extra: str) -> None:
         args = _overrides(tiny_model_dir, synth_corpus, out, steps)
@@ -83,3 +82,28 @@ def test_emoreason_train_cli_and_resume_continue_steps_and_loss(tiny_model_dir, 
     expected = _losses(straight)
     for step in (5, 6):  # same data order and RNG state after resuming: the same losses as an uninterrupted run
         assert losses[step] == pytest.approx(expected[step], rel=1e-4), (losses, expected)
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").glob("*/sft.yaml")))
+def test_every_sft_recipe_parses_with_overrides(recipe, tmp_path):
+    from emoreason.train.sft import make_parser
+
+    # bf16 recipes are for GPUs; on this CPU the override is the only change.
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=[
+        "--config", str(REPO / recipe), "--data_root", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+        "--bf16", "false", "--use_cpu", "true", "--tasks", '{"emotion_label": {"weight": 2}, "prosody": {}}'])
+    assert training_args.output_dir == str(tmp_path / "out") and script_args.data_root == str(tmp_path)
+    assert training_args.tasks == {"emotion_label": {"weight": 2}, "prosody": {}}
+    assert training_args.remove_unused_columns is False
+    assert training_args.dataset_kwargs["skip_prepare_dataset"] is True
+    assert model_args.model_name_or_path or (model_args.content_encoder and model_args.language_model)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "accelerate_configs").glob("*.yaml")))
+def test_accelerate_configs_load(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(REPO / "accelerate_configs" / config))
+    assert loaded.num_processes >= 1
+    if "zero" in config or config == "multi_node.yaml":
+        assert loaded.deepspeed_config["zero3_init_flag"] is False  # models are built before ZeRO-3 partitions them

@@ -37,6 +37,7 @@ def test_tiny_recipe_learns_emotion_from_audio_and_not_from_silence(tiny_model_d
                               text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-6000:]
     results = json.loads((tmp_path / "run" / "all_results.json").read_text())
+    print({k: results[k] for k in ("label_accuracy", "label_accuracy_silence", "train_runtime")})
     assert results["feature_cache_miss_batches"] == 0 and results["feature_cache_hit_batches"] > 0
     assert results["label_accuracy"] >= 0.7, results  # measured 0.75; target 0.8 not reached (see module doc)
     assert results["label_accuracy_silence"] <= CHANCE + 0.15, results
