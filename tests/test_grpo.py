@@ -321,3 +321,18 @@ def test_grpo_starts_from_an_sft_adapter_with_the_adapter_as_reference(tiny_mode
     trainer.train()
     # The reference pass ran (KL logged) through the adapter's frozen copy, equal to the policy at the start.
     assert [h["kl"] for h in trainer.state.log_history if "kl" in h] == [0.0]
+
+
+def test_reasoning_schedule_is_saved_with_checkpoints_and_restored_on_resume(tiny_model_dir, rl_records, tmp_path):
+    records_file, _, data_root = rl_records
+    options = dict(reward_funcs=("format", "accuracy", "reasoning"), max_steps=1, save_strategy="steps",
+                   save_steps=1, reward_kwargs={"reasoning": {"threshold": 0.9, "min_steps": 5}})
+    trainer, _ = make_trainer(tiny_model_dir, records_file, data_root, tmp_path, **options)
+    trainer.train()
+    schedule = trainer.reasoning_schedule
+    assert schedule.steps == 1 and not schedule.active  # one batch of accuracy seen, not enough to switch on
+    saved = tmp_path / "grpo" / "checkpoint-1" / "reward_schedule.json"
+    assert saved.is_file()
+    resumed, _ = make_trainer(tiny_model_dir, records_file, data_root, tmp_path, **dict(options, max_steps=2))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "grpo" / "checkpoint-1"))
+    assert resumed.reasoning_schedule.steps == 2  # continued from the saved state, not from scratch

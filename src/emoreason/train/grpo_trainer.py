@@ -19,7 +19,9 @@ the rewards gathered from all processes, so every rank sees the same weights.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any
 
 import torch
@@ -30,6 +32,7 @@ from .rewards import trust_weights
 
 logger = logging.getLogger(__name__)
 
+SCHEDULE_FILE = "reward_schedule.json"  # the progressive schedule's state, saved with each checkpoint
 AUDIO_KEYS = ("input_features", "input_features_mask", "input_values", "input_values_mask")
 
 
@@ -198,3 +201,26 @@ class AudioGRPOTrainer(GRPOTrainer):
                 schedule.update(torch.nanmean(accuracy).item())
             self._metrics[mode]["reasoning/active"].append(float(schedule.active))
         return rewards
+
+    # -- the schedule's state travels with checkpoints ----------------------------------------------------------------
+    @property
+    def reasoning_schedule(self):
+        if self._reasoning_index is None:
+            return None
+        return getattr(self.reward_funcs[self._reasoning_index], "schedule", None)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        schedule = self.reasoning_schedule
+        if schedule is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            with open(os.path.join(folder, SCHEDULE_FILE), "w") as fh:
+                json.dump(schedule.state_dict(), fh)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, SCHEDULE_FILE)
+        if self.reasoning_schedule is not None and os.path.isfile(path):
+            with open(path) as fh:
+                self.reasoning_schedule.load_state_dict(json.load(fh))
+            logger.info("reasoning reward schedule restored: %s", self.reasoning_schedule.state_dict())
