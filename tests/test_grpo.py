@@ -336,3 +336,16 @@ def test_reasoning_schedule_is_saved_with_checkpoints_and_restored_on_resume(tin
     resumed, _ = make_trainer(tiny_model_dir, records_file, data_root, tmp_path, **dict(options, max_steps=2))
     resumed.train(resume_from_checkpoint=str(tmp_path / "grpo" / "checkpoint-1"))
     assert resumed.reasoning_schedule.steps == 2  # continued from the saved state, not from scratch
+
+
+def test_emoreason_train_grpo_runs_the_recipe_in_process(tiny_model_dir, rl_records, tmp_path):
+    """`emoreason train grpo --config recipes/tiny-cpu/grpo.yaml [overrides]` (one process, no accelerate launch)."""
+    from emoreason.train.cli import main
+
+    records_file, _, data_root = rl_records
+    out = tmp_path / "grpo-cli"
+    assert main(["grpo", "--config", str(REPO / "recipes/tiny-cpu/grpo.yaml"), "--model_name_or_path",
+                 str(tiny_model_dir), "--output_dir", str(out), "--train_records", str(records_file), "--data_root",
+                 str(data_root), "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "4",
+                 "--max_completion_length", "8", "--save_strategy", "no", "--max_train_records", "4"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
