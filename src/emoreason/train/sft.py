@@ -285,8 +285,9 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
         metrics["feature_cache_hit_batches"] = collator.cache_hits
         metrics["feature_cache_miss_batches"] = collator.cache_misses
 
-    # evaluation of the label task (optional)
-    if training_args.label_accuracy_split and trainer.accelerator.is_main_process:
+    # evaluation of the label task (optional). Every rank scores: under ZeRO-3 a forward pass gathers parameters from
+    # all ranks, so a main-process-only pass would hang.
+    if training_args.label_accuracy_split:
         from ..data.schema import read_records
         from .tasks import TaskSpec
 
