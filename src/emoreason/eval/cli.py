@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Bearer key for the endpoint (default: $EMOREASON_API_KEY)")
     p.add_argument("--strategies", nargs="+", default=None, help="run only these strategy labels of the suite")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+    p.add_argument("--max-tokens", type=int, default=None, help="generation budget per answer (default: the suite's)")
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: the suite's)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per request (default: the suite's)")
     p.add_argument("--retries", type=int, default=None, help="retries per request (default: the suite's)")
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run_suite(
             args.suite, args.endpoint, args.model, args.out, records=args.records, data_root=args.data_root,
-            api_key=args.api_key, strategies=args.strategies, limit=args.limit, concurrency=args.concurrency,
+            api_key=args.api_key, strategies=args.strategies, limit=args.limit, max_tokens=args.max_tokens, concurrency=args.concurrency,
             timeout=args.timeout, retries=args.retries, backoff=args.backoff, cache_path=args.cache,
             judge_endpoint=args.judge_endpoint, judge_model=args.judge_model, judge_api_key=args.judge_api_key,
             progress=not args.no_progress,

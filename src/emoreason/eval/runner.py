@@ -126,6 +126,7 @@ async def run_suite_async(
     api_key: str | None = None,
     strategies: list[str] | None = None,
     limit: int | None = None,
+    max_tokens: int | None = None,
     concurrency: int | None = None,
     timeout: float | None = None,
     retries: int | None = None,
@@ -146,6 +147,8 @@ async def run_suite_async(
         suite.strategies = [s for s in suite.strategies if s.label in strategies]
     if limit is not None:
         suite.limit = limit
+    if max_tokens is not None:
+        suite.max_tokens = max_tokens
     if concurrency:
         suite.concurrency = concurrency
     out = Path(out_dir)

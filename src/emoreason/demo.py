@@ -1,0 +1,200 @@
+"""`emoreason demo` (and `make demo`): the whole pipeline end to end on a CPU, at a size a laptop runs.
+
+Stages run in order; each writes a marker when done, so a re-run skips finished stages (``--force STAGE`` redoes one and
+everything after it). A failing stage stops the demo with a message naming it and the log to read. Every number in the
+report is read from the files the stages wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    run: Callable[[DemoContext], dict]
+
+
+@dataclass
+class DemoContext:
+    out: Path
+    repo: Path
+    accelerate_config: Path
+    quick: bool = False
+
+    @property
+    def corpus(self) -> Path:
+        return self.out / "corpus"
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    def sh(self, stage: str, cmd: list[str], env: dict | None = None, timeout: float | None = None) -> None:
+        """Run a command, streaming its output to the terminal and to the stage's log file."""
+        log = self.out / "logs" / f"{stage}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"  $ {shlex.join(str(c) for c in cmd)}", flush=True)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "HF_HUB_OFFLINE": "1", **(env or {})}
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(f"$ {shlex.join(str(c) for c in cmd)}\n")
+            fh.flush()
+            proc = subprocess.Popen([str(c) for c in cmd], cwd=self.repo, env=full_env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                fh.write(line)
+                if _worth_showing(line):
+                    sys.stdout.write("    " + line)
+            code = proc.wait(timeout=timeout)
+        if code != 0:
+            raise StageFailed(f"command exited with status {code}; full log: {log}")
+
+
+def _worth_showing(line: str) -> bool:
+    quiet = ("Warning", "warn(", "FutureWarning", "UserWarning", "[WARNING]", "torch_dtype", "Loading weights")
+    return bool(line.strip()) and not any(q in line for q in quiet)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_stages(stages: list[Stage], ctx: DemoContext, force: str | None = None,
+               until: str | None = None) -> dict[str, dict]:
+    markers = ctx.out / ".stages"
+    markers.mkdir(parents=True, exist_ok=True)
+    names = [s.name for s in stages]
+    for flag, value in (("--force", force), ("--until", until)):
+        if value is not None and value not in names:
+            raise SystemExit(f"{flag}: unknown stage {value!r}; stages: {', '.join(names)}")
+    if until is not None:
+        stages = stages[: names.index(until) + 1]
+    if force is not None:
+        for name in names[names.index(force):]:
+            (markers / f"{name}.json").unlink(missing_ok=True)
+    results: dict[str, dict] = {}
+    total = time.perf_counter()
+    for i, stage in enumerate(stages, 1):
+        marker = markers / f"{stage.name}.json"
+        header = f"[{i}/{len(stages)}] {stage.title}"
+        if marker.exists():
+            results[stage.name] = json.loads(marker.read_text())
+            print(f"{header}: done before, skipped", flush=True)
+            continue
+        print(f"{header} ...", flush=True)
+        start = time.perf_counter()
+        try:
+            result = stage.run(ctx) or {}
+        except StageFailed as err:
+            raise SystemExit(f"\ndemo stopped: stage '{stage.name}' ({stage.title}) failed: {err}") from None
+        except Exception as err:  # a bug or bad input inside an in-process stage: name the stage, keep the trace
+            import traceback
+
+            traceback.print_exc()
+            raise SystemExit(f"\ndemo stopped: stage '{stage.name}' ({stage.title}) failed: {err!r}") from None
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        marker.write_text(json.dumps(result, indent=2))
+        results[stage.name] = result
+        print(f"{header}: done in {result['seconds']:.0f} s", flush=True)
+    print(f"all stages done in {time.perf_counter() - total:.0f} s", flush=True)
+    return results
+
+
+class Server:
+    """The built-in server on loopback for the evaluation stage; stopped on exit whatever happens."""
+
+    def __init__(self, ctx: DemoContext, model: Path, name: str):
+        self.ctx, self.model, self.name = ctx, model, name
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> Server:
+        import urllib.request
+
+        log = open(self.ctx.out / "logs" / "server.log", "a", encoding="utf-8")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "emoreason.cli", "serve", "--model", str(self.model), "--served-model-name",
+               self.name, "--host", "127.0.0.1", "--port", str(self.port),
+               # one generation thread leaves the other core to the evaluator's client
+               "--num-threads", "1"]
+        print(f"  $ {shlex.join(cmd)}", flush=True)
+        self.proc = subprocess.Popen(cmd, cwd=self.ctx.repo, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise StageFailed(f"server exited with status {self.proc.returncode}; log: {log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                time.sleep(1)
+        raise StageFailed(f"server did not become healthy in 180 s; log: {log.name}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def build_stages() -> list[Stage]:
+    from . import demo_stages
+
+    return demo_stages.STAGES
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="emoreason demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    parser.add_argument("--force", metavar="STAGE", help="redo this stage and every stage after it")
+    parser.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    parser.add_argument("--fresh", action="store_true", help="delete the run folder first")
+    parser.add_argument("--accelerate-config", default=str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
+                        help="accelerate config the training stages launch with (default: 2 CPU processes)")
+    parser.add_argument("--list", action="store_true", help="list the stages and exit")
+    args = parser.parse_args(argv)
+    stages = build_stages()
+    if args.list:
+        for stage in stages:
+            print(f"{stage.name:12s} {stage.title}")
+        return 0
+    out = Path(args.out).resolve()
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = DemoContext(out=out, repo=REPO, accelerate_config=Path(args.accelerate_config).resolve())
+    run_stages(stages, ctx, force=args.force, until=args.until)
+    report = out / "report.md"
+    if report.exists():
+        print(f"\nreport: {report}")
+    return 0

@@ -1,0 +1,152 @@
+"""The stages of `emoreason demo`, each the command a user would run at that step (see the README).
+
+Training stages go through ``accelerate launch`` with the tiny recipes; data generation, export, serving and
+evaluation through the ``emoreason`` CLI; so the demo exercises exactly the user-facing paths.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .demo import DemoContext, Server, Stage, StageFailed
+
+PY = sys.executable
+SELF_TEACHER_CLIPS = 8
+EVAL_SUITE = "eval/suites/synthetic.yaml"
+ALL_STRATEGIES = ["direct", "cot_greedy", "self_consistency", "sample_distribution", "best_of_n"]
+CHECKPOINT_STRATEGY = "cot_greedy"  # the one strategy every checkpoint (SFT, GRPO, DPO) is scored with
+SFT_TASKS = "emotion_reasoning:1,emotion_label:1"
+SFT_EPOCHS = 20
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise StageFailed(f"expected output {path} is missing")
+    return json.loads(path.read_text())
+
+
+def corpus(ctx: DemoContext) -> dict:
+    from .data.schema import read_records
+    from .testing.synth_corpus import synthesize
+
+    manifest = synthesize(ctx.corpus)
+    records = read_records(manifest)
+    splits = {s: sum(r.split == s for r in records) for s in ("train", "validation", "test")}
+    ambiguous = sum(r.meta.get("blended_with") is not None for r in records)
+    return {"manifest": str(manifest), "clips": len(records), "splits": splits, "ambiguous": ambiguous,
+            "speakers": len({r.speaker for r in records})}
+
+
+def base_model(ctx: DemoContext) -> dict:
+    """The tiny stand-in for `build_from_components(whisper, wavlm, llm)`: the same assembly path, random weights."""
+    from .testing.tiny import build_tiny_model
+
+    path = build_tiny_model(ctx.path("base-model"))
+    return {"path": str(path)}
+
+
+def datagen(ctx: DemoContext) -> dict:
+    manifest = ctx.corpus / "records.jsonl"
+    base = [PY, "-m", "emoreason.cli", "datagen", "--config", "data_gen/configs/synthetic.yaml",
+            "--manifest", manifest, "--no-progress"]
+    ctx.sh("datagen", [*base, "--out", ctx.path("data"), "--teacher", "template"])
+    # The backbone LLM itself as the teacher (DeSTA-style), on a subset: the real code path, tiny random LLM.
+    ctx.sh("datagen", [*base, "--out", ctx.path("data-self"), "--teacher", "self", "--model", ctx.path("base-model"),
+                       "--limit", str(SELF_TEACHER_CLIPS), "--set", "teacher.backend=transformers",
+                       "--set", "teacher.max_new_tokens=64"])
+    return {"template": _read_json(ctx.path("data", "summary.json")),
+            "self": _read_json(ctx.path("data-self", "summary.json"))}
+
+
+def _launch(ctx: DemoContext, stage: str, method: str, overrides: list) -> None:
+    cmd = [PY, "-m", "accelerate.commands.launch", "--config_file", ctx.accelerate_config,
+           "-m", f"emoreason.train.{method}", "--config", f"recipes/tiny-cpu/{method}.yaml", *overrides]
+    ctx.sh(stage, cmd)
+
+
+def _trainer_log(output_dir: Path) -> list[dict]:
+    state = output_dir / "trainer_state.json"
+    if not state.exists():
+        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        state = checkpoints[-1] / "trainer_state.json" if checkpoints else state
+    return json.loads(state.read_text())["log_history"] if state.exists() else []
+
+
+def sft(ctx: DemoContext) -> dict:
+    out = ctx.path("sft")
+    data = ["--model_name_or_path", ctx.path("base-model"), "--train_records", ctx.path("data", "records.jsonl"),
+            "--data_root", ctx.corpus, "--feature_cache_dir", ctx.path("feature-cache")]
+    # The encoders are frozen: encode every clip once, then train from the cache.
+    ctx.sh("sft", [PY, "-m", "emoreason.cli", "cache-features", "--config", "recipes/tiny-cpu/sft.yaml", *data])
+    # Reasoning (the data stage's rationales) and the plain label, one task per batch.
+    _launch(ctx, "sft", "sft", [*data, "--output_dir", out, "--tasks", SFT_TASKS,
+                                "--num_train_epochs", str(SFT_EPOCHS)])
+    results = _read_json(out / "all_results.json")
+    return {"path": str(out), "results": results, "log": _trainer_log(out)}
+
+
+def grpo(ctx: DemoContext) -> dict:
+    out = ctx.path("grpo")
+    _launch(ctx, "grpo", "grpo", [
+        "--model_name_or_path", ctx.path("sft"), "--output_dir", out,
+        "--train_records", ctx.path("data", "records.jsonl"), "--data_root", ctx.corpus,
+        "--max_completion_length", "256",  # room for a whole rationale and its answer
+    ])
+    return {"path": str(out), "log": _trainer_log(out)}
+
+
+def dpo(ctx: DemoContext) -> dict:
+    out = ctx.path("dpo")
+    _launch(ctx, "dpo", "dpo", [
+        "--model_name_or_path", ctx.path("grpo"), "--output_dir", out,
+        "--train_records", ctx.path("data", "pairs.jsonl"), "--data_root", ctx.corpus,
+    ])
+    return {"path": str(out), "log": _trainer_log(out)}
+
+
+def export(ctx: DemoContext) -> dict:
+    exported = {}
+    for name in ("sft", "grpo", "dpo"):
+        target = ctx.path("export", name)
+        ctx.sh("export", [PY, "-m", "emoreason.cli", "export", ctx.path(name), "--merge", "--output", target])
+        exported[name] = str(target)
+    return exported
+
+
+def evaluate(ctx: DemoContext) -> dict:
+    from .eval import run_suite
+
+    reports = {}
+    for name in ("sft", "grpo", "dpo"):
+        strategies = ALL_STRATEGIES if name == "dpo" else [CHECKPOINT_STRATEGY]
+        with Server(ctx, ctx.path("export", name), name=f"emoreason-{name}") as server:
+            print(f"  evaluating {name} on held-out speakers: {', '.join(strategies)}", flush=True)
+            report = run_suite(EVAL_SUITE, server.url, f"emoreason-{name}", ctx.path("eval", name),
+                               records=str(ctx.path("data", "records.jsonl")), data_root=str(ctx.corpus),
+                               strategies=strategies, progress=False)
+        reports[name] = str(ctx.path("eval", name, "report.json"))
+        if not report:
+            raise StageFailed(f"evaluation of {name} produced no report")
+    return reports
+
+
+def report(ctx: DemoContext) -> dict:
+    from .demo_report import write_report
+
+    path = write_report(ctx)
+    return {"path": str(path)}
+
+
+STAGES = [
+    Stage("corpus", "synthesise the espeak-ng emotional corpus (simulated annotators)", corpus),
+    Stage("base", "assemble the tiny dual-encoder model from its parts", base_model),
+    Stage("datagen", "data generation: acoustics, seed descriptions, rationales, filters, DPO pairs", datagen),
+    Stage("sft", "SFT (accelerate launch, tiny recipe)", sft),
+    Stage("grpo", "GRPO from the SFT checkpoint (accelerate launch)", grpo),
+    Stage("dpo", "DPO from the GRPO checkpoint (accelerate launch)", dpo),
+    Stage("export", "export merged checkpoints", export),
+    Stage("evaluate", "serve on loopback and evaluate with test-time-scaling strategies", evaluate),
+    Stage("report", "write the report", report),
+]
