@@ -502,7 +502,7 @@ class EmoReasonForConditionalGeneration(EmoReasonPreTrainedModel, GenerationMixi
         ``audio_token_id`` and ``vocab_size`` come from the tokenizer after the `<audio>` token was added (see
         :func:`emoreason.modeling.build_from_components`, which does both). The projector starts from scratch.
         """
-        from transformers import AutoConfig, AutoModelForCausalLM, WhisperConfig
+        from transformers import AutoModelForCausalLM, WhisperConfig
 
         load_kwargs = {"dtype": dtype} if dtype is not None else {}
         if attn_implementation is not None:

@@ -9,6 +9,8 @@ checkpoint (``model_name_or_path``) or three pretrained parts (``content_encoder
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,3 +139,32 @@ def get_peft_config(model_args: EmoReasonModelArguments):
         use_rslora=model_args.use_rslora,
         use_dora=model_args.use_dora,
     )
+
+
+def setup_logging(training_args, *configs) -> None:
+    """Process-aware log levels for us, transformers and datasets; the main process logs the parsed configs."""
+    import datasets
+    import transformers
+
+    level = training_args.get_process_log_level()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    for config in configs:
+        logger.info("%s", config)
+
+
+def resolve_checkpoint(training_args) -> str | None:
+    """An explicit ``resume_from_checkpoint`` (a path, or ``true`` for the last one), else the last checkpoint in
+    ``output_dir`` when there is one (a restarted job continues instead of starting over)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    explicit = training_args.resume_from_checkpoint
+    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    if explicit in (None, "", "false", "False"):
+        return last
+    if explicit in ("true", "True", True):
+        if last is None:
+            raise ValueError(f"resume_from_checkpoint=true but {training_args.output_dir} holds no checkpoint")
+        return last
+    return explicit

@@ -19,7 +19,6 @@ from typing import Any
 
 import datasets
 import transformers
-from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, TrlParser
 
 from ..data.collators import build_messages
@@ -31,6 +30,8 @@ from .common import (
     get_model,
     get_peft_config,
     get_processor,
+    resolve_checkpoint,
+    setup_logging,
 )
 from .rewards import REWARDS, get_reward_funcs
 from .tasks import DEFAULT_INSTRUCTIONS
@@ -133,17 +134,11 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonGRPOConf
     # seed
     transformers.set_seed(training_args.seed)
     # logging
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=training_args.get_process_log_level(), stream=sys.stdout)
-    datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    logger.info("script %s\nmodel %s\ntraining %s", script_args, model_args, training_args)
+    setup_logging(training_args, script_args, model_args, training_args)
     # resume
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and Path(training_args.output_dir).is_dir():
-        checkpoint = get_last_checkpoint(training_args.output_dir)
-        if checkpoint:
-            logger.info("resuming from %s", checkpoint)
+    checkpoint = resolve_checkpoint(training_args)
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
     # data
     train_dataset, eval_dataset = get_dataset(script_args, training_args)
     # model

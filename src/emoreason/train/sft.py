@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,12 +23,19 @@ from typing import Any
 
 import torch
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from ..data.collators import IGNORE_INDEX, SFTCollator
 from ..data.labels import EMOTIONS
-from .common import EmoReasonModelArguments, EmoReasonScriptArguments, get_model, get_peft_config, get_processor
+from .common import (
+    EmoReasonModelArguments,
+    EmoReasonScriptArguments,
+    get_model,
+    get_peft_config,
+    get_processor,
+    resolve_checkpoint,
+    setup_logging,
+)
 from .tasks import TaskAlternatingSampler, build_task_examples, label_only_response, parse_task_specs
 
 logger = logging.getLogger(__name__)
@@ -140,20 +146,6 @@ def _split(name: str) -> str | None:
     return None if name in ("all", "", None) else name
 
 
-def resolve_checkpoint(training_args) -> str | None:
-    """An explicit ``resume_from_checkpoint`` (a path, or ``true`` for the last one), else the last checkpoint in
-    ``output_dir`` when there is one (a restarted job continues instead of starting over)."""
-    explicit = training_args.resume_from_checkpoint
-    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-    if explicit in (None, "", "false", "False"):
-        return last
-    if explicit in ("true", "True", True):
-        if last is None:
-            raise ValueError(f"resume_from_checkpoint=true but {training_args.output_dir} holds no checkpoint")
-        return last
-    return explicit
-
-
 @torch.no_grad()
 def label_accuracy(model, processor, rows: Sequence[dict], data_root: str | Path, labels: Sequence[str] | None = None,
                    silence: bool = False, batch_size: int = 8, system_prompt: str | None = None) -> dict[str, Any]:
@@ -215,8 +207,7 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
          model_args: EmoReasonModelArguments, recipe: str | None = None) -> dict[str, Any]:
     # seed, logging
     set_seed(training_args.seed)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=training_args.get_process_log_level())
+    setup_logging(training_args)
     # resume
     checkpoint = resolve_checkpoint(training_args)
     if checkpoint:

@@ -1,0 +1,96 @@
+"""`emoreason demo` end to end (CI runs it at its tiny size): every stage, the report with every section and plot,
+numbers that come from the run's own files, re-runs that skip finished stages, and a failing stage named."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emoreason.demo import DemoContext, Stage, StageFailed, run_stages
+from emoreason.demo_report import SECTIONS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_demo(out: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "emoreason.cli", "demo", "--out", str(out), *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_reports_its_own_numbers(tmp_path):
+    out = tmp_path / "demo"
+    result = run_demo(out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    assert f"report: {out / 'report.md'}" in result.stdout
+    for section in SECTIONS:
+        assert f"## {section}" in report, section
+    for plot in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+        assert (out / plot).is_file() and (out / plot).stat().st_size > 1000, plot
+    assert "plots/training.png" in report and "plots/accuracy_vs_tokens.png" in report
+
+    # the numbers in the report are the ones the stages wrote
+    sft = json.loads((out / "sft" / "all_results.json").read_text())
+    assert f"label accuracy **{sft['label_accuracy']:.3f}**" in report
+    assert sft["label_accuracy"] > sft["label_accuracy_silence"] + 0.2  # the model uses the audio
+    final = json.loads((out / "eval" / "dpo" / "report.json").read_text())
+    for name, strategy in final["strategies"].items():
+        accuracy = strategy["metrics"]["classification"]["accuracy"]
+        assert re.search(rf"\| {name} \| {accuracy:.3f} \|", report), name
+    summary = json.loads((out / "data" / "summary.json").read_text())
+    assert f'"kept": {summary["kept"]}' in report
+    for stage in ("corpus", "base", "datagen", "sft", "grpo", "dpo", "export", "evaluate", "report"):
+        assert (out / ".stages" / f"{stage}.json").is_file(), stage
+
+    # a re-run skips every finished stage
+    again = run_demo(out)
+    assert again.returncode == 0
+    assert again.stdout.count("done before, skipped") == 9
+
+
+def test_a_failing_stage_stops_the_demo_and_is_named(tmp_path, capsys):
+    ran = []
+
+    def ok(ctx):
+        ran.append("first")
+        return {"value": 1}
+
+    def broken(ctx):
+        raise StageFailed("command exited with status 3; full log: x.log")
+
+    def never(ctx):
+        ran.append("never")
+        return {}
+
+    stages = [Stage("first", "first step", ok), Stage("second", "second step", broken), Stage("third", "t", never)]
+    ctx = DemoContext(out=tmp_path, repo=REPO, accelerate_config=tmp_path / "none.yaml")
+    with pytest.raises(SystemExit, match="stage 'second' \\(second step\\) failed: command exited with status 3"):
+        run_stages(stages, ctx)
+    assert ran == ["first"]
+    assert json.loads((tmp_path / ".stages" / "first.json").read_text())["value"] == 1
+    assert not (tmp_path / ".stages" / "second.json").exists()
+    # once fixed, the re-run resumes after the finished stage
+    stages[1] = Stage("second", "second step", lambda ctx: {})
+    run_stages(stages, ctx)
+    assert ran == ["first", "never"]
+    # --force redoes a stage and every one after it; --until stops early
+    run_stages(stages, ctx, force="second", until="second")
+    assert ran == ["first", "never"]
+    with pytest.raises(SystemExit, match="unknown stage"):
+        run_stages(stages, ctx, force="nope")
+
+
+def test_demo_lists_its_stages():
+    result = subprocess.run([sys.executable, "-m", "emoreason.cli", "demo", "--list"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert names == ["corpus", "base", "datagen", "sft", "grpo", "dpo", "export", "evaluate", "report"]
