@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -33,6 +34,7 @@ class Stage:
     name: str
     title: str
     run: Callable[[DemoContext], dict]
+    outputs: tuple[str, ...] = ()  # folders under the run folder; cleared when the stage is forced
 
 
 @dataclass
@@ -62,13 +64,23 @@ class DemoContext:
             proc = subprocess.Popen([str(c) for c in cmd], cwd=self.repo, env=full_env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, bufsize=1)
             assert proc.stdout is not None
+            shown_percent = -100
             for line in proc.stdout:
                 fh.write(line)
-                if _worth_showing(line):
+                bar = _PROGRESS.search(line)
+                if bar:  # progress bars redraw many times a second: show every quarter
+                    percent = int(bar.group(1))
+                    if percent < shown_percent or percent >= shown_percent + 25 or percent == 100:
+                        shown_percent = percent
+                        sys.stdout.write("    " + line.strip() + "\n")
+                elif _worth_showing(line):
                     sys.stdout.write("    " + line)
             code = proc.wait(timeout=timeout)
         if code != 0:
             raise StageFailed(f"command exited with status {code}; full log: {log}")
+
+
+_PROGRESS = re.compile(r"(\d+)%\|")
 
 
 def _worth_showing(line: str) -> bool:
@@ -93,8 +105,10 @@ def run_stages(stages: list[Stage], ctx: DemoContext, force: str | None = None,
     if until is not None:
         stages = stages[: names.index(until) + 1]
     if force is not None:
-        for name in names[names.index(force):]:
-            (markers / f"{name}.json").unlink(missing_ok=True)
+        for stage in stages[names.index(force):]:
+            (markers / f"{stage.name}.json").unlink(missing_ok=True)
+            for output in stage.outputs:  # a forced stage starts over: no resumed checkpoints, no cached answers
+                shutil.rmtree(ctx.out / output, ignore_errors=True)
     results: dict[str, dict] = {}
     total = time.perf_counter()
     for i, stage in enumerate(stages, 1):

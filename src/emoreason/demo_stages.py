@@ -157,13 +157,14 @@ def report(ctx: DemoContext) -> dict:
 
 
 STAGES = [
-    Stage("corpus", "synthesise the espeak-ng emotional corpus (simulated annotators)", corpus),
-    Stage("base", "assemble the tiny dual-encoder model from its parts", base_model),
-    Stage("datagen", "data generation: acoustics, seed descriptions, rationales, filters, DPO pairs", datagen),
-    Stage("sft", "SFT (accelerate launch, tiny recipe)", sft),
-    Stage("grpo", "GRPO from the SFT checkpoint (accelerate launch)", grpo),
-    Stage("dpo", "DPO from the GRPO checkpoint (accelerate launch)", dpo),
-    Stage("export", "export merged checkpoints", export),
-    Stage("evaluate", "serve on loopback and evaluate with test-time-scaling strategies", evaluate),
-    Stage("report", "write the report", report),
+    Stage("corpus", "synthesise the espeak-ng emotional corpus (simulated annotators)", corpus, ("corpus",)),
+    Stage("base", "assemble the tiny dual-encoder model from its parts", base_model, ("base-model",)),
+    Stage("datagen", "data generation: acoustics, seed descriptions, rationales, filters, DPO pairs", datagen,
+          ("data", "data-self")),
+    Stage("sft", "SFT (accelerate launch, tiny recipe)", sft, ("sft", "feature-cache")),
+    Stage("grpo", "GRPO from the SFT checkpoint (accelerate launch)", grpo, ("grpo",)),
+    Stage("dpo", "DPO from the GRPO checkpoint (accelerate launch)", dpo, ("dpo",)),
+    Stage("export", "export merged checkpoints", export, ("export",)),
+    Stage("evaluate", "serve on loopback and evaluate with test-time-scaling strategies", evaluate, ("eval",)),
+    Stage("report", "write the report", report, ("plots",)),
 ]
