@@ -168,3 +168,25 @@ def resolve_checkpoint(training_args) -> str | None:
             raise ValueError(f"resume_from_checkpoint=true but {training_args.output_dir} holds no checkpoint")
         return last
     return explicit
+
+
+def train_and_save(trainer, processor, training_args, checkpoint: str | None, dataset_name: str | None,
+                   method: str) -> dict[str, float]:
+    """The tail every method shares: train (resuming), log and save metrics and state, save model + processor on
+    the main process, write the model card."""
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(training_args.output_dir)
+        trainer.create_model_card(dataset_name=dataset_name, tags=["emoreason", method, "audio"])
+    return result.metrics
+
+
+def run_cli(parser, main, argv: list[str] | None = None) -> int:
+    """Parse (script, training, model) arguments from a YAML recipe + command-line overrides and run ``main``."""
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    main(script_args, training_args, model_args)
+    return 0

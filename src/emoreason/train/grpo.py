@@ -31,7 +31,9 @@ from .common import (
     get_peft_config,
     get_processor,
     resolve_checkpoint,
+    run_cli,
     setup_logging,
+    train_and_save,
 )
 from .rewards import REWARDS, get_reward_funcs
 from .tasks import DEFAULT_INSTRUCTIONS
@@ -156,18 +158,8 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonGRPOConf
         processing_class=processor,
         peft_config=peft_config,
     )
-    # train
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
-    # save
-    trainer.save_model(training_args.output_dir)
-    if trainer.accelerator.is_main_process:
-        processor.save_pretrained(training_args.output_dir)
-        # card
-        trainer.create_model_card(dataset_name=script_args.train_records, tags=["emoreason", "grpo", "audio"])
-    return result.metrics
+    # train, save, card
+    return train_and_save(trainer, processor, training_args, checkpoint, script_args.train_records, "grpo")
 
 
 def make_parser() -> TrlParser:
@@ -175,9 +167,7 @@ def make_parser() -> TrlParser:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
-    main(script_args, training_args, model_args)
-    return 0
+    return run_cli(make_parser(), main, argv)
 
 
 if __name__ == "__main__":
