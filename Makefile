@@ -65,7 +65,7 @@ $(VLLM_PLUGIN_STAMP): $(VLLM_STAMP) pyproject.toml
 # The tiny checkpoint is written by the training environment, as real checkpoints are.
 $(VLLM_TINY)/config.json: $(STAMP) $(wildcard src/emoreason/modeling/*.py) src/emoreason/testing/tiny.py
 	rm -rf $(VLLM_TINY)
-	$(PY) -m emoreason.cli make-tiny $(VLLM_TINY) > /dev/null
+	$(PY) -m emoreason.cli make-tiny $(VLLM_TINY) --random-feature-stats > /dev/null
 
 test-vllm: $(VLLM_PLUGIN_STAMP) $(VLLM_TINY)/config.json
 	EMOREASON_VLLM_TINY=$(VLLM_TINY) $(VLLM_PY) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \

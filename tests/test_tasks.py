@@ -53,8 +53,10 @@ def test_task_specs_from_yaml_json_and_shorthand():
 
 
 def test_a_task_without_usable_records_is_an_error_naming_it():
-    with pytest.raises(ValueError, match="prosody"):
-        build_task_examples(parse_task_specs("prosody"), [_record(0)])
+    with pytest.raises(ValueError, match="prosody") as error:
+        build_task_examples(parse_task_specs("prosody"), [_record(i) for i in range(50)])
+    # the message names where the records came from, without dumping them
+    assert "50 records given in memory" in str(error.value) and "EmotionRecord(" not in str(error.value)
 
 
 def _tasks(counts: dict[str, int]) -> list[str]:

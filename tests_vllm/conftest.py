@@ -40,7 +40,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         return path
     from emoreason.testing.tiny import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), random_feature_stats=True)
 
 
 @pytest.fixture(scope="session")

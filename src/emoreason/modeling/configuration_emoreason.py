@@ -14,6 +14,7 @@ except ImportError:  # transformers < 5.20 (the version vLLM pins): sub-configs 
     SubConfigSpec = None
 
 FUSIONS = ("concat", "sum", "gated")
+FEATURE_NORMS = ("global_mvn", "none")
 DEFAULT_SUB_CONFIG_TYPES = {"content_config": "whisper", "paralinguistic_config": "wavlm", "text_config": "qwen2"}
 PARALINGUISTIC_TYPES = ("wavlm", "hubert", "wav2vec2", "data2vec-audio", "unispeech-sat")
 
@@ -27,6 +28,9 @@ class EmoReasonConfig(PreTrainedConfig):
     stack_factor: encoder frames (50 Hz) stacked into one audio token; 4 gives 12.5 tokens per second.
     fusion: how the two towers combine per frame: "concat", "sum" (both projected then added) or "gated".
     projector_hidden_size: width of the projector MLP (0: the language model's hidden size).
+    feature_norm: "global_mvn" (default) standardises each tower output dimension with a mean and standard deviation
+        measured on training clips before SFT (as ESPnet's GlobalMVN does for input features; statistics live in the
+        projector's buffers, identity until measured), or "none".
     paralinguistic_weighted_layers: learn a softmax-weighted sum over all layers of the paralinguistic encoder (the
         usual practice for emotion probing of SSL models, since prosody lives in middle layers); else use the last.
     audio_token_id: id of the `<audio>` placeholder token in the tokenizer.
@@ -50,6 +54,7 @@ class EmoReasonConfig(PreTrainedConfig):
     fusion: Literal["concat", "sum", "gated"] = "concat"
     projector_hidden_size: int = 0
     projector_hidden_act: str = "gelu"
+    feature_norm: Literal["global_mvn", "none"] = "global_mvn"
     paralinguistic_weighted_layers: bool = True
     audio_token_id: int = 0
     train_content_encoder: bool = False
@@ -67,6 +72,8 @@ class EmoReasonConfig(PreTrainedConfig):
             self.auto_map = {}
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
         if self.stack_factor < 1:
             raise ValueError(f"stack_factor must be >= 1, got {self.stack_factor}")
         if self.content_config.model_type != "whisper":

@@ -102,6 +102,15 @@ class EmoReasonProjector(nn.Module):
             else None
         )
         self.paralinguistic_norm = nn.LayerNorm(para_dim)
+        # Global mean-variance normalisation of both towers' outputs (per dimension; per layer for the paralinguistic
+        # states), with statistics measured on training clips (emoreason.train.feature_norm). Identity until then.
+        self.feature_norm = config.feature_norm
+        para_layers = config.paralinguistic_config.num_hidden_layers + 1 if config.paralinguistic_weighted_layers else 1
+        self.register_buffer("content_mean", torch.zeros(content_dim))
+        self.register_buffer("content_std", torch.ones(content_dim))
+        self.register_buffer("paralinguistic_mean", torch.zeros(para_layers, para_dim))
+        self.register_buffer("paralinguistic_std", torch.ones(para_layers, para_dim))
+        self.register_buffer("feature_norm_frames", torch.zeros((), dtype=torch.long))
         if self.fusion == "concat":
             frame_dim = content_dim + para_dim
         else:
@@ -113,8 +122,42 @@ class EmoReasonProjector(nn.Module):
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(hidden, text_dim)
 
+    @property
+    def feature_norm_fitted(self) -> bool:
+        return self.feature_norm == "global_mvn" and int(self.feature_norm_frames) > 0
+
+    @torch.no_grad()
+    def set_feature_stats(self, content_mean, content_std, paralinguistic_mean, paralinguistic_std, frames: int):
+        """Install normalisation statistics ((Dc,), (Dc,), (L, Dp), (L, Dp)); stds are floored at 1e-5."""
+        for name, value in (("content_mean", content_mean), ("content_std", content_std),
+                            ("paralinguistic_mean", paralinguistic_mean), ("paralinguistic_std", paralinguistic_std)):
+            buffer = getattr(self, name)
+            value = torch.as_tensor(value, dtype=torch.float32).reshape(buffer.shape)
+            if name.endswith("_std"):
+                value = value.clamp(min=1e-5)
+            buffer.copy_(value.to(device=buffer.device, dtype=buffer.dtype))
+        self.feature_norm_frames.fill_(int(frames))
+
+    def normalize_content(self, content: torch.Tensor) -> torch.Tensor:
+        if self.feature_norm != "global_mvn":
+            return content
+        mean, std = self.content_mean.float(), self.content_std.float()
+        return ((content.float() - mean) / std).to(content.dtype)
+
+    def normalize_paralinguistic(self, states: torch.Tensor) -> torch.Tensor:
+        """(layers, B, T, D) with one statistic per layer, or (B, T, D) with the last layer's."""
+        if self.feature_norm != "global_mvn":
+            return states
+        mean, std = self.paralinguistic_mean.float(), self.paralinguistic_std.float()
+        if states.dim() == 4 and mean.shape[0] == states.shape[0]:
+            mean, std = mean[:, None, None, :], std[:, None, None, :]
+        else:
+            mean, std = mean[-1], std[-1]
+        return ((states.float() - mean) / std).to(states.dtype)
+
     def mix_layers(self, paralinguistic_states: torch.Tensor) -> torch.Tensor:
         """(layers, B, T, D) or (B, T, D) -> (B, T, D)."""
+        paralinguistic_states = self.normalize_paralinguistic(paralinguistic_states)
         if paralinguistic_states.dim() == 4:
             if self.layer_weights is None:
                 paralinguistic_states = paralinguistic_states[-1]
@@ -124,7 +167,10 @@ class EmoReasonProjector(nn.Module):
         return self.paralinguistic_norm(paralinguistic_states)
 
     def forward(self, content: torch.Tensor, paralinguistic: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        """content (B, T, Dc), paralinguistic (B, T, Dp) frame-aligned, frame_mask (B, T) -> (B, ceil(T/k), D_lm)."""
+        """content (B, T, Dc), paralinguistic (B, T, Dp) frame-aligned, frame_mask (B, T) -> (B, ceil(T/k), D_lm).
+
+        ``paralinguistic`` is the output of :meth:`mix_layers` (already normalised); ``content`` is normalised here."""
+        content = self.normalize_content(content)
         if self.fusion == "concat":
             frames = torch.cat([content, paralinguistic], dim=-1)
         else:
@@ -168,6 +214,11 @@ class EmoReasonPreTrainedModel(PreTrainedModel):
                     nn.init.zeros_(layer.bias)
             if module.layer_weights is not None:
                 nn.init.zeros_(module.layer_weights)
+            module.content_mean.zero_()
+            module.content_std.fill_(1.0)
+            module.paralinguistic_mean.zero_()
+            module.paralinguistic_std.fill_(1.0)
+            module.feature_norm_frames.zero_()
         elif isinstance(module, nn.Linear) and module is getattr(self, "lm_head", None):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 

@@ -1,7 +1,7 @@
 """A synthetic emotional-speech corpus rendered with espeak-ng, with simulated annotator votes.
 
 Emotion is carried by prosody only: every emotion uses the same pool of neutral sentences, and each emotion has its
-own pitch, speaking rate and amplitude (with per-speaker and per-clip jitter). Some clips are rendered between two
+own pitch level, pitch excursion, speaking rate and amplitude (with per-speaker and per-clip jitter). Some clips are rendered between two
 emotions and get split votes, so ambiguity-aware code has something to chew on. Speakers are espeak-ng voice variants
 (female and male); whole speakers are held out for validation and test, as real SER evaluations do.
 
@@ -18,6 +18,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from xml.sax.saxutils import escape as xml_escape
 
 from ..data.audio import duration_of
 from ..data.labels import consensus_label, vote_distribution
@@ -25,12 +26,17 @@ from ..data.schema import EmotionRecord, Vote, write_records
 
 SYNTH_EMOTIONS = ("neutral", "happy", "sad", "angry")
 
-# espeak-ng controls: -p pitch (0-99), -s rate (words per minute), -a amplitude (0-200)
+# espeak-ng controls: -p pitch (0-99, relative to the voice's own range), -s rate (words per minute), -a amplitude
+# (0-200), and the SSML <prosody range="N%"> pitch excursion (10-200 %: about 1 to 9 semitones on one sentence).
+# The profiles follow the direction of the vocal cues surveyed by Juslin & Laukka (2003, Psychological Bulletin 129):
+# happiness high and varied pitch, sadness low, flat, slow and soft, anger loud and fast. Pitch level alone is not a
+# speaker-independent cue (a high-pitched voice's neutral sits near a low one's happy), so every emotion differs
+# from its neighbours in at least two of level, excursion, rate and loudness.
 PROSODY = {
-    "neutral": {"pitch": 45, "rate": 160, "amplitude": 90},
-    "happy": {"pitch": 80, "rate": 200, "amplitude": 120},
-    "sad": {"pitch": 20, "rate": 115, "amplitude": 50},
-    "angry": {"pitch": 50, "rate": 215, "amplitude": 190},
+    "neutral": {"pitch": 45, "rate": 160, "amplitude": 90, "pitch_range": 100},
+    "happy": {"pitch": 75, "rate": 190, "amplitude": 120, "pitch_range": 200},
+    "sad": {"pitch": 20, "rate": 115, "amplitude": 50, "pitch_range": 25},
+    "angry": {"pitch": 50, "rate": 220, "amplitude": 190, "pitch_range": 60},
 }
 
 SENTENCES = (
@@ -75,12 +81,17 @@ def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-def render(text: str, path: Path, voice: str, pitch: int, rate: int, amplitude: int) -> Path:
-    """Synthesise one utterance to a WAV file with espeak-ng."""
+def render(text: str, path: Path, voice: str, pitch: int, rate: int, amplitude: int,
+           pitch_range: int | None = None) -> Path:
+    """Synthesise one utterance to a WAV file with espeak-ng (``pitch_range`` in percent, through SSML)."""
     if not espeak_available():
         raise RuntimeError("espeak-ng is not installed: `apt-get install espeak-ng` (make setup does it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = ["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(rate), "-a", str(amplitude), "-w", str(path), text]
+    cmd = ["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(rate), "-a", str(amplitude), "-w", str(path)]
+    if pitch_range is not None:
+        cmd += ["-m", f'<speak><prosody range="{pitch_range}%">{xml_escape(text)}</prosody></speak>']
+    else:
+        cmd.append(text)
     subprocess.run(cmd, check=True, capture_output=True, timeout=60)
     return path
 

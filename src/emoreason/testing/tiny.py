@@ -113,8 +113,12 @@ def build_components(out_dir: str | Path, seed: int = 0, hidden: int = 64) -> di
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden: int = 64, stack_factor: int = 4,
-                     fusion: str = "concat") -> Path:
-    """Build components, assemble them through ``build_from_components``, save model + processor to ``out_dir``."""
+                     fusion: str = "concat", random_feature_stats: bool = False) -> Path:
+    """Build components, assemble them through ``build_from_components``, save model + processor to ``out_dir``.
+
+    The projector's feature normalisation is left unmeasured (identity; SFT measures it), unless
+    ``random_feature_stats``: then seeded non-trivial statistics are installed, so that serving tests exercise the
+    normalisation path the way a trained checkpoint does."""
     from ..modeling import build_from_components
 
     out = Path(out_dir)
@@ -123,6 +127,16 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden: int = 64, stack
     model, processor = build_from_components(
         paths["whisper"], paths["wavlm"], paths["lm"], stack_factor=stack_factor, fusion=fusion
     )
+    if random_feature_stats:
+        projector = model.model.projector
+        g = torch.Generator().manual_seed(seed + 1)
+        projector.set_feature_stats(
+            0.5 * torch.randn(projector.content_mean.shape, generator=g),
+            0.5 + 1.5 * torch.rand(projector.content_std.shape, generator=g),
+            0.5 * torch.randn(projector.paralinguistic_mean.shape, generator=g),
+            0.5 + 1.5 * torch.rand(projector.paralinguistic_std.shape, generator=g),
+            frames=1,
+        )
     model.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "emoreason_tiny.json").write_text(json.dumps({"seed": seed, "hidden": hidden, "fusion": fusion}))
@@ -136,8 +150,10 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--stack-factor", type=int, default=4)
     parser.add_argument("--fusion", default="concat", choices=["concat", "sum", "gated"])
+    parser.add_argument("--random-feature-stats", action="store_true",
+                        help="install seeded feature-normalisation statistics (serving tests); default: unmeasured")
     args = parser.parse_args(argv)
     path = build_tiny_model(args.out_dir, seed=args.seed, hidden=args.hidden, stack_factor=args.stack_factor,
-                            fusion=args.fusion)
+                            fusion=args.fusion, random_feature_stats=args.random_feature_stats)
     print(path)
     return 0

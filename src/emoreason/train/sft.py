@@ -65,6 +65,11 @@ class EmoReasonSFTConfig(SFTConfig):
     projector_lr_multiplier: float = field(
         default=1.0, metadata={"help": "the projector's learning rate is learning_rate times this"}
     )
+    feature_norm_clips: int = field(
+        default=256,
+        metadata={"help": "training clips to measure the projector's feature normalisation on (feature_norm: "
+                          "global_mvn) when the model has no statistics yet; 0: do not measure"},
+    )
     train_language_model: bool = field(
         default=True, metadata={"help": "without LoRA: train the LM in full (True) or freeze it (False)"}
     )
@@ -84,6 +89,8 @@ class EmoReasonSFTConfig(SFTConfig):
         self.remove_unused_columns = False
         if self.task_schedule not in ("round_robin", "weighted"):
             raise ValueError(f"task_schedule must be round_robin or weighted, got {self.task_schedule!r}")
+        if self.feature_norm_clips < 0:
+            raise ValueError("feature_norm_clips must be >= 0")
         if self.projector_lr_multiplier <= 0:
             raise ValueError("projector_lr_multiplier must be > 0")
         super().__post_init__()
@@ -253,6 +260,17 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
         from .feature_cache import FeatureCache
 
         feature_cache = FeatureCache.for_model(training_args.feature_cache_dir, model, processor)
+    projector, norm_summary = model.model.projector, None
+    if training_args.feature_norm_clips > 0 and projector.feature_norm == "global_mvn":
+        if projector.feature_norm_fitted:
+            logger.info("feature normalisation: keeping the statistics the model has (%d frames)",
+                        int(projector.feature_norm_frames))
+        elif checkpoint is None:  # a resumed run gets them back from its checkpoint
+            from .feature_norm import fit_feature_norm
+
+            norm_summary = fit_feature_norm(model, processor, train_rows, script_args.data_root,
+                                            feature_cache=feature_cache, max_clips=training_args.feature_norm_clips,
+                                          show_progress=not training_args.disable_tqdm)
     collator = SFTCollator(processor, script_args.data_root, max_length=training_args.max_length,
                            system_prompt=training_args.system_prompt, feature_cache=feature_cache)
 
@@ -272,6 +290,8 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
     metrics = dict(result.metrics)
     metrics["train_examples"] = len(train_dataset)
     metrics["world_size"] = training_args.world_size
+    if norm_summary:
+        metrics["feature_norm_clips"] = norm_summary["clips"]
     if feature_cache is not None:
         metrics["feature_cache_hit_batches"] = collator.cache_hits
         metrics["feature_cache_miss_batches"] = collator.cache_misses

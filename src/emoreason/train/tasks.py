@@ -269,8 +269,10 @@ def build_task_examples(
         if spec.max_examples is not None:
             task_rows = task_rows[: spec.max_examples]
         if not task_rows:
+            source = spec.records or default_records
+            where = source if isinstance(source, (str, Path)) else f"{len(load(source))} records given in memory"
             raise ValueError(
-                f"task {spec.name!r} found no usable record in {spec.records or default_records} (split {split}); "
+                f"task {spec.name!r} found no usable record in {where} ({len(records)} of split {split!r}); "
                 "see the task table in emoreason.train.tasks for what each task needs"
             )
         logger.info("task %s: %d examples", spec.name, len(task_rows))

@@ -1,0 +1,97 @@
+"""Measure the statistics of the projector's global mean-variance normalisation (``feature_norm: global_mvn``).
+
+Frozen encoders emit features whose dimensions differ wildly in offset and scale (a few large dimensions dominate a
+freshly initialised projector). Standardising each dimension with statistics of the training data, as speech toolkits
+do for their input features (ESPnet's ``GlobalMVN``, Kaldi's global CMVN), lets the projector weigh every dimension
+alike. The statistics are measured once, before SFT, over the training clips (from the feature cache when it has them,
+else by running the towers), and saved in the projector's buffers: GRPO, DPO, export and both servers reuse them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from ..data.schema import resolve_under_root
+
+logger = logging.getLogger(__name__)
+
+
+class _Moments:
+    """Running sum and sum of squares in float64 over the first (frame) axis of (..., frames, dim) tensors."""
+
+    def __init__(self):
+        self.total = self.squares = None
+        self.count = 0
+
+    def add(self, states: torch.Tensor) -> None:
+        x = states.double()
+        s, q = x.sum(-2), (x * x).sum(-2)
+        self.total = s if self.total is None else self.total + s
+        self.squares = q if self.squares is None else self.squares + q
+        self.count += states.shape[-2]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / self.count
+        var = (self.squares / self.count - mean * mean).clamp(min=0.0)
+        return mean.float(), var.sqrt().float()
+
+
+def _projector(model):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = inner.model if hasattr(inner, "model") and hasattr(inner.model, "projector") else inner
+    return inner, inner.projector
+
+
+def fit_feature_norm(model, processor, clips: Iterable[Mapping], data_root: str | os.PathLike,
+                     feature_cache=None, max_clips: int = 256, show_progress: bool = True) -> dict:
+    """Measure and install the statistics over up to ``max_clips`` distinct clips (rows with ``clip_id``/``id`` and
+    ``audio``). Returns a summary ({clips, frames, from_cache}); a model with ``feature_norm: none`` is left alone.
+
+    Every clip is encoded alone, as the feature cache does, so padding never enters the statistics. Deterministic for
+    a given list of clips: every rank of a distributed run computes the same numbers.
+    """
+    from tqdm.auto import tqdm
+
+    from .feature_cache import encode_clip
+
+    inner, projector = _projector(model)
+    if projector.feature_norm != "global_mvn":
+        return {"clips": 0, "frames": 0, "from_cache": 0}
+    chosen, seen = [], set()
+    for row in clips:
+        clip_id = row.get("clip_id") or row.get("id")
+        if clip_id in seen:
+            continue
+        seen.add(clip_id)
+        chosen.append((clip_id, row["audio"]))
+        if len(chosen) >= max_clips:
+            break
+    if not chosen:
+        raise ValueError("fit_feature_norm: no clips to measure the feature statistics on")
+    content, para = _Moments(), _Moments()
+    from_cache = 0
+    was_training = model.training
+    model.eval()
+    for clip_id, audio in tqdm(chosen, desc="feature statistics", unit="clip", disable=not show_progress):
+        if feature_cache is not None and clip_id in feature_cache:
+            states = feature_cache.get(clip_id)
+            from_cache += 1
+        else:
+            wav = processor.load(str(resolve_under_root(audio, data_root, record=clip_id)))
+            states = encode_clip(inner, processor, wav)
+        content.add(states["content"])
+        p = states["paralinguistic"]
+        para.add(p if p.dim() == 3 else p[None])  # (layers, frames, D) or (frames, D) -> one layer
+    model.train(was_training)
+    content_mean, content_std = content.result()
+    para_mean, para_std = para.result()
+    if para_mean.shape[0] != projector.paralinguistic_mean.shape[0]:  # cached all layers, the model uses the last
+        para_mean, para_std = para_mean[-1:], para_std[-1:]
+    projector.set_feature_stats(content_mean, content_std, para_mean, para_std, frames=content.count)
+    logger.info("feature normalisation: statistics from %d clips (%d content frames, %d from the feature cache)",
+                len(chosen), content.count, from_cache)
+    return {"clips": len(chosen), "frames": content.count, "from_cache": from_cache}
