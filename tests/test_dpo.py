@@ -186,7 +186,7 @@ def test_dpo_raises_the_chosen_minus_rejected_margin(tiny_model_dir, pairs_file,
           f"accuracy {before['eval_rewards/accuracies']:.2f} -> {after['eval_rewards/accuracies']:.2f}, "
           f"log-prob margin {before['eval_logps/chosen'] - before['eval_logps/rejected']:.2f} -> "
           f"{after['eval_logps/chosen'] - after['eval_logps/rejected']:.2f}")
-    assert before["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    assert before["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-3)  # policy == reference; float noise only
     assert after["eval_rewards/margins"] > 0.5
     assert after["eval_rewards/accuracies"] > 0.75
 

@@ -247,7 +247,7 @@ def test_grpo_entry_point_under_accelerate_launch(launch_config, tiny_model_dir,
 
 
 # -- learning: GRPO raises the mean reward ------------------------------------------------------------------------
-def warm_start(model_dir, records_file, data_root, out_dir, steps=20, lr=5e-3, batch_size=4):
+def warm_start(model_dir, records_file, data_root, out_dir, steps=60, lr=5e-3, batch_size=4):
     """A few plain SFT steps on short canonical answers, so that completions end (and vary) before GRPO starts."""
     import random
 

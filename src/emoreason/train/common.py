@@ -182,11 +182,23 @@ def train_and_save(trainer, processor, training_args, checkpoint: str | None, da
     if trainer.accelerator.is_main_process:
         processor.save_pretrained(training_args.output_dir)
         trainer.create_model_card(dataset_name=dataset_name, tags=["emoreason", method, "audio"])
+    trainer.accelerator.wait_for_everyone()
     return result.metrics
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group together: a rank that exits while rank 0 (which hosts the rendezvous store) is still
+    writing files can see its connection reset and exit non-zero, failing the whole `accelerate launch`."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_cli(parser, main, argv: list[str] | None = None) -> int:
     """Parse (script, training, model) arguments from a YAML recipe + command-line overrides and run ``main``."""
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     main(script_args, training_args, model_args)
+    shutdown_distributed()
     return 0

@@ -35,6 +35,7 @@ from .common import (
     get_processor,
     resolve_checkpoint,
     setup_logging,
+    shutdown_distributed,
 )
 from .tasks import TaskAlternatingSampler, build_task_examples, label_only_response, parse_task_specs
 
@@ -341,6 +342,7 @@ def cli(argv: list[str] | None = None) -> int:
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     recipe = argv[argv.index("--config") + 1] if "--config" in argv else None
     main(script_args, training_args, model_args, recipe=recipe)
+    shutdown_distributed()
     return 0
 
 
