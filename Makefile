@@ -13,12 +13,12 @@ STAMP := $(VENV)/.emoreason-installed
 
 .PHONY: setup system-deps demo test test-fast test-vllm bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# torch first, pinned to the CPU build, so nothing below pulls CUDA wheels.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
 setup: $(STAMP) system-deps
@@ -27,7 +27,7 @@ system-deps:
 	@command -v espeak-ng >/dev/null || { \
 	  echo "installing espeak-ng (synthetic speech for the demo and tests)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; }
 
 demo: setup
 	$(VENV)/bin/emoreason demo $(DEMO_ARGS)

@@ -23,9 +23,18 @@ def vllm_name(checkpoint_name: str, mapper) -> str:
     return name
 
 
+def loadable_tensors(model) -> dict:
+    """What a checkpoint fills: every parameter, plus the audio side's persistent buffers (the projector's measured
+    feature-normalisation statistics, which a trained checkpoint carries like weights)."""
+    tensors = dict(model.named_parameters())
+    tensors.update({f"audio_encoder.{name}": buffer for name, buffer in model.audio_encoder.state_dict().items()
+                    if f"audio_encoder.{name}" not in tensors})
+    return tensors
+
+
 def test_every_checkpoint_tensor_maps_to_a_parameter_and_none_is_left_over(vllm_model, checkpoint_tensors):
     model, _ = vllm_model
-    params = dict(model.named_parameters())
+    params = loadable_tensors(model)
     mapped = {name: vllm_name(name, model.hf_to_vllm_mapper) for name in checkpoint_tensors}
     homeless = sorted(name for name, target in mapped.items() if target not in params)
     assert homeless == []
@@ -39,8 +48,12 @@ def test_every_checkpoint_tensor_maps_to_a_parameter_and_none_is_left_over(vllm_
 
 def test_load_weights_fills_every_parameter_with_the_checkpoint(loaded_vllm_model, checkpoint_tensors):
     model, loaded = loaded_vllm_model
-    assert loaded == set(dict(model.named_parameters()))
-    params = dict(model.named_parameters())
+    params = loadable_tensors(model)
+    assert loaded == set(params)
+    # The measured normalisation statistics arrive too (the tiny checkpoint carries non-trivial ones).
+    assert int(params["audio_encoder.projector.feature_norm_frames"]) > 0
+    torch.testing.assert_close(params["audio_encoder.projector.content_std"],
+                               checkpoint_tensors["model.projector.content_std"])
     torch.testing.assert_close(params["audio_encoder.projector.linear_1.weight"],
                                checkpoint_tensors["model.projector.linear_1.weight"])
     lm_head = checkpoint_tensors["lm_head.weight"]  # vLLM pads the vocabulary to a multiple of 64
