@@ -19,6 +19,9 @@ ALL_STRATEGIES = ["direct", "cot_greedy", "self_consistency", "sample_distributi
 CHECKPOINT_STRATEGY = "cot_greedy"  # the one strategy every checkpoint (SFT, GRPO, DPO) is scored with
 SFT_TASKS = "emotion_reasoning:1,emotion_label:1"
 SFT_EPOCHS = 40
+# The tiny LLM's width. At 64 (the tests' size) SFT reaches the label but greedy rationales degenerate into loops
+# (format validity ~0.1); at 128 they close properly (~0.98) for ~90 s more SFT on 2 cores.
+TINY_HIDDEN = 128
 GRPO_REWARDS = ["format", "accuracy", "soft_label", "cue_grounding"]
 GRPO_WEIGHTS = [0.3, 1.0, 0.5, 0.3]
 
@@ -45,7 +48,7 @@ def base_model(ctx: DemoContext) -> dict:
     """The tiny stand-in for `build_from_components(whisper, wavlm, llm)`: the same assembly path, random weights."""
     from .testing.tiny import build_tiny_model
 
-    path = build_tiny_model(ctx.path("base-model"))
+    path = build_tiny_model(ctx.path("base-model"), hidden=TINY_HIDDEN)
     return {"path": str(path)}
 
 
@@ -118,7 +121,10 @@ def dpo(ctx: DemoContext) -> dict:
     _launch(ctx, "dpo", "dpo", [
         "--model_name_or_path", ctx.path("grpo"), "--output_dir", out,
         "--train_records", ctx.path("data", "pairs.jsonl"), "--data_root", ctx.corpus,
-        "--learning_rate", "3e-5",  # higher rates raise the margin faster but break the rationales' format
+        # Plain DPO lowers the chosen rationales' likelihood too and the tiny model's format breaks (validity 0.58 at
+        # 3e-5); an NLL term on the chosen side (RPO, Pang et al. 2024) at a gentle rate keeps most of it (0.83-0.94
+        # across runs, against 0.98 before DPO).
+        "--learning_rate", "1e-5", "--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "1.0",
     ])
     return {"path": str(out), "log": _trainer_log(out)}
 
