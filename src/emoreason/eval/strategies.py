@@ -181,6 +181,17 @@ async def _sample(ctx: StrategyContext, record: EmotionRecord, result: ItemResul
     return samples, response
 
 
+async def _voted_samples(ctx: StrategyContext, record: EmotionRecord, result: ItemResult, n: int, temperature: float,
+                         top_p: float, max_tokens: int | None, alpha: float) -> ItemResult:
+    """N sampled chains of thought, their answers voted (``alpha``: Dirichlet smoothing of the vote histogram)."""
+    samples, _ = await _sample(ctx, record, result, n, temperature, top_p, max_tokens)
+    answers = [parse(s, ctx.labels, True).answer for s in samples]
+    result.valid_samples = sum(a is not None for a in answers)
+    result.prediction, result.distribution = vote(answers, ctx.labels, alpha=alpha)
+    result.final_text = next((s for s, a in zip(samples, answers) if a == result.prediction), samples[0])
+    return result
+
+
 def mean_logprob(choice: dict) -> float:
     content = ((choice.get("logprobs") or {}).get("content")) or []
     if not content:
@@ -225,26 +236,15 @@ async def cot_greedy(ctx: StrategyContext, record: EmotionRecord, max_tokens: in
 @register_strategy("self_consistency")
 async def self_consistency(ctx: StrategyContext, record: EmotionRecord, n: int = 8, temperature: float = 0.8,
                            top_p: float = 1.0, max_tokens: int | None = None) -> ItemResult:
-    result = ItemResult(record.id, "self_consistency")
-    samples, _ = await _sample(ctx, record, result, n, temperature, top_p, max_tokens)
-    parsed = [parse(s, ctx.labels, True) for s in samples]
-    answers = [p.answer for p in parsed]
-    result.valid_samples = sum(a is not None for a in answers)
-    result.prediction, result.distribution = vote(answers, ctx.labels)
-    result.final_text = next((s for s, a in zip(samples, answers) if a == result.prediction), samples[0])
-    return result
+    return await _voted_samples(ctx, record, ItemResult(record.id, "self_consistency"), n, temperature, top_p,
+                                max_tokens, alpha=0.0)
 
 
 @register_strategy("sample_distribution")
 async def sample_distribution(ctx: StrategyContext, record: EmotionRecord, n: int = 8, temperature: float = 1.0,
                               top_p: float = 1.0, alpha: float = 0.5, max_tokens: int | None = None) -> ItemResult:
-    result = ItemResult(record.id, "sample_distribution")
-    samples, _ = await _sample(ctx, record, result, n, temperature, top_p, max_tokens)
-    answers = [parse(s, ctx.labels, True).answer for s in samples]
-    result.valid_samples = sum(a is not None for a in answers)
-    result.prediction, result.distribution = vote(answers, ctx.labels, alpha=alpha)
-    result.final_text = next((s for s, a in zip(samples, answers) if a == result.prediction), samples[0])
-    return result
+    return await _voted_samples(ctx, record, ItemResult(record.id, "sample_distribution"), n, temperature, top_p,
+                                max_tokens, alpha=alpha)
 
 
 @register_strategy("best_of_n")
