@@ -19,12 +19,11 @@ ALL_STRATEGIES = ["direct", "cot_greedy", "self_consistency", "sample_distributi
 CHECKPOINT_STRATEGY = "cot_greedy"  # the one strategy every checkpoint (SFT, GRPO, DPO) is scored with
 SFT_TASKS = "emotion_reasoning:1,emotion_label:1"
 SFT_EPOCHS = 40
-# Measured trade-offs (one demo-size SFT run each, held-out label accuracy / greedy-CoT format validity): the recipe's
-# 2e-4 at width 128 gives ~0.81 / 0.98; 1e-4 gives 0.85 / 0.60 (and DPO then breaks the format); width 64 gives 0.96
-# on the label but loops in its rationales; 60 epochs or a 1:2 reasoning:label weighting do not raise the label (0.77,
-# 0.79).
 # The tiny LLM's width. At 64 (the tests' size) SFT reaches the label but greedy rationales degenerate into loops
 # (format validity ~0.1); at 128 they close properly (~0.98) for ~90 s more SFT on 2 cores.
+# Measured alternatives (one demo-size SFT run each; held-out label accuracy / greedy-CoT format validity): width 128 at
+# the recipe's 2e-4 gives ~0.81 / 0.98; at 1e-4 0.85 / 0.60 (and DPO then breaks the format); width 64 0.96 / loops;
+# 60 epochs or a 1:2 reasoning:label weighting do not raise the label (0.77, 0.79).
 TINY_HIDDEN = 128
 GRPO_REWARDS = ["format", "accuracy", "soft_label", "cue_grounding"]
 GRPO_WEIGHTS = [0.3, 1.0, 0.5, 0.3]
