@@ -24,11 +24,9 @@ def vllm_name(checkpoint_name: str, mapper) -> str:
 
 
 def loadable_tensors(model) -> dict:
-    """What a checkpoint fills: every parameter, plus the audio side's persistent buffers (the projector's measured
-    feature-normalisation statistics, which a trained checkpoint carries like weights)."""
+    """What a checkpoint fills: every parameter, and the audio side's buffers (its normalisation statistics)."""
     tensors = dict(model.named_parameters())
-    tensors.update({f"audio_encoder.{name}": buffer for name, buffer in model.audio_encoder.state_dict().items()
-                    if f"audio_encoder.{name}" not in tensors})
+    tensors.update({f"audio_encoder.{name}": t for name, t in model.audio_encoder.loadable_state().items()})
     return tensors
 
 

@@ -171,6 +171,11 @@ class EmoReasonAudioEncoder(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)  # inference only: no dropout, LayerDrop or SpecAugment
 
+    def loadable_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor a checkpoint fills here: the parameters and the persistent buffers (the projector's measured
+        feature-normalisation statistics travel in checkpoints like weights)."""
+        return self.state_dict(keep_vars=True)
+
     def forward(self, input_features: list[torch.Tensor], input_values: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-clip features (n_mels, frames) and waveforms (samples,) -> per-clip embeddings (tokens, D_lm).
 
@@ -281,8 +286,7 @@ class EmoReasonForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsP
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        audio_params = dict(self.audio_encoder.named_parameters())
-        audio_params.update(self.audio_encoder.named_buffers())
+        audio_params = self.audio_encoder.loadable_state()
         loaded: set[str] = set()
 
         def language_model_weights():
