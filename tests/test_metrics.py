@@ -1,4 +1,4 @@
-"""The metric modules in eval/metrics, loaded offline by path, against scikit-learn / scipy on random inputs."""
+"""The metric modules shipped in emoreason/eval/metric_modules, loaded offline by path, against scikit-learn / scipy on random inputs."""
 
 from __future__ import annotations
 

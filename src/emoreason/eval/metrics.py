@@ -1,4 +1,5 @@
-"""Metric glue: strategy results + records -> the metric modules in ``eval/metrics/`` (``evaluate.load(path)``).
+"""Metric glue: strategy results + records -> the metric modules shipped in ``emoreason/eval/metric_modules/``
+(``evaluate.load(path)``, found through ``importlib.resources`` so an installed package needs no source checkout).
 
 Failed and invalid items are never dropped: they count as wrong answers (label "<invalid>") with a uniform
 distribution (maximal ignorance) in every metric, and the report lists them.
@@ -11,6 +12,7 @@ import os
 import re
 from collections.abc import Callable
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +23,21 @@ INVALID = "<invalid>"
 
 
 def metrics_dir() -> Path:
-    """``eval/metrics`` of the repository (or ``$EMOREASON_METRICS_DIR``)."""
+    """The package's ``metric_modules`` folder (or ``$EMOREASON_METRICS_DIR`` for a user's own modules)."""
     override = os.environ.get("EMOREASON_METRICS_DIR")
     if override:
         return Path(override)
-    local = Path("eval/metrics")
-    return local if local.is_dir() else Path(__file__).resolve().parents[3] / "eval" / "metrics"
+    return Path(str(resources.files("emoreason.eval") / "metric_modules"))
 
 
 @lru_cache(maxsize=None)
 def load_metric(name: str):
     import evaluate
 
-    return evaluate.load(str(metrics_dir() / name), keep_in_memory=True)
+    path = metrics_dir() / name
+    if not (path / f"{name}.py").is_file():
+        raise FileNotFoundError(f"no metric module {name!r} at {path}")
+    return evaluate.load(str(path), keep_in_memory=True)
 
 
 def reference_distribution(record: EmotionRecord, labels: tuple[str, ...]) -> list[float]:
