@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from emoreason.demo import DemoContext, Stage, StageFailed, run_stages
-from emoreason.demo_report import SECTIONS
+from emoreason.demo.context import DemoContext, Stage, StageFailed, run_stages
+from emoreason.demo.report import SECTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("emoreason.train.export:cli", "merge adapters into a standalone checkpoint"),
     "serve": ("emoreason.serve.cli:main", "OpenAI-compatible server (transformers or vLLM backend)"),
     "eval": ("emoreason.eval.cli:main", "evaluate an endpoint on a suite with test-time-scaling strategies"),
-    "demo": ("emoreason.demo:main", "the whole pipeline end to end on CPU"),
+    "demo": ("emoreason.demo.cli:main", "the whole pipeline end to end on CPU"),
 }
 
 

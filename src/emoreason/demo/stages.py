@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .demo import REPO, DemoContext, Server, Stage, StageFailed
+from .context import REPO, DemoContext, Server, Stage, StageFailed
 
 PY = sys.executable
 SELF_TEACHER_CLIPS = 8
@@ -36,8 +36,8 @@ def _read_json(path: Path) -> dict:
 
 
 def corpus(ctx: DemoContext) -> dict:
-    from .data.schema import read_records
-    from .testing.synth_corpus import synthesize
+    from ..data.schema import read_records
+    from ..testing.synth_corpus import synthesize
 
     manifest = synthesize(ctx.corpus)
     records = read_records(manifest)
@@ -49,7 +49,7 @@ def corpus(ctx: DemoContext) -> dict:
 
 def base_model(ctx: DemoContext) -> dict:
     """The tiny stand-in for `build_from_components(whisper, wavlm, llm)`: the same assembly path, random weights."""
-    from .testing.tiny import build_tiny_model
+    from ..testing.tiny import build_tiny_model
 
     path = build_tiny_model(ctx.path("base-model"), hidden=TINY_HIDDEN)
     return {"path": str(path)}
@@ -72,7 +72,7 @@ def eval_system_prompt() -> str:
     """Train with the system turn the evaluator sends: a tiny model does not generalise across system prompts."""
     import yaml
 
-    from .eval.suite import DEFAULT_PROMPTS, PromptSet
+    from ..eval.suite import DEFAULT_PROMPTS, PromptSet
 
     suite = yaml.safe_load((REPO / EVAL_SUITE).read_text())
     return PromptSet.load(REPO / suite.get("prompts", DEFAULT_PROMPTS)).system or ""
@@ -142,7 +142,7 @@ def export(ctx: DemoContext) -> dict:
 
 
 def evaluate(ctx: DemoContext) -> dict:
-    from .eval import run_suite
+    from ..eval import run_suite
 
     reports = {}
     for name in ("sft", "grpo", "dpo"):
@@ -159,7 +159,7 @@ def evaluate(ctx: DemoContext) -> dict:
 
 
 def report(ctx: DemoContext) -> dict:
-    from .demo_report import write_report
+    from .report import write_report
 
     path = write_report(ctx)
     return {"path": str(path)}
