@@ -1,12 +1,15 @@
-"""The model learns emotion from the audio: `recipes/tiny-cpu/sft.yaml` on the synthetic corpus, scored on held-out
-speakers by comparing the likelihoods of the 4 label answers, with the clips and with silence in their place.
+"""The model learns emotion from the voice: `recipes/tiny-cpu/sft.yaml` on the synthetic corpus, scored on held-out
+voices x held-out sentences (test clips whose sentence no training clip uses) by comparing the likelihoods of the 4
+label answers, with four controls (emoreason.testing.controls):
 
-The corpus carries emotion in prosody only (same sentences for every emotion), so above-chance accuracy must come from
-the audio; the silence control (one fixed length, so not even duration leaks) must fall to chance.
+- with the clips: >= 0.8 (the issue's target, 4 classes);
+- each clip's audio swapped for another test clip's with a different label: <= 0.35 (a model reading the voice
+  follows the donor);
+- silence of one fixed length in place of every clip: <= 0.35;
+- a transcript-only classifier trained on the training transcripts: <= 0.35 (every sentence is rendered in every
+  emotion, so the words say nothing).
 
-Measured (2 cores, OMP_NUM_THREADS=1, ~60 s of training with cached features, 48 held-out clips): 0.96 (seed 0) and
-0.92 (seed 1) with audio, 0.25 with silence. Without the projector's feature normalisation (`--feature_norm_clips 0`)
-the same runs reach 0.79 / 0.77 (docs/training.md).
+Measured figures are in the module's MEASURED line and in the issue's closing note; the test prints all four.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ CHANCE = 0.25
 
 
 @pytest.mark.slow
-def test_tiny_recipe_learns_emotion_from_audio_and_not_from_silence(tiny_model_dir, synth_corpus, tmp_path):
+def test_tiny_recipe_learns_emotion_from_the_voice_on_unseen_voices_and_sentences(tiny_model_dir, synth_corpus,
+                                                                                    tmp_path):
+    from emoreason.demo.controls import learning_controls
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     common = ["--config", "recipes/tiny-cpu/sft.yaml", "--model_name_or_path", str(tiny_model_dir),
               "--train_records", str(synth_corpus), "--data_root", str(synth_corpus.parent),
@@ -35,8 +41,14 @@ def test_tiny_recipe_learns_emotion_from_audio_and_not_from_silence(tiny_model_d
                               text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-6000:]
     results = json.loads((tmp_path / "run" / "all_results.json").read_text())
-    print({k: results[k] for k in ("label_accuracy", "label_accuracy_silence", "train_runtime")})
     assert results["feature_cache_miss_batches"] == 0 and results["feature_cache_hit_batches"] > 0
     assert results["feature_norm_clips"] > 0, results
-    assert results["label_accuracy"] >= 0.8, results  # the issue's target; measured 0.92-0.96
-    assert results["label_accuracy_silence"] <= CHANCE + 0.15, results
+
+    controls = learning_controls(tmp_path / "run", synth_corpus, synth_corpus.parent)
+    print("learning controls (held-out voices x held-out sentences):", json.dumps(controls),
+          "train_runtime", results["train_runtime"])
+    assert controls["clips"] >= 40
+    assert controls["transcript_only"] <= CHANCE + 0.10, controls
+    assert controls["silence"] <= CHANCE + 0.10, controls
+    assert controls["swapped_audio"] <= CHANCE + 0.10, controls
+    assert controls["audio"] >= 0.8, controls

@@ -11,7 +11,8 @@ the likelihoods of the label answers (``train.sft.label_accuracy``):
 - ``transcript_only``: a words-only classifier trained on the training transcripts (no model involved): the corpus
   itself must not give the answer away.
 
-Used by tests/test_sft_learning.py and by the demo, whose report prints the same four figures.
+Used by tests/test_sft_learning.py and by the demo, whose report prints the same four figures (it lives here, on
+top of the layers, because it needs both the training code and the synthetic corpus).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .synth_corpus import transcript_only_predictions, unseen_sentence_clips
+from ..testing.synth_corpus import transcript_only_predictions, unseen_sentence_clips
 
 
 def swap_audio(rows: list[dict], seed: int = 0) -> list[dict]:
