@@ -9,9 +9,12 @@ vote counts.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 EMOTIONS: tuple[str, ...] = (
     "neutral",
@@ -162,3 +165,43 @@ def cooccurrence_matrix(
                    for i in range(len(keys))]
     penalty = [[0.0 if i == j else 1.0 - conditional[i][j] for j in range(len(keys))] for i in range(len(keys))]
     return {"labels": keys, "counts": counts, "conditional": conditional, "penalty": penalty, "clips": len(sets)}
+
+
+def load_cooccurrence(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """A co-occurrence matrix (datagen's ``cooccurrence.json`` or the dict :func:`cooccurrence_matrix` returns),
+    checked: ``labels`` and a square ``penalty`` of matching size, every entry in [0, 1], a zero diagonal."""
+    if isinstance(source, Mapping):
+        matrix, where = dict(source), "co-occurrence matrix"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise LabelError(f"co-occurrence matrix {path} does not exist (datagen writes cooccurrence.json)")
+        try:
+            matrix = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise LabelError(f"co-occurrence matrix {path} is not JSON: {err}") from None
+        where = str(path)
+    labels, penalty = matrix.get("labels"), matrix.get("penalty")
+    if not isinstance(labels, list) or not labels or not isinstance(penalty, list) or len(penalty) != len(labels):
+        raise LabelError(f"{where}: needs 'labels' and a square 'penalty' with one row per label")
+    for i, row in enumerate(penalty):
+        if not isinstance(row, list) or len(row) != len(labels):
+            raise LabelError(f"{where}: penalty row {labels[i]!r} has {len(row) if isinstance(row, list) else row} "
+                             f"entries, expected {len(labels)}")
+        if any(not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0 for v in row) or row[i] != 0:
+            raise LabelError(f"{where}: penalty row {labels[i]!r} must hold values in [0, 1] and 0 on the diagonal")
+    return matrix
+
+
+def confusion_credit(predicted: str, reference: str, matrix: Mapping[str, Any], partial_scale: float = 0.5) -> float:
+    """Credit for answering ``predicted`` when the annotators' consensus is ``reference``, from the penalty of
+    :func:`cooccurrence_matrix`: 1 for the consensus itself; ``partial_scale * (1 - penalty[reference][predicted])``
+    for another emotion, so a confusion raters themselves make often (angry heard with frustrated) earns partial
+    credit and one they never make earns nothing. ``partial_scale`` < 1 keeps the consensus the best answer.
+    Emotions outside the matrix's labels earn 0."""
+    if predicted == reference:
+        return 1.0
+    index = {label: i for i, label in enumerate(matrix["labels"])}
+    if predicted not in index or reference not in index:
+        return 0.0
+    return partial_scale * (1.0 - float(matrix["penalty"][index[reference]][index[predicted]]))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from ..data.labels import LabelError, consensus_label, normalize_emotion
+from ..data.labels import LabelError, confusion_credit, consensus_label, load_cooccurrence, normalize_emotion
 from ..data.response_format import ParsedResponse, parse_response
 
 INVALID = 0.0  # what a malformed completion scores on every outcome reward
@@ -136,6 +136,28 @@ def distribution_reward(prompts=None, completions=(), **kwargs) -> list[float | 
         else:
             rewards.append(1.0 - jensen_shannon_divergence(parsed.distribution, shares))
     return rewards
+
+
+def make_cooccurrence_reward(matrix: str | Mapping[str, Any] = "cooccurrence.json",
+                             partial_scale: float = 0.5) -> RewardFunc:
+    """Penalisation-matrix reward: 1 for the consensus, partial credit for a confusion the annotators themselves make
+    (``data.labels.confusion_credit`` on datagen's ``cooccurrence.json``), 0 for a malformed completion."""
+    loaded = load_cooccurrence(matrix)
+
+    def cooccurrence(prompts=None, completions=(), **kwargs) -> list[float | None]:
+        n = len(completions)
+        rewards: list[float | None] = []
+        for parsed, label, dist in zip(_parsed(completions), _column(kwargs, "label", n),
+                                       _column(kwargs, "distribution", n)):
+            reference = _reference_label(label, as_mapping(dist))
+            if reference is None:
+                rewards.append(None)
+            else:
+                rewards.append(confusion_credit(parsed.answer, reference, loaded, partial_scale) if parsed.valid
+                               else INVALID)
+        return rewards
+
+    return cooccurrence
 
 
 # -- cue grounding --------------------------------------------------------------------------------------------------
@@ -353,6 +375,7 @@ REWARDS: dict[str, Callable[..., RewardFunc]] = {
     "accuracy": lambda: accuracy_reward,
     "soft_label": lambda: soft_label_reward,
     "distribution": lambda: distribution_reward,
+    "cooccurrence": make_cooccurrence_reward,
     "cue_grounding": make_cue_grounding_reward,
     "reasoning": make_reasoning_reward,
     "length": make_length_penalty,
