@@ -229,3 +229,35 @@ def test_dpo_entry_point_under_accelerate_launch(launch_config, tiny_model_dir, 
     steps = [h for h in history if "rewards/margins" in h]
     assert [h["step"] for h in steps] == [1, 2]
     assert all("text_prior/margin" in h for h in steps)
+
+
+def test_dpo_from_an_sft_adapter_uses_the_adapter_with_its_fitted_normalisation_as_reference(
+        tiny_model_dir, pairs_file, tmp_path):
+    """An SFT adapter with fitted feature statistics on a base saved before the fit: the reference ("ref" adapter)
+    projector equals the policy's, buffers included, so the reference log-probs equal the policy's at step 0."""
+    import math
+
+    from test_grpo import assert_reference_projector_is_the_policys, fitted_sft_adapter
+
+    from emoreason.train.common import EmoReasonModelArguments, get_model, get_processor
+    from emoreason.train.dpo import EmoReasonDPOConfig, load_pairs
+    from emoreason.train.dpo_trainer import AudioDPOTrainer
+
+    path, root = pairs_file
+    rows = load_pairs(str(path), str(root), "train")[:2]
+    fitted_sft_adapter(tiny_model_dir, tmp_path / "adapter")
+    model_args = EmoReasonModelArguments(model_name_or_path=str(tmp_path / "adapter"))
+    model, processor = get_model(model_args), get_processor(model_args)
+    args = EmoReasonDPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=2, max_steps=1,
+                              report_to="none", use_cpu=True, bf16=False, save_strategy="no", beta=0.1, seed=0)
+    trainer = AudioDPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                              processing_class=processor, data_root=str(root))
+    assert trainer.ref_model is None and "ref" in model.peft_config
+    assert_reference_projector_is_the_policys(model)
+    batch = trainer.data_collator(rows)
+    loss = _pair_loss(trainer, batch)
+    metrics = trainer._metrics["eval"]  # _pair_loss runs the model in eval mode
+    # policy == reference: every implicit reward is 0 and the loss is -log sigmoid(0) = log 2.
+    assert metrics["rewards/chosen"][-1] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["rewards/rejected"][-1] == pytest.approx(0.0, abs=1e-6)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)

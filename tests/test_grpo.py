@@ -295,19 +295,53 @@ def test_grpo_raises_the_mean_reward(tiny_model_dir, rl_records, tmp_path):
     assert after["eval_reward"] > before["eval_reward"] + 0.2
 
 
-def test_grpo_starts_from_an_sft_adapter_with_the_adapter_as_reference(tiny_model_dir, rl_records, tmp_path):
-    """Real recipes start from a LoRA adapter folder: it loads onto its base, keeps training, and the KL reference is
-    the adapter's frozen copy (no second model)."""
+def fitted_sft_adapter(base_dir, out_dir) -> Path:
+    """What SFT leaves behind: a LoRA adapter whose projector copy holds *fitted* (non-identity) feature-normalisation
+    statistics, on a base checkpoint saved before the fit (identity statistics)."""
     from emoreason.modeling import load_pretrained
     from emoreason.modeling.lora import apply_lora
+
+    model, _ = load_pretrained(base_dir)
+    projector = model.model.projector
+    assert not projector.feature_norm_fitted  # the saved base keeps identity statistics
+    g = torch.Generator().manual_seed(0)
+    projector.set_feature_stats(torch.randn(projector.content_mean.shape, generator=g),
+                                torch.rand(projector.content_std.shape, generator=g) + 0.5,
+                                torch.randn(projector.paralinguistic_mean.shape, generator=g),
+                                torch.rand(projector.paralinguistic_std.shape, generator=g) + 0.5, frames=1234)
+    apply_lora(model, r=4, alpha=8).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def projector_states(model) -> dict[str, dict[str, torch.Tensor]]:
+    """{adapter name or "base": projector state dict (parameters and buffers)} of a PEFT model."""
+    wrapper = model.get_base_model().model.projector
+    states = {name: module.state_dict() for name, module in wrapper.modules_to_save.items()}
+    states["base"] = wrapper.original_module.state_dict()
+    return states
+
+
+def assert_reference_projector_is_the_policys(model) -> None:
+    states = projector_states(model)
+    policy, reference, base = states["default"], states["ref"], states["base"]
+    assert policy.keys() == reference.keys() and "content_mean" in policy and "feature_norm_frames" in policy
+    assert int(policy["feature_norm_frames"]) == 1234
+    # Control: the base projector differs from the policy's (identity statistics), so equality below is not vacuous.
+    assert not torch.equal(base["content_std"], policy["content_std"])
+    for key in policy:
+        assert torch.equal(reference[key], policy[key]), f"reference projector {key} differs from the policy's"
+
+
+def test_grpo_starts_from_an_sft_adapter_with_the_adapter_as_reference(tiny_model_dir, rl_records, tmp_path):
+    """Real recipes start from a LoRA adapter folder: it loads onto its base, keeps training, and the KL reference is
+    the adapter's frozen copy (no second model), projector normalisation statistics included: KL is 0 at step 0."""
     from emoreason.train.common import EmoReasonModelArguments, get_model, get_processor
     from emoreason.train.grpo import EmoReasonGRPOConfig, load_examples
     from emoreason.train.grpo_trainer import AudioGRPOTrainer
     from emoreason.train.rewards import get_reward_funcs
 
     records_file, _, data_root = rl_records
-    base, _ = load_pretrained(tiny_model_dir)
-    apply_lora(base, r=4, alpha=8).save_pretrained(tmp_path / "adapter")
+    fitted_sft_adapter(tiny_model_dir, tmp_path / "adapter")
     model_args = EmoReasonModelArguments(model_name_or_path=str(tmp_path / "adapter"))
     model, processor = get_model(model_args), get_processor(model_args)
     rows = load_examples(str(records_file), str(data_root), "train", max_records=2)
@@ -317,6 +351,7 @@ def test_grpo_starts_from_an_sft_adapter_with_the_adapter_as_reference(tiny_mode
     trainer = AudioGRPOTrainer(model=model, reward_funcs=get_reward_funcs(args.reward_funcs), args=args,
                                train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
     assert trainer.ref_model is None and "ref" in model.peft_config  # TRL's frozen copy of the SFT adapter
+    assert_reference_projector_is_the_policys(model)
     assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
     trainer.train()
     # The reference pass ran (KL logged) through the adapter's frozen copy, equal to the policy at the start.

@@ -25,7 +25,7 @@ import torch
 from trl import DPOTrainer
 
 from ..data.collators import SFTCollator
-from .grpo_trainer import pin_reference_attention
+from .grpo_trainer import pin_reference_attention, sync_reference_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class AudioDPOTrainer(DPOTrainer):
         super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          **kwargs)
+        sync_reference_adapter(self.model)  # TRL's "ref" adapter copy misses the projector's normalisation buffers
         self._audio_token_id = processing_class.audio_token_id
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):

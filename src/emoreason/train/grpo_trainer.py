@@ -71,6 +71,39 @@ def pin_reference_attention(model, args) -> None:
         args.model_init_kwargs = init_kwargs
 
 
+def sync_reference_adapter(model, source: str = "default", target: str = "ref") -> int:
+    """Make PEFT's ``target`` adapter an exact copy of ``source``: parameters *and buffers*. Returns how many tensors
+    were copied (0 when the model has no ``target`` adapter).
+
+    Started from a saved adapter, TRL's GRPO/DPO trainers add a frozen "ref" adapter and copy the "default" adapter's
+    parameters into it. A ``modules_to_save`` module (our projector) gets its "ref" copy from the *base* module, and
+    the copy loop skips buffers, so the reference projector keeps the base's feature-normalisation statistics
+    (identity when SFT saved its base before measuring them) while the policy uses the fitted ones: the reference
+    would hear differently normalised audio, GRPO's KL would not start at 0 and DPO's reference log-probs would be
+    biased. Copying every tensor makes reference and policy identical at step 0.
+    """
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(peft_config, dict) or target not in peft_config:
+        return 0
+    src, dst = f".{source}.", f".{target}."
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    copied = 0
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if src not in name:
+                continue
+            twin = tensors.get(name.replace(src, dst))
+            if twin is None:
+                raise RuntimeError(f"the {target!r} adapter has no copy of {name}; cannot build the reference")
+            if twin.shape != tensor.shape:
+                raise RuntimeError(f"{name}: the {target!r} copy has shape {tuple(twin.shape)}, "
+                                   f"{source!r} has {tuple(tensor.shape)}")
+            twin.copy_(tensor)
+            copied += 1
+    return copied
+
+
 class AudioGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` for :class:`~emoreason.modeling.EmoReasonForConditionalGeneration` (see the module docstring).
 
@@ -95,6 +128,7 @@ class AudioGRPOTrainer(GRPOTrainer):
         finally:
             if borrowed:
                 del config.image_token_id
+        sync_reference_adapter(self.model)
         self._audio_batch: dict[str, torch.Tensor] | None = None
         self._audio_token_id = self.processing_class.audio_token_id
         names = list(self.reward_func_names)
