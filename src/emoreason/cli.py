@@ -14,7 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth-corpus": ("emoreason.testing.synth_corpus:cli", "synthesise the espeak-ng emotional corpus"),
     "datagen": ("emoreason.datagen.cli:main", "corpora -> reasoning training records (rationales, filters, pairs)"),
     "train": ("emoreason.train.cli:main", "train: `emoreason train {sft,grpo,dpo} --config recipe.yaml`"),
-    "cache-features": ("emoreason.train.feature_cache:cli", "precompute frozen encoder outputs for training"),
+    "cache-features": ("emoreason.train.cli:cache_features", "precompute frozen encoder outputs for training"),
     "export": ("emoreason.train.export:cli", "merge adapters into a standalone checkpoint"),
     "serve": ("emoreason.serve.cli:main", "OpenAI-compatible server (transformers or vLLM backend)"),
     "eval": ("emoreason.eval.cli:main", "evaluate an endpoint on a suite with test-time-scaling strategies"),

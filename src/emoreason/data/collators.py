@@ -1,7 +1,8 @@
 """Collators: dataset rows (see :func:`emoreason.train.tasks.example_from_record`) -> model batches.
 
-:class:`SFTCollator` renders each row as a chat (user: the clip + the instruction; assistant: the response) with the
-processor's chat template, expands the clip's `<audio>` placeholder to its token count, tokenizes prompt and
+:class:`SFTCollator` renders each row as the conversation every stage shares
+(:func:`emoreason.data.conversation.build_conversation`: user = the clip + dialogue context + instruction; assistant =
+the response) with the processor's chat template, expands the clip's `<audio>` placeholder to its token count, tokenizes prompt and
 completion separately (so the loss mask is exact whatever the tokenizer merges) and right-pads. Labels are -100 on the
 prompt, the audio and the padding: the loss is on the response only. Audio is loaded from ``data_root`` (paths stay
 under it) and batched by the processor, padded to the longest clip of the batch, never to 30 s.
@@ -21,8 +22,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..modeling.audio_tokens import HOP_LENGTH
 from .audio import TARGET_SAMPLE_RATE
+from .conversation import build_conversation
 from .schema import resolve_under_root
 
 logger = logging.getLogger(__name__)
@@ -33,20 +34,6 @@ IGNORE_INDEX = -100
 class FeatureLookup(Protocol):
     def lookup(self, clip_ids: Sequence[str]) -> dict[str, Any] | None:
         """Padded ``content_states`` / ``paralinguistic_states`` + ``num_samples`` per clip, or None if any is missing."""
-
-
-def build_messages(instruction: str, response: str | None = None, system_prompt: str | None = None,
-                   context: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """The chat of one example: optional system prompt, the user turn (clip first, then the instruction), and the
-    assistant's response when given. ``context`` (prior dialogue turns) goes before the instruction."""
-    messages: list[dict[str, Any]] = []
-    if system_prompt:
-        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    text = "\n".join([*(f"Context: {c}" for c in context), instruction])
-    messages.append({"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": text}]})
-    if response is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
-    return messages
 
 
 class SFTCollator:
@@ -72,18 +59,21 @@ class SFTCollator:
         self.silence_seconds = silence_seconds
         self.cache_hits = 0
         self.cache_misses = 0
+        # Samples per mel frame, from the processor's own feature extractor (data never imports modeling).
+        self.hop_length = int(processor.feature_extractor.hop_length)
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set one (e.g. the eos token) before training")
 
     # -- text -------------------------------------------------------------------------------------------------
+    def messages(self, example: Mapping[str, Any], response: str | None = None) -> list[dict[str, Any]]:
+        """The row's conversation (the prompt builder every stage shares), with ``response`` as the assistant turn."""
+        return build_conversation(example["instruction"], context=example.get("context") or (),
+                                  system_prompt=self.system_prompt, response=response)
+
     def render(self, example: Mapping[str, Any]) -> tuple[str, str]:
         """(prompt text with one `<audio>`, completion text including the end-of-turn marker)."""
-        prompt_messages = build_messages(example["instruction"], None, self.system_prompt, example.get("context") or ())
-        prompt = self.processor.apply_chat_template(prompt_messages, add_generation_prompt=True)
-        full = self.processor.apply_chat_template(
-            build_messages(example["instruction"], example["response"], self.system_prompt,
-                           example.get("context") or ())
-        )
+        prompt = self.processor.apply_chat_template(self.messages(example), add_generation_prompt=True)
+        full = self.processor.apply_chat_template(self.messages(example, example["response"]))
         if full.startswith(prompt):
             return prompt, full[len(prompt):]
         # Templates that rewrite earlier turns (e.g. stripping reasoning) break the prefix property.
@@ -103,7 +93,7 @@ class SFTCollator:
             if cached is not None:
                 self.cache_hits += 1
                 num_samples = [int(n) for n in cached["num_samples"]]
-                mel = [n // HOP_LENGTH for n in num_samples]
+                mel = [n // self.hop_length for n in num_samples]
                 batch = {
                     "content_states": cached["content_states"],
                     "paralinguistic_states": cached["paralinguistic_states"],

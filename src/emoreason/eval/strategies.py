@@ -24,13 +24,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..data.conversation import input_audio_part, record_conversation
 from ..data.response_format import ANSWER_RE, ParsedResponse, parse_response
 from ..data.schema import EmotionRecord
-from ..serve.audio_inputs import encode_audio_part
 from .client import EndpointClient
-from .suite import PromptSet
+
+if TYPE_CHECKING:  # suite.py imports this module to validate strategy names
+    from .suite import PromptSet
 
 
 @dataclass
@@ -72,7 +74,7 @@ class StrategyContext:
             return {"type": "audio_url", "audio_url": {"url": path.as_uri()}}
         if not path.is_file():
             raise FileNotFoundError(f"audio of record {record.id} not found: {path}")
-        return encode_audio_part(path)
+        return input_audio_part(path)
 
     def messages(self, record: EmotionRecord, style: str) -> list[dict]:
         if style not in self.prompts.styles:
@@ -80,9 +82,8 @@ class StrategyContext:
         text = self.prompts.styles[style].format(labels=", ".join(self.labels))
         if self.include_transcript and record.transcript and self.prompts.transcript:
             text = self.prompts.transcript.format(transcript=record.transcript) + "\n" + text
-        messages = [{"role": "system", "content": self.prompts.system}] if self.prompts.system else []
-        messages.append({"role": "user", "content": [self.audio_part(record), {"type": "text", "text": text}]})
-        return messages
+        # The conversation training used (emoreason.data.conversation): system, clip, dialogue context, instruction.
+        return record_conversation(record, text, system_prompt=self.prompts.system, audio=self.audio_part(record))
 
     async def ask(self, result: ItemResult, **request: Any) -> dict:
         request.setdefault("max_tokens", self.max_tokens)

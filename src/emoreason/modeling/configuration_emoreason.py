@@ -8,12 +8,13 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig
 
+from .fusion import get_fusion
+
 try:
     from transformers.configuration_utils import SubConfigSpec
 except ImportError:  # transformers < 5.20 (the version vLLM pins): sub-configs are resolved in __post_init__
     SubConfigSpec = None
 
-FUSIONS = ("concat", "sum", "gated")
 FEATURE_NORMS = ("global_mvn", "none")
 DEFAULT_SUB_CONFIG_TYPES = {"content_config": "whisper", "paralinguistic_config": "wavlm", "text_config": "qwen2"}
 PARALINGUISTIC_TYPES = ("wavlm", "hubert", "wav2vec2", "data2vec-audio", "unispeech-sat")
@@ -26,7 +27,8 @@ class EmoReasonConfig(PreTrainedConfig):
     paralinguistic_config: config of a self-supervised speech model (how they are said).
     text_config: config of any causal language model (Qwen2, Llama, Gemma, ...).
     stack_factor: encoder frames (50 Hz) stacked into one audio token; 4 gives 12.5 tokens per second.
-    fusion: how the two towers combine per frame: "concat", "sum" (both projected then added) or "gated".
+    fusion: how the two towers combine per frame, a name in emoreason.modeling.fusion.FUSION_MODES: "concat", "sum"
+        (both projected then added) or "gated".
     projector_hidden_size: width of the projector MLP (0: the language model's hidden size).
     feature_norm: "global_mvn" (default) standardises each tower output dimension with a mean and standard deviation
         measured on training clips before SFT (as ESPnet's GlobalMVN does for input features; statistics live in the
@@ -51,7 +53,7 @@ class EmoReasonConfig(PreTrainedConfig):
     paralinguistic_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     stack_factor: int = 4
-    fusion: Literal["concat", "sum", "gated"] = "concat"
+    fusion: str = "concat"  # a key of FUSION_MODES (a registry, so not a Literal)
     projector_hidden_size: int = 0
     projector_hidden_act: str = "gelu"
     feature_norm: Literal["global_mvn", "none"] = "global_mvn"
@@ -70,8 +72,7 @@ class EmoReasonConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.auto_map is None:
             self.auto_map = {}
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        get_fusion(self.fusion)  # raises with the known modes
         if self.feature_norm not in FEATURE_NORMS:
             raise ValueError(f"feature_norm must be one of {FEATURE_NORMS}, got {self.feature_norm!r}")
         if self.stack_factor < 1:

@@ -27,6 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from .audio_tokens import num_encoder_frames_from_mel
 from .configuration_emoreason import EmoReasonConfig
+from .fusion import get_fusion
 
 
 class AudioPlaceholderError(ValueError):
@@ -111,13 +112,8 @@ class EmoReasonProjector(nn.Module):
         self.register_buffer("paralinguistic_mean", torch.zeros(para_layers, para_dim))
         self.register_buffer("paralinguistic_std", torch.ones(para_layers, para_dim))
         self.register_buffer("feature_norm_frames", torch.zeros((), dtype=torch.long))
-        if self.fusion == "concat":
-            frame_dim = content_dim + para_dim
-        else:
-            frame_dim = content_dim
-            self.paralinguistic_proj = nn.Linear(para_dim, content_dim)
-            if self.fusion == "gated":
-                self.gate = nn.Linear(content_dim + para_dim, content_dim)
+        self._fusion = get_fusion(self.fusion)  # emoreason.modeling.fusion: adds the mode's layers, fixed names
+        frame_dim = self._fusion.build(self, content_dim, para_dim)
         self.linear_1 = nn.Linear(frame_dim * config.stack_factor, hidden)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(hidden, text_dim)
@@ -171,15 +167,7 @@ class EmoReasonProjector(nn.Module):
 
         ``paralinguistic`` is the output of :meth:`mix_layers` (already normalised); ``content`` is normalised here."""
         content = self.normalize_content(content)
-        if self.fusion == "concat":
-            frames = torch.cat([content, paralinguistic], dim=-1)
-        else:
-            para = self.paralinguistic_proj(paralinguistic)
-            if self.fusion == "sum":
-                frames = content + para
-            else:
-                gate = torch.sigmoid(self.gate(torch.cat([content, paralinguistic], dim=-1)))
-                frames = gate * content + (1 - gate) * para
+        frames = self._fusion.fuse(self, content, paralinguistic)
         # Frames past a clip's end are zeroed so a clip's tokens never depend on what it was batched with.
         frames = frames * frame_mask.unsqueeze(-1).to(frames.dtype)
         batch, length, dim = frames.shape

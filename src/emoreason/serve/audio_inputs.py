@@ -3,7 +3,8 @@
 Accepted parts: ``{"type": "input_audio", "input_audio": {"data": <base64>, "format": "wav"}}`` (wav / flac / mp3 /
 ogg, sniffed by libsndfile whatever ``format`` says) and ``{"type": "audio_url", "audio_url": {"url": ...}}`` with a
 ``data:`` URL or a ``file://`` URL under the server's allowed audio root. The server never fetches ``http(s)`` URLs:
-a client that has a URL downloads it and sends the bytes.
+a client that has a URL downloads it and sends the bytes. The encoding side (file -> ``input_audio`` part) is
+:func:`emoreason.data.conversation.input_audio_part`, beside the prompt builder, so clients need nothing from here.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from ..data.audio import AudioError, load_audio
+from ..data.conversation import input_audio_part as encode_audio_part  # noqa: F401  (clients' name; lives in data)
 
 AUDIO_PART_TYPES = ("input_audio", "audio_url", "audio")
 
@@ -81,13 +83,3 @@ def decode_audio_part(part: dict, allowed_root: str | os.PathLike | None = None,
         scheme = urlparse(url).scheme or "(none)"
         raise AudioInputError(f"{where}: URL scheme {scheme!r} is not supported; send data: or file:// URLs")
     raise AudioInputError(f"{where}: unsupported content part type {kind!r}")
-
-
-def encode_audio_part(path_or_bytes: str | os.PathLike | bytes, fmt: str | None = None) -> dict:
-    """The ``input_audio`` part for a file or encoded bytes (what clients, the evaluator included, send)."""
-    if isinstance(path_or_bytes, (bytes, bytearray)):
-        raw, fmt = bytes(path_or_bytes), fmt or "wav"
-    else:
-        path = Path(path_or_bytes)
-        raw, fmt = path.read_bytes(), fmt or path.suffix.lstrip(".").lower() or "wav"
-    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(raw).decode("ascii"), "format": fmt}}

@@ -18,6 +18,7 @@ import torch
 from trl import ModelConfig, ScriptArguments
 
 from ..modeling import EmoReasonForConditionalGeneration, EmoReasonProcessor, build_from_components
+from ..modeling.fusion import FUSION_MODES
 from ..modeling.lora import language_model_lora_config
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class EmoReasonModelArguments(ModelConfig):
     )
     language_model: str | None = field(default=None, metadata={"help": "causal LM (e.g. Qwen/Qwen2.5-7B-Instruct)"})
     stack_factor: int = field(default=4, metadata={"help": "50 Hz encoder frames per audio token"})
-    fusion: str = field(default="concat", metadata={"help": "concat | sum | gated"})
+    fusion: str = field(default="concat", metadata={"help": f"fusion mode: {' | '.join(FUSION_MODES)}"})
     projector_hidden_size: int = field(default=0, metadata={"help": "0: the LM's hidden size"})
     train_content_encoder: bool = field(default=False)
     train_paralinguistic_encoder: bool = field(default=False)
@@ -50,8 +51,8 @@ class EmoReasonModelArguments(ModelConfig):
                 "model: set model_name_or_path to an EmoReason checkpoint, or all three of content_encoder, "
                 "paralinguistic_encoder and language_model"
             )
-        if self.fusion not in ("concat", "sum", "gated"):
-            raise ValueError(f"model: fusion must be concat, sum or gated, got {self.fusion!r}")
+        if self.fusion not in FUSION_MODES:
+            raise ValueError(f"model: fusion must be one of {', '.join(FUSION_MODES)}, got {self.fusion!r}")
 
 
 @dataclass

@@ -21,6 +21,7 @@ import datasets
 import transformers
 from trl import DPOConfig, TrlParser
 
+from ..data.conversation import INSTRUCTION_POOLS, choose_instruction
 from ..data.schema import read_records, resolve_under_root
 from .common import (
     EmoReasonModelArguments,
@@ -33,7 +34,6 @@ from .common import (
     setup_logging,
     train_and_save,
 )
-from .tasks import DEFAULT_INSTRUCTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def load_pairs(path: str, data_root: str, split: str | None = "train", kind_weig
     Audio paths are checked to stay under ``data_root`` here, so a bad manifest fails before training starts.
     """
     rng = random.Random(seed)
-    pool = DEFAULT_INSTRUCTIONS["emotion_reasoning"]
+    pool = INSTRUCTION_POOLS["emotion_reasoning"]
     kind_weights = dict(kind_weights or {})
     rows, records = [], 0
     for record in read_records(path):
@@ -93,7 +93,7 @@ def load_pairs(path: str, data_root: str, split: str | None = "train", kind_weig
         if not record.response or not rejected:
             continue
         resolve_under_root(record.audio, data_root, record=record.id)
-        instruction = record.instruction or rng.choice(pool)
+        instruction = choose_instruction(record, "emotion_reasoning", pool, rng)
         for i, item in enumerate(rejected[:max_rejected] if max_rejected else rejected):
             text, kind = (item, "unknown") if isinstance(item, str) else (item.get("text"), item.get("kind", "unknown"))
             if not text:

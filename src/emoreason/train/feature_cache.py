@@ -1,6 +1,7 @@
 """Cached encoder features: run the frozen towers once, train many epochs on their outputs.
 
     emoreason cache-features --config recipes/<model>/sft.yaml [--feature_cache_dir DIR] [--field value ...]
+    (the command line lives in emoreason.train.cli: it parses the SFT recipe)
 
 When both encoders are frozen, what they output for a clip never changes, so a training step only needs the projector
 and the language model. This command encodes every clip of the recipe's records once, **alone** (a clip's Whisper
@@ -23,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..data.schema import EmotionRecord, read_records, resolve_under_root
+from ..data.schema import EmotionRecord, resolve_under_root
 
 logger = logging.getLogger(__name__)
 
@@ -212,38 +212,3 @@ def cache_features(model, processor, records: Iterable[EmotionRecord], data_root
     flush()
     logger.info("feature cache %s: %d clips (%d new)", folder, len(index), len(todo))
     return folder
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """Parse the same recipe as training; encode the clips of its train/eval records and every task's records."""
-    from .common import get_model, get_processor
-    from .sft import make_parser
-    from .tasks import parse_task_specs
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = {"--shard_size": 256, "--cache_dtype": None}
-    for flag in list(extra):
-        if flag in argv:
-            i = argv.index(flag)
-            extra[flag] = argv[i + 1]
-            del argv[i : i + 2]
-    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not training_args.feature_cache_dir:
-        print("cache-features: set feature_cache_dir in the recipe or with --feature_cache_dir DIR", file=sys.stderr)
-        return 2
-    if model_args.train_content_encoder or model_args.train_paralinguistic_encoder:
-        print("cache-features: the recipe trains an encoder; cached features would go stale", file=sys.stderr)
-        return 2
-    sources = [script_args.train_records, script_args.eval_records]
-    sources += [s.records for s in parse_task_specs(training_args.tasks)]
-    records = [r for src in dict.fromkeys(s for s in sources if s) for r in read_records(src)]
-    processor = get_processor(model_args)
-    model = get_model(model_args, processor)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    dtype = getattr(torch, extra["--cache_dtype"]) if extra["--cache_dtype"] else None
-    folder = cache_features(model, processor, records, script_args.data_root, training_args.feature_cache_dir,
-                            shard_size=int(extra["--shard_size"]), dtype=dtype)
-    print(folder)
-    return 0

@@ -21,7 +21,7 @@ import datasets
 import transformers
 from trl import GRPOConfig, TrlParser
 
-from ..data.collators import build_messages
+from ..data.conversation import INSTRUCTION_POOLS, audio_placeholder, choose_instruction, record_conversation
 from ..data.labels import consensus_label
 from ..data.schema import EmotionRecord, read_records
 from .common import (
@@ -35,8 +35,7 @@ from .common import (
     setup_logging,
     train_and_save,
 )
-from .rewards import REWARDS, get_reward_funcs
-from .tasks import DEFAULT_INSTRUCTIONS
+from .rewards import REWARDS, get_reward_funcs, probe_reward_funcs
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +73,12 @@ class EmoReasonGRPOConfig(GRPOConfig):
 # -- data -----------------------------------------------------------------------------------------------------------
 def record_to_example(record: EmotionRecord, data_root: str | Path, instruction: str,
                       system_prompt: str | None = None) -> dict[str, Any]:
-    """One GRPO row: the prompt (clip + instruction, the clip's path inside its audio part) and the reward columns.
-
-    ``distribution`` and ``cues`` are JSON text so Arrow keeps each record's own keys.
+    """One GRPO row: the prompt (the shared conversation, the clip's path inside its audio part) and the reward
+    columns. ``distribution`` and ``cues`` are JSON text so Arrow keeps each record's own keys.
     """
-    messages = build_messages(instruction, None, system_prompt, record.context)
-    for part in messages[-1]["content"]:
-        if part["type"] == "audio":
-            part["audio"] = str(record.audio_path(data_root))
+    audio = audio_placeholder(record.audio_path(data_root))
     return {
-        "prompt": messages,
+        "prompt": record_conversation(record, instruction, system_prompt=system_prompt, audio=audio),
         "id": record.id,
         "label": record.label or consensus_label(record.distribution) or "",
         "distribution": json.dumps(record.distribution),
@@ -98,15 +93,14 @@ def load_examples(path: str, data_root: str, split: str | None, system_prompt: s
 
     A record's own instruction is kept; others draw one from the emotion-reasoning pool (seeded)."""
     rng = random.Random(seed)
-    pool = DEFAULT_INSTRUCTIONS["emotion_reasoning"]
+    pool = INSTRUCTION_POOLS["emotion_reasoning"]
     rows = []
     for record in read_records(path):
         if split is not None and record.split != split:
             continue
         if not (record.label or record.distribution):
             continue
-        instruction = record.instruction if record.task in (None, "emotion_reasoning") and record.instruction \
-            else rng.choice(pool)
+        instruction = choose_instruction(record, "emotion_reasoning", pool, rng)
         rows.append(record_to_example(record, data_root, instruction, system_prompt))
         if max_records is not None and len(rows) >= max_records:
             break
@@ -143,11 +137,13 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonGRPOConf
         logger.info("resuming from %s", checkpoint)
     # data
     train_dataset, eval_dataset = get_dataset(script_args, training_args)
+    # rewards: a remote judge that does not answer stops the run here, before the model loads
+    reward_funcs = get_reward_funcs(training_args.reward_funcs, training_args.reward_kwargs)
+    probe_reward_funcs(reward_funcs)
     # model
     processor = get_processor(model_args)
     model = get_model(model_args, processor)
     peft_config = None if hasattr(model, "peft_config") else get_peft_config(model_args)
-    reward_funcs = get_reward_funcs(training_args.reward_funcs, training_args.reward_kwargs)
     # trainer
     trainer = AudioGRPOTrainer(
         model=model,

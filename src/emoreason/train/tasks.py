@@ -15,10 +15,10 @@ task                   target                                                   
 =====================  ===========================================================  ==============================
 
 A recipe lists the tasks it trains with, each with a weight, an optional records file of its own and an optional
-instruction pool (default pools below). :class:`TaskAlternatingSampler` then orders the examples so that every batch
-holds one task, alternating on a schedule (``round_robin``: a fixed interleave in proportion to the weights;
-``weighted``: each batch's task drawn at random with those weights), and, within a task, clips of similar duration
-share a batch.
+instruction pool (default: :data:`emoreason.data.conversation.INSTRUCTION_POOLS`). :class:`TaskAlternatingSampler`
+then orders the examples so that every batch holds one task, alternating on a schedule (``round_robin``: a fixed
+interleave in proportion to the weights; ``weighted``: each batch's task drawn at random with those weights), and,
+within a task, clips of similar duration share a batch.
 
 The dataset rows built here (:func:`build_task_examples`) are what :class:`emoreason.data.collators.SFTCollator`
 consumes; GRPO/DPO reuse :func:`build_task_examples` for their prompts.
@@ -37,47 +37,10 @@ from typing import Any
 
 from torch.utils.data import Sampler
 
+from ..data.conversation import INSTRUCTION_POOLS, choose_instruction
 from ..data.schema import EmotionRecord, read_records
 
 logger = logging.getLogger(__name__)
-
-# -- instruction pools ----------------------------------------------------------------------------------------
-DEFAULT_INSTRUCTIONS: dict[str, tuple[str, ...]] = {
-    "emotion_reasoning": (
-        "What emotion does the speaker express? Explain your reasoning from the voice and the words, then answer.",
-        "Listen to the clip. Reason about the speaker's tone, pitch, energy and pace, then name the emotion.",
-        "Which emotion is in this voice? Think about the acoustic cues and the transcript before answering.",
-        "Describe the evidence for the speaker's emotional state, then give your answer.",
-    ),
-    "emotion_label": (
-        "What emotion does the speaker express? Answer with one word.",
-        "Name the speaker's emotion.",
-        "Which emotion do you hear in this voice? Reply with the emotion only.",
-        "Classify the emotion of the speech.",
-    ),
-    "transcription": (
-        "Transcribe the speech.",
-        "Write down exactly what the speaker says.",
-        "What are the words in this clip?",
-    ),
-    "prosody.pitch": (
-        "Is the speaker's pitch low, normal or high?",
-        "How high is the speaker's voice? Answer low, normal or high.",
-    ),
-    "prosody.energy": (
-        "Is the speaker's voice soft, normal or loud?",
-        "How loud does the speaker talk? Answer soft, normal or loud.",
-    ),
-    "prosody.rate": (
-        "Does the speaker talk slowly, at a normal pace or fast?",
-        "How fast does the speaker talk? Answer slow, normal or fast.",
-    ),
-    "captioning": (
-        "Describe the speaker's voice.",
-        "Write a one-sentence caption of how this clip sounds.",
-        "Describe the speech: who speaks, how, and with which emotion.",
-    ),
-}
 
 PROSODY_ATTRIBUTES = ("pitch", "energy", "rate")
 _CUE_NOUNS = {"pitch": "pitch", "energy": "volume", "rate": "speaking rate"}
@@ -172,8 +135,8 @@ class TaskSpec:
 
     def pool(self, key: str) -> Sequence[str]:
         if isinstance(self.instructions, Mapping):
-            return self.instructions.get(key) or DEFAULT_INSTRUCTIONS[key]
-        return self.instructions or DEFAULT_INSTRUCTIONS[key]
+            return self.instructions.get(key) or INSTRUCTION_POOLS[key]
+        return self.instructions or INSTRUCTION_POOLS[key]
 
 
 def parse_task_specs(tasks: Any) -> list[TaskSpec]:
@@ -215,13 +178,15 @@ def parse_task_specs(tasks: Any) -> list[TaskSpec]:
 
 # -- dataset rows ----------------------------------------------------------------------------------------------
 def example_from_record(record: EmotionRecord, task: str, instruction: str, response: str) -> dict[str, Any]:
-    """The dataset row the collators read (one clip, one instruction, one target)."""
+    """The dataset row the collators read (one clip, its dialogue context, one instruction, one target); the
+    collator turns it into the conversation with :func:`emoreason.data.conversation.build_conversation`."""
     return {
         "id": f"{record.id}:{task}",
         "clip_id": record.id,
         "audio": record.audio,
         "duration": float(record.duration),
         "task": task,
+        "context": list(record.context),
         "instruction": instruction,
         "response": response,
         "label": record.label or "",
@@ -237,9 +202,9 @@ def build_task_examples(
 ) -> list[dict[str, Any]]:
     """Derive every task's rows from the records (a task's own ``records`` file, or ``default_records``).
 
-    ``split`` keeps only records of that split (None: all). Instructions are drawn from each task's pool with a
-    seeded generator, so the same recipe yields the same rows. A record that carries its own ``instruction`` for the
-    task (written by ``datagen``) keeps it.
+    ``split`` keeps only records of that split (None: all). Instructions come from
+    :func:`emoreason.data.conversation.choose_instruction`: a record's own instruction for the task (written by
+    ``datagen``), else one drawn from the task's pool with a seeded generator, so the same recipe yields the same rows.
     """
     cache: dict[str, list[EmotionRecord]] = {}
 
@@ -263,9 +228,8 @@ def build_task_examples(
             if built is None:
                 continue
             pool_key, response = built
-            instruction = record.instruction if record.task == spec.name and record.instruction else None
-            task_rows.append(example_from_record(record, spec.name, instruction or rng.choice(spec.pool(pool_key)),
-                                                 response))
+            instruction = choose_instruction(record, spec.name, spec.pool(pool_key), rng)
+            task_rows.append(example_from_record(record, spec.name, instruction, response))
         if spec.max_examples is not None:
             task_rows = task_rows[: spec.max_examples]
         if not task_rows:
