@@ -1,7 +1,8 @@
 """Rejection filters for teacher rationales. Each returns ``None`` (pass) or ``(reason, detail)``.
 
 Filters are a registry (``FILTERS``) applied in order; the first failure is the recorded reason. Answers are read
-with the shared :func:`~emoreason.data.response_format.parse_response`, the parser rewards and metrics use.
+with the shared :func:`~emoreason.data.response_format.parse_response` and cue claims with
+:func:`~emoreason.data.cues.contradictions`: the parsers the GRPO rewards and the evaluator's metrics use.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from ..data.cues import contradictions
 from ..data.response_format import ParsedResponse, parse_response
 from ..data.schema import EmotionRecord
 
@@ -36,70 +38,6 @@ class Candidate:
 LEAK_RE = re.compile(
     r"\b(annotat\w*|rater\w*|raters?|votes?|voted|voting|the label\w*|labell?ed|ground[- ]truth|metadata|"
     r"the description|as described|seed description|according to the (?:data|cues list))\b", re.I)
-
-# dimension -> (keywords, {surface word: level})
-CUE_CLAIMS: dict[str, tuple[re.Pattern, dict[str, str]]] = {
-    "intonation": (re.compile(r"\b(intonation|contour|melody|inflection)\b", re.I),
-                   {"rising": "rising", "rises": "rising", "upward": "rising", "falling": "falling",
-                    "falls": "falling", "downward": "falling", "rise-fall": "rise-fall", "fall-rise": "fall-rise",
-                    "flat": "flat", "level": "flat"}),
-    "pitch_variation": (re.compile(r"\b(variation|variability|range|modulation)\b", re.I),
-                        {"monotone": "monotone", "narrow": "monotone", "limited": "monotone",
-                         "expressive": "expressive", "wide": "expressive", "lively": "expressive",
-                         "normal": "normal", "moderate": "normal", "average": "normal"}),
-    "pitch_level": (re.compile(r"\b(pitch|pitched|f0)\b", re.I),
-                    {"low": "low", "lower": "low", "deep": "low", "high": "high", "higher": "high",
-                     "raised": "high", "elevated": "high", "normal": "normal", "moderate": "normal",
-                     "average": "normal", "medium": "normal", "mid-range": "normal"}),
-    "energy_level": (re.compile(r"\b(volume|loudness|energy|intensity|loud|loudly|quiet|quietly|soft|softly)\b",
-                                re.I),
-                     {"soft": "soft", "softly": "soft", "quiet": "soft", "quietly": "soft", "low": "soft",
-                      "loud": "loud", "loudly": "loud", "high": "loud", "raised": "loud", "normal": "normal",
-                      "moderate": "normal", "average": "normal", "medium": "normal"}),
-    "rate_level": (re.compile(r"\b(rate|pace|tempo|speed|speaks|talks|speaking)\b", re.I),
-                   {"slow": "slow", "slowly": "slow", "unhurried": "slow", "fast": "fast", "quick": "fast",
-                    "quickly": "fast", "rapid": "fast", "rapidly": "fast", "hurried": "fast", "normal": "normal",
-                    "moderate": "normal", "average": "normal", "medium": "normal"}),
-}
-_CLAUSE_SPLIT = re.compile(r"[.;:!?\n]|,|\b(?:and|but|while|although|though|whereas|with)\b", re.I)
-_NEGATION = re.compile(r"\b(not|n't|no|never|neither|nor|without|rather than|instead of)\b", re.I)
-
-
-def cue_claims(text: str) -> list[tuple[str, str, str]]:
-    """(cue, claimed level, clause) for every explicit, non-negated claim about a measured cue."""
-    claims = []
-    for clause in _CLAUSE_SPLIT.split(text):
-        if not clause or not clause.strip():
-            continue
-        words = re.findall(r"[a-z0-9\-']+", clause.lower())
-        for cue, (keywords, levels) in CUE_CLAIMS.items():
-            if not keywords.search(clause):
-                continue
-            # In an intonation or variation clause, "pitch" words describe the contour or range, not the level.
-            if cue == "pitch_level" and (CUE_CLAIMS["intonation"][0].search(clause)
-                                         or CUE_CLAIMS["pitch_variation"][0].search(clause)):
-                continue
-            for i, word in enumerate(words):
-                level = levels.get(word)
-                if level is None:
-                    continue
-                before = " ".join(words[max(0, i - 3): i])
-                if _NEGATION.search(before):
-                    continue
-                claims.append((cue, level, clause.strip()))
-                break
-    return claims
-
-
-def contradictions(text: str, cues: Mapping) -> list[str]:
-    """Claims in ``text`` that disagree with the measured cue words."""
-    found = []
-    for cue, level, clause in cue_claims(text):
-        measured = cues.get(cue)
-        if isinstance(measured, str) and level != measured:
-            found.append(f"{cue}: says {level}, measured {measured} ({clause!r})")
-    return found
-
 
 def normalise(text: str) -> str:
     return re.sub(r"\W+", " ", text.lower()).strip()

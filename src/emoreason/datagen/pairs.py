@@ -13,9 +13,10 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..data.cues import contradictions
 from ..data.response_format import parse_response
 from ..data.schema import EmotionRecord
-from .filters import allowed_answers, contradictions, normalise
+from .filters import allowed_answers, normalise
 from .seed import PromptTemplate, SeedDescription, answer_format, hallucinate_cue, spurious_detail
 from .teachers import TeacherRequest
 

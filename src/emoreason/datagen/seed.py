@@ -17,26 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..data.cues import CUES
 from ..data.schema import EmotionRecord
-
-# cue key in records -> label in the description
-DESCRIBED_CUES = (
-    ("pitch_level", "Pitch"),
-    ("pitch_variation", "Pitch variation"),
-    ("energy_level", "Volume"),
-    ("rate_level", "Speaking rate"),
-    ("intonation", "Intonation"),
-    ("pauses", "Pauses"),
-)
-
-OPPOSITE = {
-    "pitch_level": {"low": "high", "normal": "high", "high": "low"},
-    "energy_level": {"soft": "loud", "normal": "soft", "loud": "soft"},
-    "rate_level": {"slow": "fast", "normal": "slow", "fast": "slow"},
-    "intonation": {"rising": "falling", "falling": "rising", "rise-fall": "flat", "fall-rise": "flat",
-                   "flat": "rising"},
-}
-
 
 def _clock(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
@@ -66,9 +48,9 @@ class SeedDescription:
         parts = []
         if self.gender:
             parts.append(f"Gender: {self.gender}")
-        for key, name in DESCRIBED_CUES:
+        for key, cue in CUES.items():
             if self.cues.get(key):
-                parts.append(f"{name}: {self.cues[key]}")
+                parts.append(f"{cue.label}: {self.cues[key]}")
         parts.extend(self.extra)
         if annotators and self.annotators:
             parts.append("Annotators: " + ", ".join(f"{e} {n}/{self.raters}" for e, n in self.annotators))
@@ -87,11 +69,11 @@ class SeedDescription:
 
 def hallucinate_cue(description: SeedDescription, rng: random.Random) -> tuple[SeedDescription, str, str] | None:
     """Flip one measured cue to a contradicting value; returns (description, cue, false value)."""
-    options = [k for k in OPPOSITE if description.cues.get(k) in OPPOSITE[k]]
+    options = [k for k, cue in CUES.items() if description.cues.get(k) in cue.opposite]
     if not options:
         return None
     key = rng.choice(sorted(options))
-    false_value = OPPOSITE[key][description.cues[key]]
+    false_value = CUES[key].opposite[description.cues[key]]
     return description.with_cue(key, false_value), key, false_value
 
 

@@ -1,22 +1,22 @@
-"""The reasoning judge: a model behind an OpenAI-compatible endpoint grades a rationale with a rubric from
-``eval/judges/``.
+"""The reasoning judge of the evaluator: a model behind an OpenAI-compatible endpoint grades a rationale with a
+rubric from the registry in :mod:`emoreason.data.judging` (the one the GRPO ``reasoning`` reward uses too).
 
-Texts that come from the clip (transcript) or from the evaluated model (rationale, answer) are fenced between
-markers carrying an id derived from the text itself, so a text cannot close its own fence, and the rubric tells the
-judge that fenced text is data. The id is a hash, not a random nonce, so judge requests stay cacheable.
+The rubric, the fencing of untrusted text (transcript, cues, rationale, answer: between markers with a random id
+per request) and the reading of the verdict all live in :mod:`emoreason.data.judging`. Because the fence id is
+random, the endpoint client's request cache cannot recognise a repeated judgement; this judge therefore keys its
+own cache on what is judged (rubric, judge model, cues, transcript, rationale, answer), in the same response cache
+file, and asks identical judgements in flight once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
-import yaml
-
+from ..data.judging import Rubric, load_rubric
 from ..data.schema import EmotionRecord
 from .client import EndpointClient
 
@@ -30,54 +30,61 @@ class JudgeScore:
     completion_tokens: int = 0
 
 
-def fence(name: str, text: str) -> str:
-    tag = f"{name.upper()}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]}"
-    return f"<<<{tag}>>>\n{text}\n<<<END {tag}>>>"
-
-
-_SCORE_RE = re.compile(r'"score"\s*:\s*(-?[0-9]+(?:\.[0-9]+)?)')
-
-
-def parse_judge_reply(text: str) -> tuple[float | None, str | None]:
-    for candidate in re.findall(r"\{.*?\}", text or "", re.S):
-        try:
-            data = json.loads(candidate)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(data, dict) and isinstance(data.get("score"), (int, float)):
-            return float(data["score"]), data.get("reason")
-    match = _SCORE_RE.search(text or "")
-    return (float(match.group(1)), None) if match else (None, None)
-
-
 class Judge:
-    def __init__(self, client: EndpointClient, rubric: str | os.PathLike):
+    def __init__(self, client: EndpointClient, rubric: str | os.PathLike | Rubric = "groundedness",
+                 max_tokens: int = 256):
         self.client = client
-        data = yaml.safe_load(Path(rubric).read_text(encoding="utf-8"))
-        missing = [k for k in ("system", "user", "scale") if k not in data]
-        if missing:
-            raise ValueError(f"{rubric}: rubric misses {missing}")
-        self.name = data.get("name", Path(rubric).stem)
-        self.system, self.user = data["system"], data["user"]
-        self.low, self.high = (float(v) for v in data["scale"])
+        self.rubric = rubric if isinstance(rubric, Rubric) else load_rubric(str(rubric))
+        self.name = self.rubric.name
+        self.max_tokens = max_tokens
+        self._inflight: dict[str, asyncio.Future] = {}
+
+    def texts(self, record: EmotionRecord, rationale: str, answer: str | None) -> dict[str, str]:
+        return {"cues": json.dumps(record.cues or {}, ensure_ascii=False, sort_keys=True),
+                "transcript": record.transcript or "(none)", "rationale": rationale or "(empty)",
+                "answer": answer or "(none)"}
 
     def messages(self, record: EmotionRecord, rationale: str, answer: str | None) -> list[dict]:
-        cues = json.dumps(record.cues or {}, ensure_ascii=False, sort_keys=True)
-        user = self.user.format(
-            cues=fence("cues", cues), transcript=fence("transcript", record.transcript or "(none)"),
-            rationale=fence("rationale", rationale or "(empty)"), answer=fence("answer", answer or "(none)"),
-        )
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+        return self.rubric.render(**self.texts(record, rationale, answer)).messages
+
+    def _key(self, texts: dict[str, str]) -> str:
+        payload = json.dumps({"judge": self.client.model if self.client else None, "rubric": self.rubric.name,
+                              "system": self.rubric.system, "user": self.rubric.user, "scale": self.rubric.scale,
+                              "texts": texts, "max_tokens": self.max_tokens}, sort_keys=True)
+        return "judge:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     async def score(self, record: EmotionRecord, rationale: str, answer: str | None) -> JudgeScore:
-        response = await self.client.chat(messages=self.messages(record, rationale, answer), temperature=0.0,
-                                          max_tokens=128)
-        text = (response["choices"][0].get("message") or {}).get("content") or ""
-        raw, reason = parse_judge_reply(text)
+        texts = self.texts(record, rationale, answer)
+        key = self._key(texts)
+        if key in self._inflight:
+            return await asyncio.shield(self._inflight[key])
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            result = await self._score(texts, key)
+        except BaseException as err:
+            future.set_exception(err)
+            future.exception()
+            raise
+        finally:
+            del self._inflight[key]
+        future.set_result(result)
+        return result
+
+    async def _score(self, texts: dict[str, str], key: str) -> JudgeScore:
+        cache = getattr(self.client, "cache", None)
+        stored = cache.get(key) if cache is not None else None
+        if stored is not None:
+            self.client.stats["cache_hits"] += 1
+            return JudgeScore(**stored)
+        request = self.rubric.render(**texts)
+        response = await self.client.chat(messages=request.messages, temperature=0.0, max_tokens=self.max_tokens)
+        reply = (response["choices"][0].get("message") or {}).get("content") or ""
+        verdict = request.verdict(reply)
         usage = response.get("usage") or {}
-        normalized = None
-        if raw is not None:
-            raw = min(self.high, max(self.low, raw))
-            normalized = (raw - self.low) / (self.high - self.low)
-        return JudgeScore(raw, normalized, reason, int(usage.get("prompt_tokens") or 0),
-                          int(usage.get("completion_tokens") or 0))
+        normalized = self.rubric.normalise(verdict.score)
+        result = JudgeScore(verdict.score if normalized is not None else None, normalized, verdict.reason,
+                            int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        if cache is not None:
+            cache.put(key, result.__dict__)
+        return result

@@ -1,28 +1,34 @@
 """Judges for the reasoning-quality reward: each scores rationales in [0, 1] (None where it could not score).
 
 - ``cue_heuristic`` (offline, the default): the share of the clip's measured cues the rationale states correctly,
-  minus the share it contradicts. Cheap and deterministic; what CPU runs and tests use.
-- ``openai``: any OpenAI-compatible chat endpoint (vLLM, the built-in server, a hosted API) rates the rationale 0-10
-  against a rubric; network errors and unreadable replies give None (logged), never an exception.
+  minus the share it contradicts, with claims read by :func:`emoreason.data.cues.ground` (the reader the datagen
+  filter, the ``cue_grounding`` reward and the evaluator's reasoning metric use). Cheap and deterministic.
+- ``openai``: any OpenAI-compatible chat endpoint (vLLM, the built-in server, a hosted API) grades the rationale with
+  a rubric from :mod:`emoreason.data.judging` (default ``groundedness``, the evaluator's rubric): same fencing, same
+  verdict parser, same mapping to [0, 1]. :meth:`OpenAIJudge.probe` (called by the GRPO entry point through
+  :func:`emoreason.train.rewards.probe_reward_funcs` before the model loads) stops a run whose judge is down at
+  start; a request that still fails after its retries raises :class:`JudgeUnavailable` (a reward silently missing
+  for a whole run would train a different objective). A reply without a readable verdict, or a request the endpoint
+  refuses as malformed (400/422, e.g. too long), gives None for that completion (logged).
 - ``reward_model``: a local sequence-classification checkpoint (safetensors, no remote code); sigmoid of its logit.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from ..data.cues import ground, measured_levels
+from ..data.judging import load_rubric
+
 logger = logging.getLogger(__name__)
 
-RUBRIC = (
-    "You grade the reasoning of a speech-emotion model. You get the measured acoustic cues of a clip, its "
-    "transcript, and the model's rationale. Rate from 0 to 10 how well the rationale is grounded: it cites the cues "
-    "correctly, does not invent cues, uses the words of the transcript sensibly, and its conclusion follows from "
-    "the evidence. Reply with the number only."
-)
+
+class JudgeUnavailable(RuntimeError):
+    """The judge endpoint cannot be reached (at start, or after every retry of a request)."""
 
 
 class Judge(Protocol):
@@ -33,57 +39,71 @@ class CueHeuristicJudge:
     """Correct cue statements / measured cues - contradicted ones / measured cues, clipped to [0, 1]."""
 
     def score(self, rationales, contexts):
-        from .rewards import CUE_VOCABULARY, cue_claims
-
         scores: list[float | None] = []
         for rationale, context in zip(rationales, contexts):
             cues = context.get("cues") or {}
-            measured = {c: str(cues[c]).lower() for c in CUE_VOCABULARY if cues.get(c)}
+            measured = measured_levels(cues)
             if not measured:
                 scores.append(None)
                 continue
-            claims = cue_claims(rationale)
-            right = sum(1 for c, levels in claims.items() if c in measured and measured[c] in levels)
-            wrong = sum(len(levels - {measured[c]}) for c, levels in claims.items() if c in measured)
-            scores.append(min(1.0, max(0.0, (right - wrong) / len(measured))))
+            checked = ground(rationale, cues)
+            scores.append(min(1.0, max(0.0, (len(checked.supported) - len(checked.contradicted)) / len(measured))))
         return scores
 
 
 class OpenAIJudge:
-    """Rates rationales through an OpenAI-compatible chat endpoint (``base_url`` e.g. http://127.0.0.1:8000/v1)."""
+    """Grades rationales through an OpenAI-compatible chat endpoint (``base_url`` e.g. http://127.0.0.1:8000/v1)."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
-                 max_retries: int = 2, temperature: float = 0.0):
-        from openai import OpenAI
+                 max_retries: int = 2, temperature: float = 0.0, rubric: str = "groundedness", max_tokens: int = 256,
+                 workers: int = 8):
+        import openai
 
-        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY", timeout=timeout,
-                             max_retries=max_retries)
+        self._openai = openai
+        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
+                                    timeout=timeout, max_retries=max_retries)
+        self.base_url = base_url
         self.model = model
         self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.max_retries = max_retries
+        self.workers = workers
+        self.rubric = load_rubric(rubric)
+
+    def probe(self) -> None:
+        """One tiny request: raises :class:`JudgeUnavailable` with the endpoint when the judge cannot answer."""
+        try:
+            self.client.chat.completions.create(model=self.model, max_tokens=1, temperature=0.0,
+                                                messages=[{"role": "user", "content": "ping"}])
+        except Exception as err:
+            raise JudgeUnavailable(f"reasoning judge at {self.base_url} (model {self.model!r}) does not answer: "
+                                   f"{type(err).__name__}: {err}. Start it, fix judge_options, or use judge: "
+                                   "cue_heuristic") from err
 
     def _one(self, rationale: str, context: Mapping[str, Any]) -> float | None:
-        cues = ", ".join(f"{k}={v}" for k, v in sorted((context.get("cues") or {}).items()))
-        user = f"Measured cues: {cues or 'none'}\nTranscript: {context.get('transcript') or 'unknown'}\n" \
-               f"Rationale:\n{rationale}"
+        request = self.rubric.render(
+            cues=json.dumps(dict(context.get("cues") or {}), ensure_ascii=False, sort_keys=True),
+            transcript=context.get("transcript") or "(none)", rationale=rationale or "(empty)",
+            answer=context.get("answer") or "(none)")
         try:
-            reply = self.client.chat.completions.create(
-                model=self.model, temperature=self.temperature, max_tokens=8,
-                messages=[{"role": "system", "content": RUBRIC}, {"role": "user", "content": user}],
-            )
-            text = reply.choices[0].message.content or ""
-        except Exception as err:  # a judge outage must not stop training: the reward becomes None for this row
-            logger.warning("judge request failed: %s", err)
+            reply = self.client.chat.completions.create(model=self.model, temperature=self.temperature,
+                                                        max_tokens=self.max_tokens, messages=request.messages)
+        except (self._openai.BadRequestError, self._openai.UnprocessableEntityError) as err:
+            logger.warning("judge refused one request (no score for this completion): %s", err)  # e.g. too long
             return None
-        match = re.search(r"\d+(?:\.\d+)?", text)
-        if not match:
-            logger.warning("judge reply has no score: %r", text[:80])
-            return None
-        return min(1.0, max(0.0, float(match.group()) / 10.0))
+        except self._openai.OpenAIError as err:  # connection, timeout, 5xx, 429 after retries; 401/403/404
+            raise JudgeUnavailable(f"reasoning judge at {self.base_url} failed after {self.max_retries + 1} "
+                                   f"attempt(s): {type(err).__name__}: {err}") from err
+        text = (reply.choices[0].message.content or "") if reply.choices else ""
+        score = self.rubric.normalise(request.verdict(text).score)
+        if score is None:
+            logger.warning("judge reply has no verdict on the %s..%s scale: %r", *self.rubric.scale, text[-120:])
+        return score
 
     def score(self, rationales, contexts):
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=8) as pool:
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(pool.map(self._one, rationales, contexts))
 
 

@@ -18,15 +18,16 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from scipy.spatial.distance import jensenshannon
 
+from ..data.cues import ground, measured_levels
 from ..data.labels import LabelError, confusion_credit, consensus_label, load_cooccurrence, normalize_emotion
 from ..data.response_format import ParsedResponse, parse_response
+from .judge import get_judge
 
 INVALID = 0.0  # what a malformed completion scores on every outcome reward
 
@@ -161,76 +162,23 @@ def make_cooccurrence_reward(matrix: str | Mapping[str, Any] = "cooccurrence.jso
 
 
 # -- cue grounding --------------------------------------------------------------------------------------------------
-# For each cue: the words that say a clause talks about it, and the words for each measured level. A clause
-# ("..., the pitch is high, and the voice is loud") is scored on the cues it names; a level word only counts inside a
-# clause that names its cue, so "high" next to "pitch" is a pitch claim and next to "volume" an energy one.
-CUE_VOCABULARY: dict[str, dict[str, Any]] = {
-    "pitch_level": {
-        "anchors": ("pitch", "pitched", "f0", "fundamental frequency"),
-        "levels": {"low": ("low", "deep", "lowered"), "high": ("high", "raised", "elevated", "higher"),
-                   "normal": ("normal", "moderate", "average", "medium", "mid")},
-    },
-    "energy_level": {
-        "anchors": ("volume", "energy", "loudness", "intensity", "loud", "soft", "quiet", "loudly", "softly"),
-        "levels": {"loud": ("loud", "loudly", "strong", "high", "raised"), "soft": ("soft", "softly", "quiet", "low",
-                                                                                   "weak", "faint"),
-                   "normal": ("normal", "moderate", "average", "medium")},
-    },
-    "rate_level": {
-        "anchors": ("rate", "pace", "tempo", "speed", "speaks", "talks", "speaking"),
-        "levels": {"fast": ("fast", "quick", "quickly", "rapid", "rapidly", "hurried"),
-                   "slow": ("slow", "slowly", "sluggish", "unhurried"),
-                   "normal": ("normal", "moderate", "average", "medium", "steady")},
-    },
-    "intonation": {
-        "anchors": ("intonation", "contour", "melody", "inflection"),
-        "levels": {"rising": ("rising", "rises"), "falling": ("falling", "falls"), "rise-fall": ("rise-fall",),
-                   "fall-rise": ("fall-rise",), "flat": ("flat", "monotone", "monotonous")},
-    },
-}
-_CLAUSE_SPLIT = re.compile(r"[.;,:!?\n]|\band\b|\bbut\b|\bwhile\b|\bwhereas\b", re.I)
-_WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
-
-
-def cue_claims(rationale: str) -> dict[str, set[str]]:
-    """The levels a rationale claims for each cue, e.g. ``{"pitch_level": {"high"}, "rate_level": {"fast"}}``."""
-    claims: dict[str, set[str]] = {}
-    for clause in _CLAUSE_SPLIT.split(rationale.lower()):
-        words = _WORD.findall(clause)
-        text = " ".join(words)
-        for cue, vocab in CUE_VOCABULARY.items():
-            if not any(re.search(rf"\b{re.escape(a)}\b", text) for a in vocab["anchors"]):
-                continue
-            for level, synonyms in vocab["levels"].items():
-                if any(w in synonyms for w in words):
-                    claims.setdefault(cue, set()).add(level)
-    return claims
-
-
 def cue_grounding_score(rationale: str, cues: Mapping[str, Any], contradiction_penalty: float = 1.0) -> float | None:
-    """(agreeing - penalty * contradicting claims) / claims, in [-penalty, 1]; 0 when no cue is claimed.
+    """(supported - penalty * contradicted claims) / checked claims, in [-penalty, 1]; 0 when no cue is claimed.
 
-    ``None`` when the record has no measured cue levels to check against.
+    Claims are read and checked by :func:`emoreason.data.cues.ground` (negations, hedges, synonyms, repeated claims:
+    see that module). ``None`` when the record has no measured cue levels to check against.
     """
-    measured = {cue: str(cues[cue]).lower() for cue in CUE_VOCABULARY if cues.get(cue)}
-    if not measured:
+    if not measured_levels(cues):
         return None
-    agree = contradict = 0
-    for cue, levels in cue_claims(rationale).items():
-        if cue not in measured:
-            continue
-        for level in levels:
-            if level == measured[cue]:
-                agree += 1
-            else:
-                contradict += 1
-    total = agree + contradict
-    return 0.0 if total == 0 else (agree - contradiction_penalty * contradict) / total
+    checked = ground(rationale, cues)
+    if not checked.checked:
+        return 0.0
+    return (len(checked.supported) - contradiction_penalty * len(checked.contradicted)) / checked.checked
 
 
 def make_cue_grounding_reward(contradiction_penalty: float = 1.0) -> RewardFunc:
     def cue_grounding(prompts=None, completions=(), **kwargs) -> list[float | None]:
-        """Claims about pitch / energy / rate / intonation must agree with the measured cues."""
+        """Claims about the measured cues (pitch, its variation, volume, rate, intonation, pauses) must agree."""
         n = len(completions)
         rewards: list[float | None] = []
         for parsed, cues in zip(_parsed(completions), _column(kwargs, "cues", n)):
@@ -340,9 +288,7 @@ def make_reasoning_reward(judge: Any = "cue_heuristic", judge_options: Mapping[s
     """Raw judge score in [0, 1] of the rationale (a judge name from :data:`emoreason.train.judge.JUDGES` or an object
     with ``score``). The GRPO trainer multiplies it by :func:`trust_weights` (``trust_sharpness``); until the
     :class:`ProgressiveSchedule` (``threshold``, ``smoothing``, ``min_steps``) is on, the judge is not called and the
-    reward is 0."""
-    from .judge import get_judge
-
+    reward is 0. A judge that cannot be reached raises (:class:`emoreason.train.judge.JudgeUnavailable`)."""
     if isinstance(judge, str):
         judge = get_judge(judge, **dict(judge_options or {}))
     schedule = schedule or ProgressiveSchedule(threshold=threshold, smoothing=smoothing, min_steps=min_steps)
@@ -352,9 +298,9 @@ def make_reasoning_reward(judge: Any = "cue_heuristic", judge_options: Mapping[s
         if not schedule.active:
             return [0.0] * len(parsed)
         n = len(parsed)
-        contexts = [{"cues": as_mapping(cues), "label": label, "transcript": transcript}
-                    for cues, label, transcript in zip(_column(kwargs, "cues", n), _column(kwargs, "label", n),
-                                                       _column(kwargs, "transcript", n))]
+        contexts = [{"cues": as_mapping(cues), "label": label, "transcript": transcript, "answer": p.answer}
+                    for cues, label, transcript, p in zip(_column(kwargs, "cues", n), _column(kwargs, "label", n),
+                                                          _column(kwargs, "transcript", n), parsed)]
         valid = [i for i, p in enumerate(parsed) if p.valid]
         scores = judge.score([parsed[i].think or "" for i in valid], [contexts[i] for i in valid]) if valid else []
         rewards: list[float | None] = [INVALID] * n
@@ -410,3 +356,12 @@ def get_reward_funcs(names: Sequence[str], options: Mapping[str, Mapping[str, An
         raise ValueError("reward 'reasoning' needs 'accuracy' in reward_funcs too: its trust weight and schedule are "
                          "computed from the accuracy reward (give accuracy weight 0 to use it only for that)")
     return funcs
+
+
+def probe_reward_funcs(funcs: Sequence[RewardFunc]) -> None:
+    """Ask every remote judge behind ``funcs`` one tiny question; raises at once (before any model is loaded) when a
+    judge cannot be reached, instead of a run whose reasoning reward is missing."""
+    for func in funcs:
+        judge = getattr(func, "judge", None)
+        if judge is not None and callable(getattr(judge, "probe", None)):
+            judge.probe()

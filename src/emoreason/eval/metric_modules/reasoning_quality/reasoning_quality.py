@@ -4,8 +4,10 @@
 - answer-rationale consistency: share of valid completions whose rationale, read in order, names the answer as the
   last emotion it mentions (a rationale that argues for "sad" and answers "angry" is inconsistent; one that names
   no emotion does not support its answer);
-- cue hallucination rate: among rationale claims about pitch, loudness and speaking rate ("the pitch is high",
-  "speaks slowly") whose cue was measured for the clip, the share that contradict the measured level.
+- cue hallucination rate: among rationale claims about a measured cue ("the pitch is high", "speaks slowly", "the
+  pitch is not high"), the share that contradict the measured level. Claims are read and checked by
+  :func:`emoreason.data.cues.ground`, the reader the datagen filter and the GRPO ``cue_grounding`` reward use, so the
+  three agree on every rationale.
 """
 
 import json
@@ -13,6 +15,7 @@ import re
 
 import datasets
 import evaluate
+from emoreason.data.cues import ground
 from emoreason.data.labels import EMOTIONS
 from emoreason.data.labels import LabelError
 from emoreason.data.labels import normalize_emotion
@@ -22,7 +25,8 @@ _KWARGS = """
 Args:
     predictions: completions (strings).
     references: reference labels (strings; unused by the scores, kept for the evaluate API).
-    cues: per item, the record's measured cues (dict or JSON string), e.g. {"pitch": "high", "rate": {"word": "slow"}}.
+    cues: per item, the record's measured cues (dict or JSON string), e.g. {"pitch_level": "high"}; short names and
+        word objects are read too: {"pitch": "high", "rate": {"word": "slow"}}.
     labels: the allowed answers (default: the whole taxonomy).
 Returns:
     format_validity, consistency, cue_claims, cue_hallucination_rate (None when no claim could be checked),
@@ -32,54 +36,6 @@ Returns:
 _EMOTION_WORDS = sorted(set(EMOTIONS) | {"happiness", "joy", "joyful", "sadness", "anger", "fear", "afraid",
                                          "disgust", "surprise", "frustration", "excited"}, key=len, reverse=True)
 _EMOTION_RE = re.compile(r"\b(" + "|".join(_EMOTION_WORDS) + r")\b", re.I)
-
-LEVELS = {
-    "low": "low", "deep": "low", "soft": "low", "quiet": "low", "slow": "low", "slowly": "low", "softly": "low",
-    "quietly": "low", "weak": "low",
-    "normal": "normal", "moderate": "normal", "average": "normal", "medium": "normal", "steady": "normal",
-    "high": "high", "loud": "high", "loudly": "high", "fast": "high", "quick": "high", "quickly": "high",
-    "rapid": "high", "rapidly": "high", "raised": "high", "elevated": "high", "strong": "high",
-}
-ATTRIBUTES = {
-    "pitch": "pitch", "voice pitch": "pitch", "f0": "pitch",
-    "volume": "energy", "loudness": "energy", "energy": "energy", "intensity": "energy",
-    "speaking rate": "rate", "rate": "rate", "tempo": "rate", "pace": "rate", "speed": "rate",
-}
-_LEVEL = "|".join(sorted(LEVELS, key=len, reverse=True))
-_ATTR = "|".join(sorted(ATTRIBUTES, key=len, reverse=True))
-_HEDGE = r"(?:very |quite |rather |relatively |fairly |somewhat |a bit |slightly |clearly )?"
-_CLAIM_PATTERNS = (
-    re.compile(rf"\b(?P<attr>{_ATTR})\s+(?:is|was|sounds|seems|appears|remains|stays)\s+{_HEDGE}(?P<level>{_LEVEL})\b",
-               re.I),
-    re.compile(rf"\b{_HEDGE}(?P<level>{_LEVEL})\s+(?P<attr>{_ATTR})\b", re.I),
-    re.compile(rf"\b(?:speaks|talks|speaking|talking)\s+{_HEDGE}(?P<level>{_LEVEL})\b(?P<attr>)", re.I),
-    re.compile(rf"\b(?:voice|speaker)\s+(?:is|was|sounds|seems)\s+{_HEDGE}(?P<level>{_LEVEL})\b(?P<attr>)", re.I),
-)
-_VERB_ATTR = {"fast": "rate", "quickly": "rate", "rapidly": "rate", "slowly": "rate", "slow": "rate", "quick": "rate",
-              "rapid": "rate", "loudly": "energy", "softly": "energy", "quietly": "energy", "loud": "energy",
-              "soft": "energy", "quiet": "energy", "high": "pitch", "low": "pitch", "deep": "pitch"}
-
-
-def rationale_claims(text):
-    """[(attribute, level)] claimed by a rationale, attribute in pitch/energy/rate, level in low/normal/high."""
-    claims = []
-    for pattern in _CLAIM_PATTERNS:
-        for match in pattern.finditer(text or ""):
-            level_word = match.group("level").lower()
-            attr = ATTRIBUTES.get(match.group("attr").lower()) if match.group("attr") else _VERB_ATTR.get(level_word)
-            if attr:
-                claims.append((attr, LEVELS[level_word]))
-    return claims
-
-
-def measured_level(cues, attribute):
-    for key in (attribute, f"{attribute}_level", f"{attribute}_word"):
-        value = cues.get(key)
-        if isinstance(value, dict):
-            value = value.get("word") or value.get("level")
-        if isinstance(value, str) and value.strip().lower() in LEVELS:
-            return LEVELS[value.strip().lower()]
-    return None
 
 
 def last_emotion(text):
@@ -116,11 +72,9 @@ class ReasoningQuality(evaluate.Metric):
             valid += 1
             consistent += int(last_emotion(parsed.think) == parsed.answer)
             measured = json.loads(item_cues) if isinstance(item_cues, str) else dict(item_cues or {})
-            for attribute, level in rationale_claims(parsed.think):
-                truth = measured_level(measured, attribute)
-                if truth is not None:
-                    claims += 1
-                    contradicted += int(truth != level)
+            checked = ground(parsed.think, measured)
+            claims += checked.checked
+            contradicted += len(checked.contradicted)
         total = len(predictions)
         return {
             "format_validity": valid / total if total else 0.0,
