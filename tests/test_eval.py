@@ -250,7 +250,7 @@ def test_judge_scores_groundedness(tmp_path, corpus):
     with BackgroundServer(model_app) as server, BackgroundServer(judge_app) as judge_server:
         suite = write_suite(tmp_path, synth, ["cot_greedy"], metrics=["classification", "judge"],
                             judge={"endpoint": judge_server.url + "/v1", "model": "judge",
-                                   "rubric": str(REPO / "eval/judges/groundedness.yaml")})
+                                   "rubric": "groundedness"})
         report = run_suite(suite, server.url + "/v1", "m", tmp_path / "out", progress=False, limit=3)
     assert report["strategies"]["cot_greedy"]["metrics"]["judge"] == {"groundedness": 0.75, "scored": 3,
                                                                       "unreadable": 0}
