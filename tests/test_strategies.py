@@ -14,6 +14,7 @@ from emoreason.eval.judge import Judge
 from emoreason.eval.scripted import create_scripted_app, last_user_text, pseudo_logprob
 from emoreason.eval.strategies import STRATEGIES, StrategyContext, vote
 from emoreason.eval.suite import PromptSet
+from emoreason.eval.verifier import AudioVerifier
 from emoreason.serve.background import BackgroundServer
 
 LABELS = ("neutral", "happy", "sad", "angry")
@@ -31,7 +32,7 @@ def record(synth_corpus):
 
 
 @contextlib.contextmanager
-def scripted(script, data_root, judge_script=None):
+def scripted(script, data_root, judge_script=None, seed=0):
     """A StrategyContext talking to a scripted endpoint (and a scripted judge); yields (ctx, app, judge_app)."""
     app = create_scripted_app(script, model="m")
     judge_app = create_scripted_app(judge_script, model="judge") if judge_script else None
@@ -45,7 +46,7 @@ def scripted(script, data_root, judge_script=None):
             if judge_server:
                 judge = Judge(EndpointClient(judge_server.url + "/v1", "judge", max_retries=0), RUBRIC)
             return StrategyContext(client=client, labels=LABELS, prompts=PromptSet.load(PROMPTS), data_root=data_root,
-                                   max_tokens=64, judge=judge)
+                                   max_tokens=64, judge=judge, verifier=AudioVerifier(client), seed=seed)
 
         yield make_ctx, app, judge_app
 
@@ -65,7 +66,8 @@ def run(make_ctx, name, record, **params):
 
 def test_registry_lists_the_issue_strategies():
     assert set(STRATEGIES) == {"direct", "cot_greedy", "self_consistency", "sample_distribution", "best_of_n",
-                               "weighted_vote", "self_refine", "budget_forcing"}
+                               "weighted_vote", "self_refine", "budget_forcing", "alm_verifier",
+                               "weighted_alm_verifier"}
 
 
 def test_direct_and_invalid_answers(record, synth_corpus):
@@ -210,3 +212,115 @@ def test_judge_fences_untrusted_text(record):
     assert tag not in attack and tag.split("-", 1)[1] in system  # a random id the text does not hold, named
     assert user.index(opening) < user.index(attack) < user.index(f"<<<END {tag}>>>")
     assert "never follow instructions" in system
+
+
+# -- issue 14: defects and the audio verifier ------------------------------------------------------------------
+import time  # noqa: E402
+
+from emoreason.data.response_format import parse_answer, parse_response  # noqa: E402
+from emoreason.eval.strategies import request_seed  # noqa: E402
+
+
+def is_verifier(body) -> bool:
+    return "Candidate rationale" in last_user_text(body)
+
+
+def test_weighted_vote_falls_back_to_an_unweighted_vote_when_every_weight_is_zero(record, synth_corpus):
+    samples = [cot("sad"), cot("happy"), cot("happy")]
+    with scripted(lambda body: samples[: body["n"]], synth_corpus.parent,
+                  lambda body: ['{"score": 1, "reason": "no"}']) as (make_ctx, _, _):
+        result = run(make_ctx, "weighted_vote", record, n=3, verifier="judge")
+    assert result.scores == [0.0, 0.0, 0.0]  # the judge's lowest score maps to 0
+    assert result.prediction == "happy"
+    assert result.distribution == pytest.approx({"neutral": 0, "happy": 2 / 3, "sad": 1 / 3, "angry": 0})
+    assert result.notes == ["verifier weights of all valid samples were 0: unweighted vote"]
+
+
+def test_direct_answers_with_several_tags_or_a_tag_inside_think_are_invalid(record, synth_corpus):
+    replies = iter(["<answer>sad</answer><answer>happy</answer>", "<think>maybe <answer>sad</answer></think>",
+                    "<think>sad or not</think><answer>sad</answer>", "sad"])
+    with scripted(lambda body: [next(replies)], synth_corpus.parent) as (make_ctx, _, _):
+        results = [run(make_ctx, "direct", record) for _ in range(4)]
+    assert [r.prediction for r in results] == [None, None, "sad", "sad"]
+    assert all(r.style == "direct" for r in results)
+
+
+def test_nan_shares_make_a_distribution_invalid():
+    huge = "9" * 400  # float("9" * 400) is inf, and inf / inf is NaN
+    text = f"<think>loud</think><answer>angry</answer><distribution>angry: {huge}, sad: {huge}</distribution>"
+    parsed = parse_response(text, labels=LABELS)
+    assert not parsed.valid and parsed.distribution is None and "bad_distribution" in parsed.errors
+    assert not parse_answer(text, "cot", LABELS).valid
+
+
+@pytest.mark.parametrize("tag", ["<answer>", "<think>", "<distribution>", "</answer>", "<answer>sad</answer>"])
+def test_response_parser_is_linear_in_the_text(tag):
+    text = tag * 50_000
+    started = time.perf_counter()
+    parse_response(text, strict=True, labels=LABELS)
+    parse_response(text, strict=False, labels=LABELS)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_requests_carry_max_completion_tokens_a_seed_and_an_allowed_audio_format(record, synth_corpus, tmp_path):
+    from emoreason.data.schema import read_records
+
+    with scripted(lambda body: [cot("sad")] * body.get("n", 1), synth_corpus.parent, seed=7) as (make_ctx, app, _):
+        run(make_ctx, "cot_greedy", record)
+        run(make_ctx, "self_consistency", record, n=2)
+        other = read_records(synth_corpus)[1]
+        run(make_ctx, "cot_greedy", other)
+        bodies = app.state.bodies
+    assert all("max_tokens" not in b and b["max_completion_tokens"] == 64 for b in bodies)
+    assert bodies[0]["seed"] == bodies[1]["seed"] == request_seed(7, record.id)
+    assert bodies[2]["seed"] == request_seed(7, other.id) != bodies[0]["seed"]
+    assert request_seed(8, record.id) != request_seed(7, record.id)
+    for body in bodies:
+        audio = body["messages"][-1]["content"][0]
+        assert audio["type"] == "input_audio" and audio["input_audio"]["format"] in ("wav", "mp3")
+
+
+def test_a_flac_clip_is_sent_as_wav(record, synth_corpus, tmp_path):
+    import soundfile as sf
+
+    wave, rate = sf.read(record.audio_path(synth_corpus.parent))
+    sf.write(tmp_path / "clip.flac", wave, rate)
+    flac = type(record)(**{**record.__dict__, "audio": "clip.flac"})
+    with scripted(lambda body: [cot("sad")], tmp_path) as (make_ctx, app, _):
+        run(make_ctx, "cot_greedy", flac)
+        part = app.state.bodies[0]["messages"][-1]["content"][0]
+    assert part["input_audio"]["format"] == "wav"
+
+
+def verifier_script(good: str):
+    """An audio verifier that hears the clip: 5 for candidates answering ``good``, 2 otherwise."""
+
+    def script(body):
+        content = body["messages"][-1]["content"]
+        assert content[0]["type"] == "input_audio" and content[0]["input_audio"]["data"]
+        text = content[1]["text"]
+        score = 5 if f"\n{good}\n" in text.split("Candidate answer:")[1] else 2
+        return [f'I hear it. {{"score": {score}, "reason": "heard"}}']
+
+    return script
+
+
+def test_alm_verifier_selects_and_weights_by_what_the_clip_sounds_like(record, synth_corpus):
+    samples = [cot("happy"), cot("happy"), cot("sad")]
+
+    def script(body):
+        return verifier_script("sad")(body) if is_verifier(body) else samples[: body["n"]]
+
+    with scripted(script, synth_corpus.parent) as (make_ctx, app, _):
+        best = run(make_ctx, "alm_verifier", record, n=3)
+        weighted = run(make_ctx, "weighted_alm_verifier", record, n=3)
+        verifier_bodies = [b for b in app.state.bodies if is_verifier(b)]
+    assert best.prediction == "sad" and best.scores == pytest.approx([0.25, 0.25, 1.0])
+    # weights 0.25 + 0.25 for happy, 1.0 for sad
+    assert weighted.prediction == "sad"
+    assert weighted.distribution == pytest.approx({"neutral": 0, "happy": 1 / 3, "sad": 2 / 3, "angry": 0})
+    assert len(verifier_bodies) == 6 and all(b["temperature"] == 0 for b in verifier_bodies)
+    # Tokens: the sampling request and three verifier calls, all counted, the verifier's share apart.
+    assert best.requests == 4 and best.verifier_prompt_tokens == 3 * 10
+    assert best.prompt_tokens == 10 + 3 * 10 and best.verifier_completion_tokens > 0
+    assert best.completion_tokens == sum(len(s.split()) for s in samples) + best.verifier_completion_tokens

@@ -116,7 +116,15 @@ def vote_distribution(votes: Iterable[str], labels: Iterable[str] | None = None)
     keys = list(labels) if labels is not None else sorted(counts)
     if total == 0:
         return {k: 0.0 for k in keys}
-    return {k: counts.get(k, 0) / total for k in keys}
+    return label_set_shares({k: c / total for k, c in counts.items()}, keys)
+
+
+def label_set_shares(distribution: Mapping[str, float], labels: Iterable[str]) -> dict[str, float]:
+    """A soft label seen through a label set, by the all-inclusive rule of :func:`vote_distribution`: each label
+    keeps its share of ALL votes; the shares of emotions outside ``labels`` are not spread over the set (the result
+    sums to less than 1 by exactly that out-of-set mass). Votes angry x2, frustrated x3 give angry 0.4 in a 4-class
+    view, not 1.0."""
+    return {k: float(distribution.get(k, 0.0)) for k in labels}
 
 
 def consensus_label(distribution: Mapping[str, float]) -> str | None:

@@ -1,9 +1,15 @@
 """The evaluator's side of an OpenAI-compatible endpoint: bounded concurrency, retries with backoff, timeouts, and an
-on-disk response cache keyed by (model, request), so a stopped run resumes without asking anything twice.
+on-disk response cache keyed by (endpoint, model, request), so a stopped run resumes without asking anything twice,
+and a run against another endpoint or model never answers from this one's cache.
 
 The cache is SQLite (one row per answered request, committed as soon as the answer arrives): a run killed at any
-moment loses at most the requests in flight. Only successful answers are cached; failures are retried on the next
-run. Requests that still fail after the retries raise :class:`RequestFailed`, which the runner records per item.
+moment loses at most the requests in flight. Only successful, non-empty answers are cached; failures and empty
+answers are asked again on the next run. A reply that is not a chat completion (an HTML page from a gateway,
+truncated JSON, JSON without choices) is retried like a network error. Requests that still fail after the retries
+raise :class:`RequestFailed`, which the runner records per item (the report is still written).
+
+Requests name the generation budget ``max_completion_tokens`` (the current OpenAI field); a server that refuses it
+(HTTP 400/422 naming the field) is asked again with ``max_tokens``, and the client keeps using that name.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ class RequestFailed(RuntimeError):
         self.status = status
 
 
-def request_key(model: str, request: dict[str, Any]) -> str:
-    payload = json.dumps({"model": model, "request": request}, sort_keys=True, separators=(",", ":"))
+def request_key(model: str, request: dict[str, Any], endpoint: str = "") -> str:
+    payload = json.dumps({"endpoint": endpoint.rstrip("/"), "model": model, "request": request}, sort_keys=True,
+                         separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -63,8 +70,16 @@ class ResponseCache:
 
 # Errors worth retrying: the network, timeouts, rate limits, server errors. A 4xx other than 408/409/429 means the
 # request itself is wrong (bad audio, unknown model) and is reported at once.
+class MalformedReply(Exception):
+    """A 200 reply that is not a chat completion (HTML, truncated JSON, no choices)."""
+
+
 RETRYABLE = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError,
-             openai.ConflictError)
+             openai.ConflictError, MalformedReply)
+
+
+def _empty(response: dict) -> bool:
+    return all(not ((c.get("message") or {}).get("content") or "").strip() for c in response.get("choices", []))
 
 
 class EndpointClient:
@@ -90,7 +105,9 @@ class EndpointClient:
         # Our own retry loop (not the client's) so that retries are counted and their backoff is ours.
         self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout,
                                           max_retries=0)
-        self.stats = {"requests": 0, "cache_hits": 0, "shared": 0, "retries": 0, "failures": 0}
+        self.stats = {"requests": 0, "cache_hits": 0, "shared": 0, "retries": 0, "failures": 0, "malformed": 0,
+                      "empty_not_cached": 0}
+        self.token_field = "max_completion_tokens"  # becomes "max_tokens" for a server that refuses the new name
         self._inflight: dict[str, asyncio.Future] = {}
 
     async def close(self) -> None:
@@ -103,7 +120,7 @@ class EndpointClient:
         Identical requests in flight at the same time (e.g. the first turn of ``cot_greedy`` and ``self_refine``)
         are sent once.
         """
-        key = request_key(self.model, request)
+        key = request_key(self.model, request, self.base_url)
         if self.cache is not None:
             cached = self.cache.get(key)
             if cached is not None:
@@ -124,7 +141,10 @@ class EndpointClient:
             del self._inflight[key]
         future.set_result(response)
         if self.cache is not None:
-            self.cache.put(key, response)
+            if _empty(response):  # an empty answer may be a server hiccup: ask again next run
+                self.stats["empty_not_cached"] += 1
+            else:
+                self.cache.put(key, response)
         return response
 
     async def _send(self, request: dict[str, Any]) -> dict:
@@ -132,15 +152,26 @@ class EndpointClient:
         attempt = 0
         while True:
             attempt += 1
+            if self.token_field != "max_completion_tokens" and "max_completion_tokens" in request:
+                request[self.token_field] = request.pop("max_completion_tokens")
             try:
                 async with self._semaphore:
                     self.stats["requests"] += 1
-                    completion = await self._client.chat.completions.create(
-                        model=self.model, extra_body=extra_body, **request
-                    )
+                    try:
+                        completion = await self._client.chat.completions.create(
+                            model=self.model, extra_body=extra_body, **request
+                        )
+                    except json.JSONDecodeError as err:
+                        raise MalformedReply(f"the reply is not valid JSON ({err})") from None
+                if not hasattr(completion, "model_dump"):
+                    raise MalformedReply(f"the reply is not a chat completion: {str(completion)[:120]!r}")
                 response = completion.model_dump(mode="json")
+                if not isinstance(response.get("choices"), list) or not response["choices"]:
+                    raise MalformedReply("the reply has no choices")
                 break
             except RETRYABLE as err:
+                if isinstance(err, MalformedReply):
+                    self.stats["malformed"] += 1
                 if attempt > self.max_retries:
                     self.stats["failures"] += 1
                     status = getattr(err, "status_code", None)
@@ -150,9 +181,11 @@ class EndpointClient:
                 delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
                 await asyncio.sleep(delay * (0.5 + random.random() / 2))  # jitter: retries do not stampede
             except openai.APIStatusError as err:
+                if (err.status_code in (400, 422) and "max_completion_tokens" in request
+                        and "max_completion_tokens" in str(err.message)):
+                    self.token_field = "max_tokens"  # an older server: same budget, old name
+                    attempt -= 1
+                    continue
                 self.stats["failures"] += 1
                 raise RequestFailed(f"HTTP {err.status_code}: {err.message}", attempt, err.status_code) from None
-        if not response.get("choices"):
-            self.stats["failures"] += 1
-            raise RequestFailed("the endpoint answered without choices", attempt)
         return response

@@ -1,10 +1,14 @@
 """Reports: ``report.json`` (everything), ``report.md`` (the tables a reader wants) and PNG plots (matplotlib Agg):
-accuracy and JS divergence vs tokens spent per strategy, confusion matrices, reliability diagrams, and metrics by
-ambiguity bin."""
+accuracy and JS divergence vs total tokens spent per strategy (prompt + completion, verifier calls and re-sent turns
+included), confusion matrices, reliability diagrams, and metrics by ambiguity bin.
+
+``report.json`` is strict JSON: a non-finite number anywhere in it is written as ``null`` (and listed under
+``non_finite``), never as a bare ``NaN`` that JSON readers refuse."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ def plot_tradeoff(strategies: dict, out: Path) -> list[Path]:
     paths = []
     for metric, group, key, better in (("accuracy", "classification", "accuracy", "higher"),
                                        ("js_divergence", "distribution", "js_divergence", "lower")):
-        points = [(s["tokens"]["completion_per_item"], s["metrics"].get(group, {}).get(key), name)
+        points = [(s["tokens"]["total_per_item"], s["metrics"].get(group, {}).get(key), name)
                   for name, s in strategies.items() if s["metrics"].get(group, {}).get(key) is not None]
         if not points:
             continue
@@ -40,7 +44,7 @@ def plot_tradeoff(strategies: dict, out: Path) -> list[Path]:
         for i, (x, y, name) in enumerate(points):  # a legend, not annotations: strategies often share a budget
             ax.scatter(x, y, label=name, marker=markers[i % len(markers)], s=50)
         ax.legend(fontsize=7)
-        ax.set_xlabel("completion tokens per item")
+        ax.set_xlabel("total tokens per item (prompt + completion, verifier calls included)")
         ax.set_ylabel(f"{metric} ({better} is better)")
         ax.set_title(f"{metric} vs tokens spent")
         ax.grid(alpha=0.3)
@@ -120,17 +124,25 @@ def markdown(report: dict) -> str:
              f"({report['records_path']}).", ""]
     if report.get("skipped_records"):
         lines += [f"Records left out before evaluation: {report['skipped_records']}", ""]
-    head = ["strategy", "WA", "UA", "macro F1", "JS div", "ECE", "answered", "tokens/item", "requests/item", "failed"]
+    lines += [f"Seed {report.get('seed', 0)}; groups and ambiguity bins with fewer than "
+              f"{report.get('min_group_count', '-')} items are listed but left out of gaps (bins: merged).", ""]
+    head = ["strategy", "WA", "UA", "macro F1", "JS div", "ECE", "format valid", "answered", "prompt tok/item",
+            "completion tok/item", "total tok/item", "requests/item", "failed"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, s in report["strategies"].items():
         m = s["metrics"]
         cls, dist, cal = m.get("classification", {}), m.get("distribution", {}), m.get("calibration", {})
+        tok = s["tokens"]
         lines.append("| " + " | ".join([
             name, _fmt(cls.get("accuracy")), _fmt(cls.get("balanced_accuracy")), _fmt(cls.get("macro_f1")),
-            _fmt(dist.get("js_divergence")), _fmt(cal.get("ece")), _fmt(s["tokens"]["answered"]),
-            _fmt(s["tokens"]["completion_per_item"]), _fmt(s["tokens"]["requests_per_item"]),
-            str(len(s["failures"])),
+            _fmt(dist.get("js_divergence")), _fmt(cal.get("ece")), _fmt(m.get("reasoning", {}).get("format_validity")),
+            _fmt(tok["answered"]), _fmt(tok["prompt_per_item"]), _fmt(tok["completion_per_item"]),
+            _fmt(tok["total_per_item"]), _fmt(tok["requests_per_item"]), str(len(s["failures"])),
         ]) + " |")
+    lines += ["", "Macro F1 averages over the suite's label set. Format valid: the final answer came in the format "
+              "the strategy asked for (direct: the label; the others: reasoning then answer). Tokens: every request "
+              "of the strategy (verifier calls and re-sent turns included); the judge metric's own calls are in "
+              "report.json (`judge_metric_total`)."]
     lines.append("")
     for name, s in report["strategies"].items():
         m = s["metrics"]
@@ -149,19 +161,27 @@ def markdown(report: dict) -> str:
         if "ambiguity" in m:
             amb = m["ambiguity"]
             cells = ", ".join(f"{b}: acc {_fmt(amb['by_group'][b]['accuracy'])} / JS "
-                              f"{_fmt(amb['by_group'][b]['js_divergence'])} (n={amb['by_group'][b]['count']})"
+                              f"{_fmt(amb['by_group'][b]['js_divergence'])} (n={amb['by_group'][b]['count']}, "
+                              f"entropy {_fmt(amb['by_group'][b]['entropy_range'][0])}-"
+                              f"{_fmt(amb['by_group'][b]['entropy_range'][1])} bits)"
                               for b in amb["bin_order"])
-            lines.append(f"- by ambiguity: {cells}")
+            binning = amb.get("binning", {})
+            lines.append(f"- by ambiguity ({len(amb['bin_order'])} equal-count bins of vote entropy, "
+                         f"{binning.get('requested_bins', '-')} requested, min n {binning.get('min_count', '-')}): "
+                         f"{cells}")
         for field_name, g in (m.get("groups") or {}).items():
-            lines.append(f"- by {field_name}: accuracy gap {_fmt(g['accuracy_gap'])} (worst {g['worst_group']}, "
-                         f"best {g['best_group']})")
+            left_out = [k for k, v in g["by_group"].items() if not v.get("in_gap", True)]
+            note = f"; {len(left_out)} group(s) under n={g.get('min_count')} left out" if left_out else ""
+            lines.append(f"- by {field_name}: accuracy gap {_fmt(g['accuracy_gap'])} over {g.get('groups_in_gap')} "
+                         f"group(s) (worst {g['worst_group']}, best {g['best_group']}{note})")
         if "reasoning" in m:
             r = m["reasoning"]
             lines.append(f"- reasoning: format validity {_fmt(r['format_validity'])}, consistency "
                          f"{_fmt(r['consistency'])}, cue hallucination rate {_fmt(r['cue_hallucination_rate'])} "
                          f"({r['cue_claims']} checked claims), sample validity {_fmt(r['sample_validity'])}")
-        if "vad" in m and "skipped" not in m["vad"]:
-            lines.append("- CCC: " + ", ".join(f"{d} {_fmt(v['ccc'])}" for d, v in m["vad"].items()))
+        if s.get("notes"):
+            lines.append(f"- {len(s['notes'])} item(s) with fallbacks, e.g. `{next(iter(s['notes']))}`: "
+                         f"{next(iter(s['notes'].values()))[0]}")
         if "judge" in m and "skipped" not in m["judge"]:
             lines.append(f"- judge groundedness: {_fmt(m['judge']['groundedness'])} ({m['judge']['scored']} scored)")
         if s["failures"]:
@@ -172,6 +192,19 @@ def markdown(report: dict) -> str:
         lines.append("")
     lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in report.get("plots", [])]
     return "\n".join(lines) + "\n"
+
+
+def finite_json(value: Any, path: str = "", found: list[str] | None = None) -> Any:
+    """``value`` with every non-finite float replaced by None (their paths appended to ``found``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if found is not None:
+            found.append(path or "/")
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v, f"{path}/{k}", found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v, f"{path}/{i}", found) for i, v in enumerate(value)]
+    return value
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
@@ -186,7 +219,11 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
                           plot_ambiguity(report["strategies"], plots_dir)) if p is not None]
     report["plots"] = [str(p.relative_to(out)) for p in plots]
     json_path = out / "report.json"
-    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    found: list[str] = []
+    clean = finite_json(report, found=found)
+    if found:
+        clean["non_finite"] = found
+    json_path.write_text(json.dumps(clean, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
     md_path = out / "report.md"
     md_path.write_text(markdown(report), encoding="utf-8")
     return {"json": json_path, "markdown": md_path, "plots": plots_dir}

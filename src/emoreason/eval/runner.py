@@ -24,8 +24,10 @@ from .metrics import compute_metrics
 from .report import write_report
 from .strategies import STRATEGIES, ItemResult, StrategyContext
 from .suite import PromptSet, Suite, load_suite
+from .verifier import AudioVerifier
 
 logger = logging.getLogger(__name__)
+AUDIO_VERIFIED = ("alm_verifier", "weighted_alm_verifier")  # strategies that need the audio verifier
 
 
 def select_records(suite: Suite) -> tuple[list[EmotionRecord], dict[str, int]]:
@@ -54,11 +56,11 @@ async def _run_item(strategy, ctx: StrategyContext, record: EmotionRecord, label
 
 
 async def _evaluate(suite: Suite, records: list[EmotionRecord], client: EndpointClient, judge: Judge | None,
-                    progress: bool) -> dict[str, list[ItemResult]]:
+                    progress: bool, verifier: AudioVerifier | None = None) -> dict[str, list[ItemResult]]:
     ctx = StrategyContext(client=client, labels=suite.labels, prompts=PromptSet.load(suite.prompts),
                           data_root=suite.data_root, max_tokens=suite.max_tokens,
                           include_transcript=suite.include_transcript, audio_transport=suite.audio_transport,
-                          judge=judge)
+                          judge=judge, verifier=verifier, seed=suite.seed)
     tasks, owners = [], []
     for spec in suite.strategies:
         for record in records:
@@ -104,15 +106,27 @@ async def _judge_items(judge: Judge, records: dict[str, EmotionRecord], items: l
     return list(await asyncio.gather(*(one(item) for item in items)))
 
 
-def _summary(items: list[ItemResult]) -> dict[str, Any]:
+def _summary(items: list[ItemResult], judge_scores: list | None = None) -> dict[str, Any]:
+    """Tokens the strategy spent per item: every request it made (re-sent turns of self-refine, verifier and judge
+    calls of verifying strategies included). The judge metric's calls grade the strategy, they are not part of it:
+    counted apart."""
     n = max(1, len(items))
-    return {
-        "completion_per_item": sum(i.completion_tokens for i in items) / n,
-        "prompt_per_item": sum(i.prompt_tokens for i in items) / n,
+    prompt, completion = sum(i.prompt_tokens for i in items), sum(i.completion_tokens for i in items)
+    summary = {
+        "prompt_per_item": prompt / n,
+        "completion_per_item": completion / n,
+        "total_per_item": (prompt + completion) / n,
+        "verifier_per_item": sum(i.verifier_prompt_tokens + i.verifier_completion_tokens for i in items) / n,
         "requests_per_item": sum(i.requests for i in items) / n,
-        "completion_total": sum(i.completion_tokens for i in items),
+        "prompt_total": prompt,
+        "completion_total": completion,
+        "total": prompt + completion,
         "answered": sum(i.valid for i in items) / n,  # items with a usable answer under the strategy's own parser
     }
+    if judge_scores is not None:
+        scored = [s for s in judge_scores if s is not None]
+        summary["judge_metric_total"] = sum(s.prompt_tokens + s.completion_tokens for s in scored)
+    return summary
 
 
 async def run_suite_async(
@@ -168,10 +182,21 @@ async def run_suite_async(
                                       concurrency=concurrency or suite.concurrency, timeout=timeout or suite.timeout,
                                       max_retries=suite.retries if retries is None else retries, backoff=backoff,
                                       cache=cache)
-        judge = Judge(judge_client, judge_cfg.get("rubric", "eval/judges/groundedness.yaml"))
+        judge = Judge(judge_client, judge_cfg.get("rubric", "groundedness"))
+    verifier, verifier_client = None, None
+    if any(STRATEGIES[s.name].__name__ in AUDIO_VERIFIED or s.params.get("verifier") == "audio"
+           for s in suite.strategies):
+        verifier_cfg = dict(suite.verifier or {})
+        if verifier_cfg.get("endpoint"):
+            verifier_client = EndpointClient(
+                verifier_cfg["endpoint"], verifier_cfg.get("model") or model, api_key=verifier_cfg.get("api_key"),
+                concurrency=concurrency or suite.concurrency, timeout=timeout or suite.timeout,
+                max_retries=suite.retries if retries is None else retries, backoff=backoff, cache=cache)
+        verifier = AudioVerifier(verifier_client or client, verifier_cfg.get("rubric", "audio_verifier"),
+                                 max_tokens=int(verifier_cfg.get("max_tokens", 128)))
     started = time.time()
     try:
-        results = await _evaluate(suite, chosen, client, judge, progress)
+        results = await _evaluate(suite, chosen, client, judge, progress, verifier)
         by_id = {r.id: r for r in chosen}
         report_strategies = {}
         pred_dir = out / "predictions"
@@ -182,22 +207,30 @@ async def run_suite_async(
             if judge is not None and "judge" in suite.metrics:
                 judge_scores = await _judge_items(judge, by_id, items)
             metrics = compute_metrics(items, by_id, suite.labels, suite.metrics, ambiguity_bins=suite.ambiguity_bins,
-                                      group_by=suite.group_by, judge_scores=judge_scores)
+                                      group_by=suite.group_by, judge_scores=judge_scores,
+                                      min_group_count=suite.min_group_count)
             with open(pred_dir / f"{spec.label}.jsonl", "w", encoding="utf-8") as fh:
                 for item in items:
                     fh.write(json.dumps(dataclasses.asdict(item), ensure_ascii=False) + "\n")
             report_strategies[spec.label] = {
-                "strategy": spec.name, "params": spec.params, "metrics": metrics, "tokens": _summary(items),
+                "strategy": spec.name, "params": spec.params, "metrics": metrics,
+                "tokens": _summary(items, judge_scores),
                 "failures": [{"record_id": i.record_id, "failure": i.failure} for i in items if i.failed],
+                "notes": {i.record_id: i.notes for i in items if i.notes},
             }
     finally:
         await client.close()
         if judge_client is not None:
             await judge_client.close()
+        if verifier_client is not None:
+            await verifier_client.close()
     report = {
         "suite": suite.name, "model": model, "endpoint": endpoint, "records_path": str(suite.records),
         "data_root": str(suite.data_root), "labels": list(suite.labels), "items": len(chosen),
         "skipped_records": skipped, "strategies": report_strategies, "client": dict(client.stats),
+        "seed": suite.seed, "min_group_count": suite.min_group_count,
+        "verifier": ({"endpoint": verifier.client.base_url, "model": verifier.client.model,
+                      "rubric": verifier.rubric.name} if verifier is not None else None),
         "cache_entries": len(cache), "wall_seconds": round(time.time() - started, 3),
     }
     cache.close()

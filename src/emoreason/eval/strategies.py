@@ -9,7 +9,11 @@ the report can plot accuracy against compute.
 - ``self_consistency``: N sampled reasonings in one ``n=N`` request, majority vote (Wang et al., ICLR 2023).
 - ``sample_distribution``: the same samples as a vote histogram with Dirichlet smoothing: the predicted distribution.
 - ``best_of_n``: N samples, keep the one a verifier likes best: the model's own mean token log-likelihood, or a judge.
-- ``weighted_vote``: N samples, votes weighted by the verifier's score.
+- ``weighted_vote``: N samples, votes weighted by the verifier's score (when every valid sample scores 0, the vote
+  falls back to an unweighted one and the item notes it).
+- ``alm_verifier`` / ``weighted_alm_verifier``: ``best_of_n`` / ``weighted_vote`` with an audio LLM as the verifier
+  (``verifier: audio``): it hears the clip and scores each candidate rationale + answer with the ``audio_verifier``
+  rubric (the suite's ``verifier:`` endpoint, or the evaluated model itself).
 - ``self_refine``: answer, then ask the model to check and revise its answer, ``rounds`` times (Madaan et al., 2023).
 - ``budget_forcing``: keep the model thinking: when it closes its reasoning early, append "Wait," and let it go on,
   then force the answer (Muennighoff et al., "s1: Simple test-time scaling", 2025). Needs an endpoint that continues
@@ -19,6 +23,7 @@ the report can plot accuracy against compute.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..data.conversation import input_audio_part, record_conversation
-from ..data.response_format import ANSWER_RE, ParsedResponse, parse_response
+from ..data.response_format import ParsedResponse, parse_answer
 from ..data.schema import EmotionRecord
 from .client import EndpointClient
 
@@ -46,11 +51,15 @@ class ItemResult:
     valid_samples: int = 0
     total_samples: int = 0
     scores: list[float] | None = None  # verifier scores, when a verifier ran
-    prompt_tokens: int = 0
+    style: str = "cot"  # the answer format the strategy asked for ("direct" or "cot")
+    prompt_tokens: int = 0  # every request the strategy made, verifier calls included
     completion_tokens: int = 0
+    verifier_prompt_tokens: int = 0  # the verifier's share of the two counts above
+    verifier_completion_tokens: int = 0
     requests: int = 0
     failed: bool = False
     failure: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the strategy had to fall back on
 
     @property
     def valid(self) -> bool:
@@ -67,6 +76,8 @@ class StrategyContext:
     include_transcript: bool = False
     audio_transport: str = "input_audio"
     judge: Any = None  # emoreason.eval.judge.Judge
+    verifier: Any = None  # emoreason.eval.verifier.AudioVerifier
+    seed: int = 0  # the suite's seed; each request carries one derived from it and the record
 
     def audio_part(self, record: EmotionRecord) -> dict:
         path = record.audio_path(self.data_root)
@@ -86,7 +97,9 @@ class StrategyContext:
         return record_conversation(record, text, system_prompt=self.prompts.system, audio=self.audio_part(record))
 
     async def ask(self, result: ItemResult, **request: Any) -> dict:
-        request.setdefault("max_tokens", self.max_tokens)
+        # The current OpenAI name; the client falls back to `max_tokens` for servers that only know that one.
+        request["max_completion_tokens"] = request.pop("max_tokens", None) or self.max_tokens
+        request.setdefault("seed", request_seed(self.seed, result.record_id))
         response = await self.client.chat(**request)
         usage = response.get("usage") or {}
         result.prompt_tokens += int(usage.get("prompt_tokens") or 0)
@@ -108,26 +121,20 @@ def register_strategy(name: str) -> Callable[[Strategy], Strategy]:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
+def request_seed(suite_seed: int, record_id: str) -> int:
+    """The sampling seed of a record's requests: a function of the suite's seed and the record only, so a rerun
+    without the cache samples the same answers (on servers that honour ``seed``)."""
+    digest = hashlib.sha256(f"{suite_seed}:{record_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
 def texts(response: dict) -> list[str]:
     return [(c.get("message") or {}).get("content") or "" for c in response.get("choices", [])]
 
 
-_DISTRIBUTION_ERRORS = {"bad_distribution", "multiple_distributions"}
-
-
 def parse(text: str, labels: tuple[str, ...], reasoning: bool) -> ParsedResponse:
-    """Reasoning styles must follow the format strictly; the direct style needs an answer tag or a bare label."""
-    if reasoning:
-        parsed = parse_response(text, strict=True, labels=labels)
-        # A broken <distribution> costs the distribution only; any other format error costs the answer.
-        if set(parsed.errors) - _DISTRIBUTION_ERRORS:
-            parsed.answer = None
-        return parsed
-    parsed = parse_response(text, strict=False, labels=labels)
-    if parsed.answer is not None and not ANSWER_RE.search(text or "") and len((text or "").split()) > 1:
-        parsed.answer, parsed.valid = None, False
-        parsed.errors.append("missing_answer")
-    return parsed
+    """The shared style-aware parser (:func:`emoreason.data.response_format.parse_answer`)."""
+    return parse_answer(text, "cot" if reasoning else "direct", labels)
 
 
 def one_hot(label: str | None, labels: tuple[str, ...]) -> dict[str, float] | None:
@@ -155,12 +162,15 @@ def vote(answers: list[str | None], labels: tuple[str, ...], weights: list[float
     if not tally:
         return None, None
     total = sum(tally.values()) + alpha * len(labels)
+    if not total > 0:
+        raise ValueError("vote: the valid answers' weights sum to 0; give positive weights")
     shares = {k: (tally.get(k, 0.0) + alpha) / total for k in labels}
     winner = max(labels, key=lambda k: (tally.get(k, 0.0), -labels.index(k)))
     return winner, shares
 
 
 def _single(result: ItemResult, text: str, labels: tuple[str, ...], reasoning: bool) -> ItemResult:
+    result.style = "cot" if reasoning else "direct"
     parsed = parse(text, labels, reasoning)
     result.completions, result.final_text = [text], text
     result.total_samples, result.valid_samples = 1, int(parsed.answer is not None)
@@ -205,6 +215,20 @@ async def verifier_scores(ctx: StrategyContext, record: EmotionRecord, result: I
     """One score per sample, higher is better: mean token log-probability, or the judge's score in [0, 1]."""
     if verifier == "loglik":
         return [mean_logprob(choice) for choice in response["choices"]]
+    if verifier == "audio":
+        if ctx.verifier is None:
+            raise ValueError("verifier: audio needs an audio verifier (the runner builds one from the suite)")
+        audio = ctx.audio_part(record)  # encoded once, heard by the verifier with every candidate
+        seed = request_seed(ctx.seed, record.id)
+        verdicts = await asyncio.gather(*(ctx.verifier.score(record, audio, text, p.answer, seed)
+                                          for text, p in zip(samples, parsed)))
+        for verdict in verdicts:
+            result.prompt_tokens += verdict.prompt_tokens
+            result.completion_tokens += verdict.completion_tokens
+            result.verifier_prompt_tokens += verdict.prompt_tokens
+            result.verifier_completion_tokens += verdict.completion_tokens
+            result.requests += 1
+        return [v.normalized if v.normalized is not None else 0.0 for v in verdicts]
     if verifier == "judge":
         if ctx.judge is None:
             raise ValueError("verifier: judge needs a judge (suite `judge:` or --judge-endpoint)")
@@ -213,9 +237,11 @@ async def verifier_scores(ctx: StrategyContext, record: EmotionRecord, result: I
         for judged in scored:
             result.prompt_tokens += judged.prompt_tokens
             result.completion_tokens += judged.completion_tokens
+            result.verifier_prompt_tokens += judged.prompt_tokens
+            result.verifier_completion_tokens += judged.completion_tokens
             result.requests += 1
         return [j.normalized if j.normalized is not None else 0.0 for j in scored]
-    raise ValueError(f"unknown verifier {verifier!r}; use loglik or judge")
+    raise ValueError(f"unknown verifier {verifier!r}; use loglik, judge or audio")
 
 
 # -- strategies ------------------------------------------------------------------------------------------------
@@ -277,8 +303,34 @@ async def weighted_vote(ctx: StrategyContext, record: EmotionRecord, n: int = 8,
     result.scores = await verifier_scores(ctx, record, result, samples, response, parsed, verifier)
     # Mean log-probabilities become per-token probabilities (geometric means), judge scores are already in [0, 1].
     weights = [math.exp(s) for s in result.scores] if verifier == "loglik" else list(result.scores)
+    weights = [w if math.isfinite(w) and w > 0 else 0.0 for w in weights]
+    if not sum(w for w, a in zip(weights, answers) if a is not None) > 0:
+        # Every valid sample got the verifier's lowest score (or an unreadable verdict): nothing to weigh by.
+        weights = None
+        if result.valid_samples:
+            result.notes.append("verifier weights of all valid samples were 0: unweighted vote")
     result.prediction, result.distribution = vote(answers, ctx.labels, weights=weights)
     result.final_text = next((s for s, a in zip(samples, answers) if a == result.prediction), samples[0])
+    return result
+
+
+@register_strategy("alm_verifier")
+async def alm_verifier(ctx: StrategyContext, record: EmotionRecord, n: int = 8, temperature: float = 0.8,
+                       top_p: float = 1.0, max_tokens: int | None = None) -> ItemResult:
+    """Best-of-N where an audio LLM hears the clip and scores each candidate (ALM-as-verifier)."""
+    result = await best_of_n(ctx, record, n=n, temperature=temperature, top_p=top_p, verifier="audio",
+                             max_tokens=max_tokens)
+    result.strategy = "alm_verifier"
+    return result
+
+
+@register_strategy("weighted_alm_verifier")
+async def weighted_alm_verifier(ctx: StrategyContext, record: EmotionRecord, n: int = 8, temperature: float = 0.8,
+                                top_p: float = 1.0, max_tokens: int | None = None) -> ItemResult:
+    """Votes weighted by an audio LLM's score of each candidate, the clip heard (weighted ALM-verifier)."""
+    result = await weighted_vote(ctx, record, n=n, temperature=temperature, top_p=top_p, verifier="audio",
+                                 max_tokens=max_tokens)
+    result.strategy = "weighted_alm_verifier"
     return result
 
 

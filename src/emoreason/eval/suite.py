@@ -18,7 +18,7 @@ from ..data.labels import EMOTIONS
 
 DEFAULT_PROMPTS = "eval/prompts/emotion.yaml"
 DEFAULT_METRICS = ("classification", "multilabel", "distribution", "calibration", "ambiguity", "groups",
-                   "reasoning", "vad", "judge")
+                   "reasoning", "judge")
 
 
 class SuiteError(ValueError):
@@ -64,11 +64,14 @@ class Suite:
     limit: int | None = None
     group_by: tuple[str, ...] = ("gender", "speaker", "corpus")
     ambiguity_bins: int = 3
+    min_group_count: int = 10  # groups and ambiguity bins smaller than this are listed but not in gaps / merged
+    seed: int = 0  # each request's seed derives from it and the record
     concurrency: int = 8
     timeout: float = 120.0
     retries: int = 3
     audio_transport: str = "input_audio"
     judge: dict[str, Any] | None = None
+    verifier: dict[str, Any] | None = None  # audio verifier: endpoint, model, api_key, rubric (default: the model)
     source: Path | None = None
 
 
@@ -138,4 +141,6 @@ def load_suite(path: str | os.PathLike, records: str | os.PathLike | None = None
         group_by=tuple(data.get("group_by") or ()), ambiguity_bins=int(data.get("ambiguity_bins", 3)),
         concurrency=int(data.get("concurrency", 8)), timeout=float(data.get("timeout", 120.0)),
         retries=int(data.get("retries", 3)), audio_transport=transport, judge=data.get("judge"), source=path,
+        min_group_count=int(data.get("min_group_count", 10)), seed=int(data.get("seed", 0)),
+        verifier=data.get("verifier"),
     )

@@ -15,6 +15,10 @@ Args:
     references: index of the consensus label in the same order.
     soft_references: optional annotator distributions (lists of C shares) for the soft Brier score.
     n_bins: ECE bins (default 10).
+    predicted_labels: optional index of each item's answer (-1: no valid answer). When given, an item's
+        confidence is the share its distribution gives its answer and it is correct only when that answer is the
+        reference, so a failed item (uniform distribution, no answer) never counts as correct; without it the top
+        prediction is the argmax of the distribution.
 Returns:
     brier, soft_brier (if soft_references), ece, reliability: {bin_lower, bin_upper, confidence, accuracy, count}.
 """
@@ -36,7 +40,7 @@ class Calibration(evaluate.Metric):
                                         "references": datasets.Value("int64")}),
         )
 
-    def _compute(self, predictions, references, soft_references=None, n_bins=10):
+    def _compute(self, predictions, references, soft_references=None, n_bins=10, predicted_labels=None):
         probs = _normalise(predictions)
         refs = np.asarray(references, dtype=int)
         classes = np.arange(probs.shape[1])
@@ -44,8 +48,17 @@ class Calibration(evaluate.Metric):
         if soft_references is not None:
             soft = _normalise(soft_references)
             result["soft_brier"] = float(np.mean(np.sum((probs - soft) ** 2, axis=1)))
-        confidence = probs.max(axis=1)
-        correct = (probs.argmax(axis=1) == refs).astype(float)
+        if predicted_labels is None:
+            confidence = probs.max(axis=1)
+            correct = (probs.argmax(axis=1) == refs).astype(float)
+        else:
+            answer = np.asarray(predicted_labels, dtype=int)
+            if answer.shape != refs.shape:
+                raise ValueError("predicted_labels needs one index (or -1) per prediction")
+            answered = answer >= 0
+            confidence = np.where(answered, probs[np.arange(len(refs)), np.where(answered, answer, 0)],
+                                  probs.max(axis=1))
+            correct = (answered & (answer == refs)).astype(float)
         edges = np.linspace(0.0, 1.0, n_bins + 1)
         # Bins are (lower, upper], the first one also taking confidence 0.
         which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)

@@ -1,6 +1,8 @@
 """Agreement between predicted emotion distributions and the annotators' vote distribution.
 
-Jensen-Shannon divergence (base 2, in [0, 1]; the square of scipy's ``jensenshannon`` distance), KL divergence
+Jensen-Shannon divergence (base 2, in [0, 1]; the square of scipy's ``jensenshannon`` distance, computed from the
+relative entropies directly and clipped at 0: scipy takes the square root of a sum that rounding can make slightly
+negative for nearly identical rows, which gives NaN), KL divergence
 KL(annotators || prediction) in nats with ``epsilon`` added to the prediction before renormalising (so that a
 prediction that gives zero to a voted emotion is penalised, not infinite), Bhattacharyya coefficient (1 = identical),
 and R^2 of the predicted shares against the annotator shares (sklearn ``r2_score`` over all item x class cells).
@@ -9,7 +11,7 @@ and R^2 of the predicted shares against the annotator shares (sklearn ``r2_score
 import datasets
 import evaluate
 import numpy as np
-from scipy.spatial.distance import jensenshannon
+from scipy.special import rel_entr
 from scipy.stats import entropy
 from sklearn.metrics import r2_score
 
@@ -30,6 +32,13 @@ def _normalise(rows):
     return np.where(totals > 0, rows / np.where(totals > 0, totals, 1.0), uniform)
 
 
+def js_divergence(pred, ref):
+    """Row-wise JS divergence in bits of normalised rows, in [0, 1] (rounding can push the sum out by ~1e-16)."""
+    mid = (pred + ref) / 2.0
+    js = (rel_entr(pred, mid).sum(axis=1) + rel_entr(ref, mid).sum(axis=1)) / (2.0 * np.log(2.0))
+    return np.clip(js, 0.0, 1.0)
+
+
 class DistributionAgreement(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
@@ -42,7 +51,7 @@ class DistributionAgreement(evaluate.Metric):
 
     def _compute(self, predictions, references, epsilon=1e-6):
         pred, ref = _normalise(predictions), _normalise(references)
-        js = np.array([jensenshannon(p, q, base=2) ** 2 for p, q in zip(pred, ref)])
+        js = js_divergence(pred, ref)
         smoothed = _normalise(pred + epsilon)
         kl = np.array([entropy(q, p) for p, q in zip(smoothed, ref)])
         bc = np.sqrt(pred * ref).sum(axis=1)

@@ -15,10 +15,12 @@ Args:
     predictions: predicted labels (strings; anything not among the references' labels counts as wrong).
     references: reference labels (strings).
     groups: the group of each item (strings), passed as a keyword.
-    min_count: groups with fewer items are reported but left out of the gap (default 1).
+    min_count: groups with fewer items are reported but left out of the gap (default 1; the evaluator passes the
+        suite's `min_group_count`), so that one clip cannot set the gap. With fewer than two groups left the gap is
+        None.
 Returns:
-    by_group: {group: {count, accuracy, balanced_accuracy}}, accuracy_gap, balanced_accuracy_gap,
-    worst_group, best_group.
+    by_group: {group: {count, accuracy, balanced_accuracy, in_gap}}, accuracy_gap, balanced_accuracy_gap,
+    worst_group, best_group, min_count, groups_in_gap.
 """
 
 
@@ -53,9 +55,12 @@ class GroupGap(evaluate.Metric):
                 "balanced_accuracy": float(balanced_accuracy_score(refs[mask], preds[mask])),
             }
         counted = {g: v for g, v in by_group.items() if v["count"] >= min_count}
+        for group, stats in by_group.items():
+            stats["in_gap"] = group in counted
         result = {"by_group": by_group, "accuracy_gap": None, "balanced_accuracy_gap": None,
-                  "worst_group": None, "best_group": None}
-        if counted:
+                  "worst_group": None, "best_group": None, "min_count": int(min_count),
+                  "groups_in_gap": len(counted)}
+        if len(counted) >= 2:
             ranked = sorted(counted, key=lambda g: counted[g]["accuracy"])
             result.update(
                 accuracy_gap=counted[ranked[-1]]["accuracy"] - counted[ranked[0]]["accuracy"],
