@@ -155,20 +155,97 @@ def setup_logging(training_args, *configs) -> None:
         logger.info("%s", config)
 
 
-def resolve_checkpoint(training_args) -> str | None:
-    """An explicit ``resume_from_checkpoint`` (a path, or ``true`` for the last one), else the last checkpoint in
-    ``output_dir`` when there is one (a restarted job continues instead of starting over)."""
-    from transformers.trainer_utils import get_last_checkpoint
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
+
+def checkpoint_problem(path: str | os.PathLike, needs_optimizer: bool = True) -> str | None:
+    """Why ``path`` is not a complete Trainer checkpoint, or None when it is.
+
+    The Trainer writes weights, then optimizer/scheduler/RNG state, and ``trainer_state.json`` last, so a save that
+    was killed part-way lacks a readable ``trainer_state.json`` (or, earlier, the weights)."""
+    import json
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return "not a folder"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return "no trainer_state.json (the save did not finish)"
+    except ValueError:
+        return "trainer_state.json is cut off"
+    present = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not present:
+        return "no model weights"
+    if "model.safetensors.index.json" in present and "model.safetensors" not in present:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        missing = sorted({f for f in index.get("weight_map", {}).values() if not (folder / f).is_file()})
+        if missing:
+            return f"weight shard(s) missing: {missing[:3]}"
+    has_optimizer = (folder / "optimizer.pt").is_file() or any(folder.glob("global_step*"))  # DeepSpeed
+    if needs_optimizer and not has_optimizer:
+        return "no optimizer state"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, needs_optimizer: bool = True) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that is complete; torn ones are skipped with a warning (left in
+    place: the Trainer overwrites the folder when it reaches that step again)."""
+    import re
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = sorted(((int(m.group(1)), p) for p in folder.iterdir()
+                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
+    for _, path in steps:
+        problem = checkpoint_problem(path, needs_optimizer)
+        if problem is None:
+            return str(path)
+        logger.warning("skipping incomplete checkpoint %s: %s", path, problem)
+    return None
+
+
+def resolve_checkpoint(training_args) -> str | None:
+    """An explicit ``resume_from_checkpoint`` (a path, or ``true`` for the last one), else the last complete
+    checkpoint in ``output_dir`` when there is one (a restarted job continues instead of starting over). A checkpoint
+    torn by a kill during its save never counts."""
+    needs_optimizer = not getattr(training_args, "save_only_model", False)
     explicit = training_args.resume_from_checkpoint
-    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-    if explicit in (None, "", "false", "False"):
+    last = last_complete_checkpoint(training_args.output_dir, needs_optimizer)
+    if explicit in (None, "", "false", "False", False):
         return last
     if explicit in ("true", "True", True):
         if last is None:
-            raise ValueError(f"resume_from_checkpoint=true but {training_args.output_dir} holds no checkpoint")
+            raise ValueError(f"resume_from_checkpoint=true but {training_args.output_dir} holds no complete checkpoint")
         return last
+    problem = checkpoint_problem(explicit, needs_optimizer)
+    if problem:
+        raise ValueError(f"resume_from_checkpoint={explicit} is not a complete checkpoint: {problem}")
     return explicit
+
+
+TRAINING_INFO_FILE = "emoreason_training.json"
+
+
+def training_info(method: str, script_args, model_args, metrics: dict[str, Any], recipe: str | None = None,
+                  **details: Any) -> dict[str, Any]:
+    """What a run was (``emoreason_training.json``; ``emoreason export`` turns it into the model card): the method,
+    recipe, data, model, the method's own settings (``details``: tasks, rewards, beta...) and the final metrics."""
+    return {
+        "method": method,
+        "recipe": recipe,
+        "train_records": script_args.train_records,
+        "data_root": script_args.data_root,
+        "model": model_args.model_name_or_path or {
+            "content_encoder": model_args.content_encoder,
+            "paralinguistic_encoder": model_args.paralinguistic_encoder,
+            "language_model": model_args.language_model,
+        },
+        "use_peft": model_args.use_peft,
+        **details,
+        "metrics": metrics,
+    }
 
 
 def train_and_save(trainer, processor, training_args, checkpoint: str | None, dataset_name: str | None,
