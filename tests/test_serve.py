@@ -21,7 +21,7 @@ import soundfile as sf
 
 from emoreason.data.schema import read_records
 from emoreason.serve.app import create_app
-from emoreason.serve.audio_inputs import encode_audio_part
+from emoreason.data.conversation import input_audio_part
 from emoreason.serve.background import BackgroundServer
 from emoreason.serve.engine import TransformersEngine
 
@@ -72,7 +72,7 @@ def test_models_and_health(server, client):
 @pytest.mark.parametrize("fmt", ["wav", "flac", "mp3"])
 def test_input_audio_formats(client, clips, fmt):
     response = client.chat.completions.create(
-        model=MODEL, messages=audio_message(encode_audio_part(encoded(clips[0], fmt), fmt)), max_tokens=4,
+        model=MODEL, messages=audio_message(input_audio_part(encoded(clips[0], fmt), fmt)), max_tokens=4,
         temperature=0,
     )
     choice = response.choices[0]
@@ -99,7 +99,7 @@ def test_audio_changes_the_answer_distribution(client, clips):
     logprobs = []
     for clip in clips[:2]:
         response = client.chat.completions.create(
-            model=MODEL, messages=audio_message(encode_audio_part(clip)), max_tokens=1, temperature=0,
+            model=MODEL, messages=audio_message(input_audio_part(clip)), max_tokens=1, temperature=0,
             logprobs=True, top_logprobs=5,
         )
         logprobs.append([t.logprob for t in response.choices[0].logprobs.content[0].top_logprobs])
@@ -107,7 +107,7 @@ def test_audio_changes_the_answer_distribution(client, clips):
 
 
 def test_n_seed_and_logprobs(client, clips):
-    request = dict(model=MODEL, messages=audio_message(encode_audio_part(clips[1])), n=3, max_tokens=6,
+    request = dict(model=MODEL, messages=audio_message(input_audio_part(clips[1])), n=3, max_tokens=6,
                    temperature=1.0, seed=7, logprobs=True, top_logprobs=3)
     first = client.chat.completions.create(**request)
     second = client.chat.completions.create(**request)
@@ -129,7 +129,7 @@ def test_n_seed_and_logprobs(client, clips):
 
 
 def test_greedy_is_deterministic_and_stop_strings_cut(client, clips):
-    messages = audio_message(encode_audio_part(clips[2]))
+    messages = audio_message(input_audio_part(clips[2]))
     full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
     text = full.choices[0].message.content
     again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
@@ -142,7 +142,7 @@ def test_greedy_is_deterministic_and_stop_strings_cut(client, clips):
 
 
 def test_continue_final_message(client, clips):
-    messages = audio_message(encode_audio_part(clips[0]))
+    messages = audio_message(input_audio_part(clips[0]))
     full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
     response = client.chat.completions.create(
         model=MODEL, messages=messages + [{"role": "assistant", "content": "<think>"}], max_tokens=4, temperature=0,
@@ -157,7 +157,7 @@ def test_concurrent_requests_are_batched(server, clips):
 
     async def run():
         async_client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
-        requests = [async_client.chat.completions.create(model=MODEL, messages=audio_message(encode_audio_part(c)),
+        requests = [async_client.chat.completions.create(model=MODEL, messages=audio_message(input_audio_part(c)),
                                                          max_tokens=4, temperature=0)
                     for c in clips * 2]
         try:
@@ -196,7 +196,7 @@ def test_bad_audio_is_a_400_with_the_reason(client, part, reason):
 
 
 def test_bad_requests(client, clips):
-    part = encode_audio_part(clips[0])
+    part = input_audio_part(clips[0])
     with pytest.raises(openai.BadRequestError, match="placeholder"):
         client.chat.completions.create(model=MODEL, messages=audio_message(part, "<audio> twice"), max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="n"):
@@ -224,7 +224,7 @@ def test_serve_cli_starts_and_answers(tiny_model_dir, clips):
         assert url and url.startswith("http://127.0.0.1:"), "the server did not print its address"
         cli_client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
         response = cli_client.chat.completions.create(model="cli-tiny", messages=audio_message(
-            encode_audio_part(clips[0])), max_tokens=3, temperature=0)
+            input_audio_part(clips[0])), max_tokens=3, temperature=0)
         assert response.choices[0].finish_reason in ("stop", "length")
     finally:
         proc.terminate()
@@ -238,7 +238,7 @@ def test_text_only_and_audio_requests_batch_together(server, clips):
         try:
             return await asyncio.gather(
                 async_client.chat.completions.create(model=MODEL, messages=text_only, max_tokens=3, temperature=0),
-                async_client.chat.completions.create(model=MODEL, messages=audio_message(encode_audio_part(clips[0])),
+                async_client.chat.completions.create(model=MODEL, messages=audio_message(input_audio_part(clips[0])),
                                                      max_tokens=3, temperature=0),
             )
         finally:
@@ -315,7 +315,7 @@ def test_a_failing_request_does_not_fail_its_batch(server, clips, monkeypatch):
         try:
             return await asyncio.gather(*(
                 async_client.chat.completions.create(model=MODEL, messages=audio_message(
-                    encode_audio_part(clips[0]), text), max_tokens=3, temperature=0) for text in texts),
+                    input_audio_part(clips[0]), text), max_tokens=3, temperature=0) for text in texts),
                 return_exceptions=True)
         finally:
             await async_client.close()

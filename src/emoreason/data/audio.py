@@ -2,12 +2,16 @@
 
 ``datasets``' Audio feature needs torchcodec (CUDA-linked on the registry), so audio stays as paths in records and is
 decoded here. Callers catch :class:`AudioError`, record the reason and carry on.
+
+A WAV file cut off in transfer still opens in libsndfile, which quietly returns the frames that are there; its header
+still declares the full length, so :func:`check_wav_complete` compares the two and such a file is refused as truncated.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import struct
 from fractions import Fraction
 from pathlib import Path
 
@@ -25,17 +29,64 @@ class AudioError(ValueError):
         super().__init__(f"bad audio {source}: {reason}")
 
 
+EMPTY_FILE = "empty file (0 bytes)"
+_UNKNOWN_DATA_SIZES = (0, 0xFFFFFFFF)  # streaming writers that could not seek back to fill in the size
+
+
+def _wav_shortfall(handle, total_size: int) -> tuple[int, int, int] | None:
+    """(declared frames, present frames, sample rate) when a RIFF/WAVE header declares more audio than the file
+    holds; None when complete or not a plain WAV (RF64, unknown size: nothing to compare)."""
+    head = handle.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    offset, block_align, rate = 12, 0, 0
+    while offset + 8 <= total_size:
+        handle.seek(offset)
+        chunk_id, size = struct.unpack("<4sI", handle.read(8))
+        if chunk_id == b"fmt ":
+            fmt = handle.read(16)
+            if len(fmt) == 16:
+                _, _, rate, _, block_align = struct.unpack("<HHIIH", fmt[:14])
+        elif chunk_id == b"data":
+            present = total_size - offset - 8
+            if size in _UNKNOWN_DATA_SIZES or size <= present or block_align <= 0:
+                return None
+            return size // block_align, present // block_align, rate
+        offset += 8 + size + (size & 1)
+    return None
+
+
+def check_wav_complete(source: str | os.PathLike | bytes) -> None:
+    """Raise :class:`AudioError` ("truncated") for a WAV whose data chunk is shorter than its header says."""
+    if isinstance(source, (bytes, bytearray)):
+        found = _wav_shortfall(io.BytesIO(source), len(source))
+        name = "<bytes>"
+    else:
+        name = str(source)
+        with open(source, "rb") as handle:
+            found = _wav_shortfall(handle, os.fstat(handle.fileno()).st_size)
+    if found is not None:
+        declared, present, rate = found
+        seconds = (f" ({declared / rate:.2f} s declared, {present / rate:.2f} s present)" if rate else "")
+        raise AudioError(name, f"truncated file: the header declares {declared} frames but only {present} are "
+                               f"present{seconds}")
+
+
 def load_audio(source: str | os.PathLike | bytes, sampling_rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:
     """Decode a file path or encoded bytes (wav/flac/ogg/mp3) to mono float32 at ``sampling_rate``."""
     import soundfile as sf
 
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
-    if not isinstance(source, (bytes, bytearray)):
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise AudioError(name, "empty (0 bytes)")
+    else:
         path = Path(source)
         if not path.is_file():
             raise AudioError(name, "file not found")
         if path.stat().st_size == 0:
-            raise AudioError(name, "file is empty (0 bytes)")
+            raise AudioError(name, EMPTY_FILE)
+    check_wav_complete(source)
     try:
         handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         data, rate = sf.read(handle, dtype="float32", always_2d=True)
@@ -100,6 +151,10 @@ def duration_of(path: str | os.PathLike) -> float:
     """Duration in seconds from the header (no decode)."""
     import soundfile as sf
 
+    if not Path(path).is_file():
+        raise AudioError(str(path), "file not found")
+    if Path(path).stat().st_size == 0:
+        raise AudioError(str(path), EMPTY_FILE)
     try:
         info = sf.info(str(path))
     except Exception as err:

@@ -24,18 +24,20 @@ from pathlib import Path
 import numpy as np
 from scipy import fft as scipy_fft
 
+from ..data.cues import CUES
+
 ANALYSIS_RATE = 8_000  # Hz; pitch, energy and activity are all measured at this rate
 HOP_SECONDS = 0.01
 WINDOW_SECONDS = 0.032  # YIN integration window: two periods of a 60 Hz voice
 
-INTONATIONS = ("rising", "falling", "rise-fall", "fall-rise", "flat")
+INTONATIONS = CUES["intonation"].levels
 
-# cue name in records -> (measured value key, level words low..high)
-LEVEL_WORDS: dict[str, tuple[str, tuple[str, str, str]]] = {
-    "pitch_level": ("pitch_hz", ("low", "normal", "high")),
-    "energy_level": ("energy_dbfs", ("soft", "normal", "loud")),
-    "rate_level": ("rate_sps", ("slow", "normal", "fast")),
-    "pitch_variation": ("pitch_range_st", ("monotone", "normal", "expressive")),
+# cue name in records -> (measured value key, level words low..high); the words are emoreason.data.cues' own
+LEVEL_WORDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pitch_level": ("pitch_hz", CUES["pitch_level"].levels),
+    "energy_level": ("energy_dbfs", CUES["energy_level"].levels),
+    "rate_level": ("rate_sps", CUES["rate_level"].levels),
+    "pitch_variation": ("pitch_range_st", CUES["pitch_variation"].levels),
 }
 
 # Used only when a corpus (or a corpus+gender group) has too few training clips to fit tertiles.
@@ -48,6 +50,12 @@ DEFAULT_EDGES: dict[str, tuple[float, float]] = {
     "pitch_range_st": (3.0, 6.0),
 }
 MIN_CLIPS_FOR_TERTILES = 6
+
+# A clip "has speech" when its loudest 10 ms frame reaches SILENCE_FLOOR_DBFS and YIN finds at least
+# MIN_VOICED_SECONDS of voiced frames. Measured: every espeak clip of the synthetic corpus has >= 0.45 s voiced and a
+# peak above -23 dBFS; digital silence, dither, white noise (-60 and -30 dBFS) and a -63 dBFS mains hum have 0 s.
+SILENCE_FLOOR_DBFS = -60.0
+MIN_VOICED_SECONDS = 0.1
 
 
 @dataclass
@@ -69,6 +77,7 @@ class AcousticFeatures:
     rate_sps: float  # syllables per second of speaking time (articulation rate)
     pause_ratio: float  # share of the speaking span spent in pauses >= 150 ms
     intonation: str
+    peak_dbfs: float | None = None  # loudest 10 ms frame
 
     def to_dict(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -267,7 +276,25 @@ def analyze(
         rate_sps=float(syllables / speaking_seconds),
         pause_ratio=float(pause_ratio),
         intonation=classify_intonation(track.f0_hz),
+        peak_dbfs=float(energy_db.max()) if len(energy_db) else None,
     )
+
+
+def no_speech_reason(features: Mapping, min_voiced_seconds: float = MIN_VOICED_SECONDS,
+                     silence_floor_dbfs: float = SILENCE_FLOOR_DBFS) -> str | None:
+    """Why a measured clip holds no speech to describe (silence, near-silence, noise), or None when it does.
+
+    Without voiced frames every measure is meaningless (the speaking rate of silence divides by ~0), so such clips
+    must not be described, trained on, or counted in the calibration."""
+    peak = features.get("peak_dbfs")
+    if peak is not None and peak < silence_floor_dbfs:
+        return (f"no speech: the loudest frame is {peak:.1f} dBFS, below the silence floor of "
+                f"{silence_floor_dbfs:g} dBFS")
+    voiced = float(features.get("voiced_ratio") or 0.0) * float(features.get("duration") or 0.0)
+    if voiced < min_voiced_seconds:
+        return (f"no speech: {voiced:.2f} s of voiced frames, fewer than the {min_voiced_seconds:g} s needed "
+                "(silence or noise)")
+    return None
 
 
 # -- calibration: measured values -> words --------------------------------------------------------------------
@@ -328,8 +355,9 @@ class Calibration:
             (low, high), source = self.edges_for(corpus, measure, gender)
             cues[cue] = words[0] if value < low else words[2] if value > high else words[1]
             sources[cue] = source
-        cues["pauses"] = "long pauses" if (features.get("pause_ratio") or 0.0) > 0.2 else (
-            "some pauses" if (features.get("pause_ratio") or 0.0) > 0.05 else "fluent")
+        fluent, some, long = CUES["pauses"].levels
+        pause_ratio = features.get("pause_ratio") or 0.0
+        cues["pauses"] = long if pause_ratio > 0.2 else some if pause_ratio > 0.05 else fluent
         cues["calibration"] = sources
         return cues
 

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.corpora import CorpusError
     from ..data.schema import RecordError
     from .pipeline import ConfigError, load_config, run
+    from .teachers import TeacherUnavailable
 
     overrides = []
     if args.manifest:
@@ -60,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides + args.overrides)
         summary = run(cfg)
-    except (ConfigError, CorpusError, RecordError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, CorpusError, RecordError, FileNotFoundError, ValueError, TeacherUnavailable) as err:
         print(f"emoreason datagen: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
+    if summary.get("teacher_failures"):
+        print(f"emoreason datagen: {summary['teacher_failures']} teacher request(s) failed after retries; those "
+              "clips are in rejected.jsonl (reason teacher_error)", file=sys.stderr)
     return 0

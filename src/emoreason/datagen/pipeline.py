@@ -4,8 +4,19 @@ Runs are sharded and resumable. The plan (which record ids go into which shard) 
 saved; each shard's outputs are written to a temporary folder renamed into place only when the shard is complete,
 so a run killed at any moment and restarted redoes at most the shards in flight and ends with every input exactly
 once (kept, dropped by the filters, or reported as bad audio). Several processes (GPUs, nodes) can share a run
-(``num_workers``, ``worker_index``): each generates its share of the shards, and the one that completes the last
-shard merges. Outputs under ``output_dir``:
+(``num_workers``, ``worker_index``): each analyses and generates its share of the shards (a worker that finishes
+its acoustic share early goes on with the shards still missing, from the far end, so a lone worker completes the
+run), and the one that completes the last shard merges. Generation shards are large (``shard_size``, 512 prompts x
+``num_samples``), enough to fill a vLLM engine's batches; acoustic shards are small (``acoustic.shard_size``).
+
+Clips that cannot be described go to errors.jsonl with the reason, never into records or the calibration: unreadable,
+empty, truncated, longer than ``acoustic.max_seconds`` (default the encoder window, 30 s: the model hears no more), or
+without speech (``acoustic.min_voiced_seconds`` of voiced frames and a peak above ``acoustic.silence_floor_dbfs``). A
+teacher request that still fails after the client's retries drops that clip (rejected.jsonl, reason
+``teacher_error``, counted in the summary) and the run goes on; an endpoint that cannot be reached at all stops the
+run, which resumes where it stopped.
+
+Outputs under ``output_dir``:
 
     records.jsonl / records.parquet   kept EmotionRecords (task, instruction, response, cues, meta.provenance)
     pairs.jsonl / pairs.parquet       DPO pairs: response = chosen, meta["rejected"] = [{text, kind, detail}]
@@ -18,6 +29,7 @@ shard merges. Outputs under ``output_dir``:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -25,6 +37,8 @@ import logging
 import os
 import shutil
 import signal
+import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -35,15 +49,15 @@ from typing import Any
 import yaml
 
 from .. import __version__
-from ..data.audio import AudioError, load_audio
+from ..data.audio import TARGET_SAMPLE_RATE, AudioError, duration_of, load_audio
 from ..data.corpora import CorpusError, load_corpus
 from ..data.labels import cooccurrence_matrix, entropy, multi_label
 from ..data.schema import EmotionRecord, RecordError, read_records, write_records
-from .acoustic import Calibration, analyze
+from .acoustic import MIN_VOICED_SECONDS, SILENCE_FLOOR_DBFS, Calibration, analyze, no_speech_reason
 from .filters import FilterConfig, run_filters, think_hash
 from .pairs import PAIR_KINDS, accept_rejected, pair_requests
 from .seed import PromptTemplate, SeedDescription, answer_format, load_pool, pick
-from .teachers import TeacherConfig, TeacherRequest, get_teacher
+from .teachers import TeacherConfig, TeacherFailure, TeacherRequest, get_teacher
 
 logger = logging.getLogger(__name__)
 KILL_HOOK_ENV = "EMOREASON_DATAGEN_KILL_AFTER"  # "<phase>:<n>" (phase acoustic|generate): SIGKILL, for tests
@@ -63,6 +77,10 @@ class AcousticConfig:
     calibration: str | None = None  # reuse a saved calibration.json (e.g. the train run's) instead of fitting
     calibration_split: str = "train"
     workers: int = 1  # processes for the analysis
+    shard_size: int = 64  # clips per acoustic shard (the unit of resume)
+    max_seconds: float | None = 30.0  # longer clips are errors (the encoder window: the model hears no more)
+    min_voiced_seconds: float = MIN_VOICED_SECONDS  # less voiced time than this: "no speech"
+    silence_floor_dbfs: float = SILENCE_FLOOR_DBFS  # a loudest frame below this: "no speech"
 
 
 @dataclass
@@ -85,7 +103,7 @@ class DatagenConfig:
     output_dir: str = "runs/datagen"
     task: str = "emotion_reasoning"
     seed: int = 0
-    shard_size: int = 64
+    shard_size: int = 512  # records per generation shard: one teacher call each (fills vLLM's batches)
     limit: int | None = None  # generate for a deterministic subset of this many clips (all clips get cues)
     num_workers: int = 1  # processes/GPUs/nodes sharing one run: each generates the shards i % num_workers == index
     worker_index: int = 0
@@ -152,8 +170,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if cfg.filters.answer_must_match not in ("votes", "consensus"):
         raise ConfigError("filters.answer_must_match must be votes or consensus, "
                           f"got {cfg.filters.answer_must_match!r}")
-    if cfg.shard_size < 1:
-        raise ConfigError("shard_size must be >= 1")
+    if cfg.shard_size < 1 or cfg.acoustic.shard_size < 1:
+        raise ConfigError("shard_size and acoustic.shard_size must be >= 1")
+    if cfg.acoustic.max_seconds is not None and cfg.acoustic.max_seconds <= 0:
+        raise ConfigError(f"acoustic.max_seconds must be positive (or null), got {cfg.acoustic.max_seconds}")
     if not 0 <= cfg.worker_index < cfg.num_workers:
         raise ConfigError(f"worker_index must be in [0, num_workers), got {cfg.worker_index} of {cfg.num_workers}")
     if cfg.num_workers > 1 and cfg.dedup_scope == "run":
@@ -248,48 +268,117 @@ def _plan(out: Path, name: str, shards: list[list[str]]) -> list[list[str]]:
 
 
 # -- phase A: acoustic analysis --------------------------------------------------------------------------------
-def _analyze_one(record: EmotionRecord, root: str, fmin: float, fmax: float) -> dict:
+@dataclass(frozen=True)
+class _AnalysisLimits:
+    fmin: float
+    fmax: float
+    max_seconds: float | None
+    min_voiced_seconds: float
+    silence_floor_dbfs: float
+
+
+def _too_long(seconds: float, limits: _AnalysisLimits) -> str | None:
+    if limits.max_seconds is not None and seconds > limits.max_seconds:
+        return (f"too long: the clip is {seconds:.1f} s, above acoustic.max_seconds={limits.max_seconds:g} "
+                "(the model hears only the encoder window; cut the clip into segments or raise the limit)")
+    return None
+
+
+def _analyze_one(record: EmotionRecord, root: str, limits: _AnalysisLimits) -> dict:
+    def error(reason: str) -> dict:
+        return {"id": record.id, "audio": record.audio, "corpus": record.corpus, "reason": reason}
+
     try:
-        waveform = load_audio(record.audio_path(root))
+        path = record.audio_path(root)
+        long_reason = _too_long(duration_of(path), limits)  # from the header: a long file is not decoded
+        if long_reason:
+            return error(f"bad audio {record.audio}: {long_reason}")
+        waveform = load_audio(path)
+        long_reason = _too_long(len(waveform) / TARGET_SAMPLE_RATE, limits)
+        if long_reason:
+            return error(f"bad audio {record.audio}: {long_reason}")
         if len(waveform) < 160:
             raise AudioError(record.audio, f"too short to analyse ({len(waveform)} samples)")
-        features = analyze(waveform, 16_000, transcript=record.transcript, fmin=fmin, fmax=fmax)
+        features = analyze(waveform, TARGET_SAMPLE_RATE, transcript=record.transcript, fmin=limits.fmin,
+                           fmax=limits.fmax)
     except (AudioError, RecordError) as err:
-        return {"id": record.id, "audio": record.audio, "corpus": record.corpus, "reason": str(err)}
-    return {"id": record.id, "features": features.to_dict()}
+        return error(str(err))
+    values = features.to_dict()
+    silent = no_speech_reason(values, limits.min_voiced_seconds, limits.silence_floor_dbfs)
+    if silent:
+        return error(f"bad audio {record.audio}: {silent}")
+    return {"id": record.id, "features": values}
 
 
 def _analyze_shard(args) -> tuple[int, list[dict]]:
-    index, records, root, fmin, fmax, shard_dir = args
+    index, records, root, limits, shard_dir = args
+    final = shard_dir / f"{index:05d}.jsonl"
+    if final.is_file():  # another datagen worker got there first (it writes the same rows)
+        return index, _read_jsonl(final)
     hook = _KillHook("acoustic")
     rows = []
     for record in records:
-        rows.append(_analyze_one(record, root, fmin, fmax))
+        rows.append(_analyze_one(record, root, limits))
         hook.tick()
-    final = shard_dir / f"{index:05d}.jsonl"
     tmp = _tmp(final)
     _write_jsonl(tmp, rows)
     os.replace(tmp, final)
     return index, rows
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
+    """Pool initializer: this worker dies with the process that started it (a killed datagen run must not leave
+    workers writing shards). Linux: the kernel sends SIGKILL on the parent's death (PR_SET_PDEATHSIG); everywhere:
+    a daemon thread also watches the parent pid."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+    def watch():
+        while True:
+            time.sleep(poll_seconds)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, initializer=exit_with_parent, initargs=(os.getpid(),))
+
+
+def acoustic_order(num_shards: int, num_workers: int, worker_index: int) -> list[int]:
+    """This worker's share first, then everyone else's from the far end (taken over only if still missing then)."""
+    mine = [i for i in range(num_shards) if i % num_workers == worker_index]
+    return mine + [i for i in reversed(range(num_shards)) if i % num_workers != worker_index]
+
+
 def analyze_corpus(records: list[EmotionRecord], root: Path, out: Path, cfg: DatagenConfig) -> dict[str, dict]:
     by_id = {r.id: r for r in records}
-    shards = _plan(out, "acoustic", _shards([r.id for r in records], cfg.shard_size))
+    shards = _plan(out, "acoustic", _shards([r.id for r in records], cfg.acoustic.shard_size))
     shard_dir = out / "acoustic"
     shard_dir.mkdir(parents=True, exist_ok=True)
+    limits = _AnalysisLimits(cfg.acoustic.fmin, cfg.acoustic.fmax, cfg.acoustic.max_seconds,
+                             cfg.acoustic.min_voiced_seconds, cfg.acoustic.silence_floor_dbfs)
     results: dict[str, dict] = {}
     todo = []
-    for index, ids in enumerate(shards):
+    for index in acoustic_order(len(shards), cfg.num_workers, cfg.worker_index):
         path = shard_dir / f"{index:05d}.jsonl"
         if path.is_file():
             for row in _read_jsonl(path):
                 results[row["id"]] = row
         else:
-            todo.append((index, [by_id[i] for i in ids], str(root), cfg.acoustic.fmin, cfg.acoustic.fmax, shard_dir))
+            todo.append((index, [by_id[i] for i in shards[index]], str(root), limits, shard_dir))
     bar = _progress(len(records), len(results), "acoustic", cfg.progress)
     if cfg.acoustic.workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=cfg.acoustic.workers) as pool:
+        with worker_pool(cfg.acoustic.workers) as pool:
             for _, rows in pool.map(_analyze_shard, todo):
                 results.update({row["id"]: row for row in rows})
                 bar.update(len(rows))
@@ -363,6 +452,12 @@ class Generator:
         samples = self.teacher.generate(requests)
         kept = []
         for (record, cues, sources, description, target, instruction), texts in zip(prepared, samples):
+            if isinstance(texts, TeacherFailure):
+                failed = {"id": record.id, "reason": "teacher_error", "detail": texts.reason}
+                out["dropped"].append(failed)
+                out["rejected"].append({**failed, "sample": None, "text": None, "outcome": "dropped"})
+                self.hook.tick()
+                continue
             local_seen = self.seen if self.cfg.dedup_scope == "run" else set()
             accepted, rejections = None, []
             for index, text in enumerate(texts):
@@ -405,9 +500,13 @@ class Generator:
         rejected_by_record: dict[str, list[dict]] = {}
         failures: dict[str, list[dict]] = {}
         for (record, job), outputs in zip(jobs, texts):
+            entry = {"text": None, "kind": job.kind, "detail": job.detail}
+            if isinstance(outputs, TeacherFailure):
+                failures.setdefault(record.id, []).append({**entry, "unusable": f"teacher_error: {outputs.reason}"})
+                continue
             text = outputs[0] if outputs else ""
             problem = accept_rejected(job.kind, text, record.response or "", record, record.cues)
-            entry = {"text": text, "kind": job.kind, "detail": job.detail}
+            entry["text"] = text
             if problem:
                 failures.setdefault(record.id, []).append({**entry, "unusable": problem})
             else:
@@ -530,6 +629,9 @@ def merge(out: Path, cfg: DatagenConfig, shards, adapter_errors, acoustic, teach
         "bad_audio_all_clips": len(errors),
         "rejections_by_reason": dict(Counter(r["reason"] for r in collected["rejected"]).most_common()),
         "dropped_by_reason": dict(Counter(r["reason"] for r in collected["dropped"]).most_common()),
+        "teacher_failures": sum(r["reason"] == "teacher_error" for r in collected["dropped"]) + sum(
+            u["unusable"].startswith("teacher_error") for line in pairs
+            for u in line.meta.get("unusable_negatives", [])),
         "pairs": len(pairs),
         "pair_negatives_by_kind": dict(kinds),
         "teacher": {"name": teacher.name, "model": teacher.model_id},

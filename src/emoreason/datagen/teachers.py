@@ -6,7 +6,9 @@
   LLM's own voice). ``model`` is an EmoReason checkpoint (its language model is used text-only) or a plain causal-LM
   checkpoint. Backend ``vllm`` (offline batched ``LLM.generate``; the LM is exported to a folder vLLM can load),
   ``transformers`` (batched ``generate``), or ``auto`` (vLLM when importable, else transformers).
-* ``openai``: any OpenAI-compatible chat endpoint (vLLM's server, our server, a hosted API).
+* ``openai``: any OpenAI-compatible chat endpoint (vLLM's server, our server, a hosted API). A request that still
+  fails after the client's retries comes back as a :class:`TeacherFailure` for that prompt (the run records it and
+  goes on); :class:`TeacherUnavailable` when no request of a batch could reach the endpoint.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import hashlib
 import json
 import os
 import random
+import shutil
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.cues import CUES
 from ..data.response_format import format_response
 from .seed import SeedDescription
 
@@ -61,6 +66,17 @@ class TeacherRequest:
         return [{"role": "user", "content": self.prompt}]
 
 
+@dataclass(frozen=True)
+class TeacherFailure:
+    """In place of a prompt's samples: the request failed for good; ``reason`` says why."""
+
+    reason: str
+
+
+class TeacherUnavailable(RuntimeError):
+    """The teacher cannot be reached at all (every request of a batch failed to connect): stop, resume later."""
+
+
 class Teacher:
     name = "teacher"
 
@@ -71,7 +87,7 @@ class Teacher:
     def model_id(self) -> str:
         return self.config.model or self.name
 
-    def generate(self, requests: list[TeacherRequest]) -> list[list[str]]:
+    def generate(self, requests: list[TeacherRequest]) -> list[list[str] | TeacherFailure]:
         raise NotImplementedError
 
 
@@ -120,8 +136,8 @@ PROFILES = {
     "frustrated": {"energy_level": {"loud", "normal"}, "intonation": {"falling"}},
     "other": {},
 }
-CUE_NAMES = {"pitch_level": "pitch", "energy_level": "volume", "rate_level": "speaking rate",
-             "intonation": "intonation", "pitch_variation": "pitch variation"}
+CUE_NAMES = {key: CUES[key].noun for key in ("pitch_level", "energy_level", "rate_level", "intonation",
+                                             "pitch_variation")}
 LINKS = (
     "Together, the {cues} {fit} {e} speech.",
     "The {cues} {point} toward {e}.",
@@ -250,14 +266,26 @@ def load_language_model(path: str, device: str | None = None, dtype: str = "auto
 
 
 def export_language_model(path: str, out_dir: str | Path) -> Path:
-    """Save the text-only LM of an EmoReason checkpoint as a plain checkpoint (what vLLM's ``LLM`` loads)."""
+    """Save the text-only LM of an EmoReason checkpoint as a plain checkpoint (what vLLM's ``LLM`` loads).
+
+    Safe for datagen workers sharing a run: each writes a private folder and renames it into place (one atomic
+    step), so ``out_dir`` either does not exist or is complete; a worker that loses the race drops its copy."""
     out = Path(out_dir)
-    if (out / "config.json").is_file():
+    if out.is_dir():
         return out
-    lm, tokenizer = load_language_model(path, device="cpu")
-    lm.generation_config.suppress_tokens = None
-    lm.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        lm, tokenizer = load_language_model(path, device="cpu")
+        lm.generation_config.suppress_tokens = None
+        lm.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not out.is_dir():  # not a lost race: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -365,9 +393,29 @@ class OpenAITeacher(Teacher):
             texts.extend(got)
         return texts[: request.n]
 
-    def generate(self, requests: list[TeacherRequest]) -> list[list[str]]:
+    def _one_or_failure(self, request: TeacherRequest) -> list[str] | TeacherFailure | Exception:
+        import openai
+
+        try:
+            return self._one(request)
+        except openai.APIConnectionError as err:  # timeouts included: kept to tell "unreachable" apart
+            return err
+        except (openai.APIError, RuntimeError) as err:
+            return TeacherFailure(f"{type(err).__name__}: {err}")
+
+    def generate(self, requests: list[TeacherRequest]) -> list[list[str] | TeacherFailure]:
+        import openai
+
+        if not requests:
+            return []
         with ThreadPoolExecutor(max_workers=max(1, self.config.concurrency)) as pool:
-            return list(pool.map(self._one, requests))
+            results = list(pool.map(self._one_or_failure, requests))
+        unreachable = [r for r in results if isinstance(r, openai.APIConnectionError)
+                       and not isinstance(r, openai.APITimeoutError)]
+        if len(unreachable) == len(results):
+            raise TeacherUnavailable(f"the teacher endpoint {self.config.base_url} cannot be reached "
+                                     f"({unreachable[0]}); the run stops here and resumes where it stopped")
+        return [TeacherFailure(f"{type(r).__name__}: {r}") if isinstance(r, Exception) else r for r in results]
 
 
 TEACHERS: dict[str, type[Teacher]] = {

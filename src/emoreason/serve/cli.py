@@ -25,8 +25,13 @@ def _launch_transformers(args: argparse.Namespace) -> int:
         args.model, dtype=args.dtype, max_batch_rows=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
         num_threads=args.num_threads,
     )
-    app = create_app(engine, model_name=args.served_model_name, api_key=args.api_key,
-                     allowed_audio_root=args.allowed_audio_root, default_max_tokens=args.default_max_tokens)
+    try:
+        app = create_app(engine, model_name=args.served_model_name, api_key=args.api_key,
+                         allowed_audio_root=args.allowed_audio_root, default_max_tokens=args.default_max_tokens,
+                         max_body_bytes=int(args.max_body_mb * 2**20), max_audio_seconds=args.max_audio_seconds)
+    except ValueError as err:
+        print(f"emoreason serve: {err}", file=sys.stderr)
+        return 2
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     # One parseable line, flushed, so scripts that start the server on port 0 learn the address.
@@ -66,7 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=16, help="most sequences (rows) per generate call")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0,
                         help="how long an idle server waits for more requests to batch with the first")
-    parser.add_argument("--default-max-tokens", type=int, default=256)
+    parser.add_argument("--default-max-tokens", type=int, default=256,
+                        help="completion budget when a request names none (lowered to what fits the context)")
+    parser.add_argument("--max-body-mb", type=float, default=64.0,
+                        help="largest request body in MiB (413 above it, refused before it is read or decoded)")
+    parser.add_argument("--max-audio-seconds", type=float, default=None,
+                        help="longest clip accepted (400 above it, never cut); default and ceiling: the model's "
+                        "encoder window (30 s for Whisper)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch CPU threads for generation (default: torch's, one per core); 1 is much faster "

@@ -4,6 +4,9 @@ Concurrent requests that share their decoding settings are stacked into one left
 contributes ``n`` rows), so eight clients cost about one ``generate`` call, not eight. Requests with a ``seed`` run
 alone, right after seeding torch: a seeded request gives the same completions whatever else the server is doing.
 ``generate`` runs in one worker thread, so the event loop keeps accepting (and validating) requests meanwhile.
+
+A request whose client goes away is cancelled: its rows stop at the next decoding step (a stopping criterion reads
+each row's cancel flag), so one abandoned long request cannot hold the generation thread.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,8 @@ class PreparedRequest:
     clips: list[np.ndarray]
     params: SamplingParams
     n: int = 1
+    # Set (from the event loop) when the client is gone; generation reads it between decoding steps.
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -69,6 +75,17 @@ class _Job:
 
 
 _unique = itertools.count()
+
+
+class _CancelledRows(StoppingCriteria):
+    """Stops the rows whose request was cancelled (the others in the batch go on)."""
+
+    def __init__(self, rows: list[threading.Event]):
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        flags = [event.is_set() for event in self.rows]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
 def batch_key(params: SamplingParams) -> tuple:
@@ -105,6 +122,23 @@ class TransformersEngine:
         self.pad_id = model.generation_config.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.cancelled_rows = 0  # rows stopped early because their client went away
+
+    @property
+    def max_model_len(self) -> int:
+        """The language model's context (prompt + completion tokens)."""
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        return int(getattr(text_config, "max_position_embeddings", None) or self.tokenizer.model_max_length)
+
+    @property
+    def max_audio_seconds(self) -> float:
+        """The longest clip the content encoder hears whole (Whisper's window: 30 s)."""
+        return self.processor.max_samples / 16_000
+
+    def count_prompt_tokens(self, prompt: str, clips: list[np.ndarray]) -> int:
+        """Tokens the prompt takes once each `<audio>` is expanded to its clip's token count."""
+        text_tokens = len(self.tokenizer(prompt)["input_ids"])
+        return text_tokens + sum(self.processor.num_audio_tokens(len(c)) - 1 for c in clips)
 
     @classmethod
     def from_pretrained(cls, path, dtype: str | None = None, **kwargs) -> TransformersEngine:
@@ -133,7 +167,11 @@ class TransformersEngine:
             raise RuntimeError("engine not started")
         future = asyncio.get_running_loop().create_future()
         await self._queue.put(_Job(request, future, batch_key(request.params)))
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            request.cancelled.set()  # the caller gave up: stop its rows if they are being generated
+            raise
 
     # -- batching ---------------------------------------------------------------------------------------------
     async def _batch_loop(self) -> None:
@@ -145,7 +183,7 @@ class TransformersEngine:
                 await asyncio.sleep(self.batch_wait_s)  # let requests sent together arrive together
             while not self._queue.empty():
                 pending.append(self._queue.get_nowait())
-            pending = [job for job in pending if not job.future.cancelled()]
+            pending = [job for job in pending if not (job.future.cancelled() or job.request.cancelled.is_set())]
             if not pending:
                 continue
             batch, rest, rows = [], [], 0
@@ -181,11 +219,12 @@ class TransformersEngine:
     def generate(self, requests: list[PreparedRequest]) -> list[GenerationResult]:
         """Run one left-padded ``generate`` call for requests that share their decoding settings."""
         params = requests[0].params
-        texts, clips = [], []
+        texts, clips, cancel_flags = [], [], []
         for req in requests:
             for _ in range(req.n):
                 texts.append(req.prompt)
                 clips.extend(req.clips)
+                cancel_flags.append(req.cancelled)
         inputs = self.processor(text=texts, audio=clips or None, padding_side="left")
         inputs = inputs.to(self.model.device)
         if "input_features" in inputs:
@@ -193,7 +232,7 @@ class TransformersEngine:
             inputs["input_values"] = inputs["input_values"].to(self.model.dtype)
         want_logprobs = any(r.params.logprobs for r in requests)
         kwargs = dict(max_new_tokens=params.max_tokens, return_dict_in_generate=True, output_logits=want_logprobs,
-                      pad_token_id=self.pad_id)
+                      pad_token_id=self.pad_id, stopping_criteria=StoppingCriteriaList([_CancelledRows(cancel_flags)]))
         if params.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -206,6 +245,7 @@ class TransformersEngine:
             out = self.model.generate(**inputs, **kwargs)
         self.batches_run += 1
         self.rows_run += len(texts)
+        self.cancelled_rows += sum(flag.is_set() for flag in cancel_flags)
         prompt_len = inputs["input_ids"].shape[1]
         prompt_tokens = inputs["attention_mask"].sum(-1).tolist()
         generated = out.sequences[:, prompt_len:].tolist()
