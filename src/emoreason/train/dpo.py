@@ -130,7 +130,7 @@ def get_dataset(script_args: EmoReasonScriptArguments, training_args: EmoReasonD
 
 # -- entry point ----------------------------------------------------------------------------------------------------
 def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonDPOConfig,
-         model_args: EmoReasonModelArguments) -> dict[str, float]:
+         model_args: EmoReasonModelArguments, recipe: str | None = None) -> dict[str, Any]:
     from .dpo_trainer import AudioDPOTrainer
 
     # seed
@@ -158,7 +158,11 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonDPOConfi
         data_root=script_args.data_root,
     )
     # train, save, card
-    return train_and_save(trainer, processor, training_args, checkpoint, script_args.train_records, "dpo")
+    details = {"beta": training_args.beta, "loss_type": training_args.loss_type,
+               "text_prior_gamma": training_args.text_prior_gamma,
+               "rejected_kind_weights": training_args.rejected_kind_weights}
+    return train_and_save(trainer, processor, "dpo", script_args, training_args, model_args, checkpoint, recipe,
+                          details=details)
 
 
 def make_parser() -> TrlParser:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .sft import TRAINING_INFO_FILE
+from .common import TRAINING_INFO_FILE
 
 
 def load_checkpoint(path: str | Path, dtype: str | None = None):
@@ -42,6 +42,21 @@ def merge(model):
     return model
 
 
+def method_lines(info: dict[str, Any]) -> list[str]:
+    """The card lines for what the method itself was given (written by train.common.training_info)."""
+    lines = []
+    if info.get("tasks"):
+        lines.append(f"- tasks: {', '.join(info['tasks'])} (schedule: {info.get('task_schedule')})")
+    if info.get("reward_funcs"):
+        weights = info.get("reward_weights")
+        lines.append(f"- rewards: {', '.join(info['reward_funcs'])}" + (f" (weights {weights})" if weights else ""))
+    if info.get("method") in ("grpo", "dpo") and info.get("beta") is not None:
+        lines.append(f"- beta: {info['beta']}")
+    if info.get("text_prior_gamma"):
+        lines.append(f"- text-prior debiasing gamma: {info['text_prior_gamma']}")
+    return lines
+
+
 def model_card(info: dict[str, Any], source: str) -> str:
     metrics = info.get("metrics") or {}
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -61,7 +76,7 @@ def model_card(info: dict[str, Any], source: str) -> str:
         f"- method: {info.get('method', 'unknown')}",
         f"- recipe: `{info.get('recipe')}`",
         f"- training records: `{info.get('train_records')}`",
-        f"- tasks: {', '.join(info.get('tasks') or []) or 'unknown'} (schedule: {info.get('task_schedule')})",
+        *method_lines(info),
         f"- base model: `{json.dumps(info.get('model'))}`",
         f"- LoRA: {'yes (merged)' if info.get('use_peft') else 'no (trained in full)'}",
         "",

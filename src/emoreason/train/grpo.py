@@ -124,7 +124,7 @@ def get_dataset(script_args: EmoReasonScriptArguments, training_args: EmoReasonG
 
 # -- entry point ----------------------------------------------------------------------------------------------------
 def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonGRPOConfig,
-         model_args: EmoReasonModelArguments) -> dict[str, float]:
+         model_args: EmoReasonModelArguments, recipe: str | None = None) -> dict[str, Any]:
     from .grpo_trainer import AudioGRPOTrainer
 
     # seed
@@ -155,7 +155,10 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonGRPOConf
         peft_config=peft_config,
     )
     # train, save, card
-    return train_and_save(trainer, processor, training_args, checkpoint, script_args.train_records, "grpo")
+    details = {"reward_funcs": list(training_args.reward_funcs), "reward_weights": training_args.reward_weights,
+               "num_generations": training_args.num_generations, "beta": training_args.beta}
+    return train_and_save(trainer, processor, "grpo", script_args, training_args, model_args, checkpoint, recipe,
+                          details=details)
 
 
 def make_parser() -> TrlParser:

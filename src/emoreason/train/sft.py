@@ -34,15 +34,13 @@ from .common import (
     get_peft_config,
     get_processor,
     resolve_checkpoint,
+    run_cli,
     setup_logging,
-    shutdown_distributed,
+    train_and_save,
 )
 from .tasks import TaskAlternatingSampler, build_task_examples, label_only_response, parse_task_specs
 
 logger = logging.getLogger(__name__)
-
-TRAINING_INFO_FILE = "emoreason_training.json"
-
 
 @dataclass
 class EmoReasonSFTConfig(SFTConfig):
@@ -189,27 +187,6 @@ def label_accuracy(model, processor, rows: Sequence[dict], data_root: str | Path
             "predictions": predictions}
 
 
-def _save_training_info(training_args, script_args, model_args, metrics: dict[str, Any], recipe: str | None):
-    info = {
-        "method": "sft",
-        "recipe": recipe,
-        "train_records": script_args.train_records,
-        "data_root": script_args.data_root,
-        "tasks": [s.name for s in parse_task_specs(training_args.tasks)],
-        "task_schedule": training_args.task_schedule,
-        "model": model_args.model_name_or_path or {
-            "content_encoder": model_args.content_encoder,
-            "paralinguistic_encoder": model_args.paralinguistic_encoder,
-            "language_model": model_args.language_model,
-        },
-        "use_peft": model_args.use_peft,
-        "metrics": metrics,
-    }
-    path = Path(training_args.output_dir) / TRAINING_INFO_FILE
-    path.write_text(json.dumps(info, indent=2, default=str))
-    return path
-
-
 # -- main -----------------------------------------------------------------------------------------------------
 def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfig,
          model_args: EmoReasonModelArguments, recipe: str | None = None) -> dict[str, Any]:
@@ -286,50 +263,37 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
         peft_config=peft_config,
     )
 
-    # train
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    metrics = dict(result.metrics)
-    metrics["train_examples"] = len(train_dataset)
-    metrics["world_size"] = training_args.world_size
-    if norm_summary:
-        metrics["feature_norm_clips"] = norm_summary["clips"]
-    if feature_cache is not None:
-        metrics["feature_cache_hit_batches"] = collator.cache_hits
-        metrics["feature_cache_miss_batches"] = collator.cache_misses
+    # train, save, card (the tail every method shares), with the label-accuracy scoring SFT adds
+    def sft_metrics(trainer) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        if norm_summary:
+            metrics["feature_norm_clips"] = norm_summary["clips"]
+        if feature_cache is not None:
+            metrics["feature_cache_hit_batches"] = collator.cache_hits
+            metrics["feature_cache_miss_batches"] = collator.cache_misses
+        # Every rank scores: under ZeRO-3 a forward pass gathers parameters from all ranks, so a main-process-only
+        # pass would hang.
+        if training_args.label_accuracy_split:
+            from ..data.schema import read_records
+            from .tasks import TaskSpec
 
-    # evaluation of the label task (optional). Every rank scores: under ZeRO-3 a forward pass gathers parameters from
-    # all ranks, so a main-process-only pass would hang.
-    if training_args.label_accuracy_split:
-        from ..data.schema import read_records
-        from .tasks import TaskSpec
+            records = read_records(script_args.eval_records or script_args.train_records)
+            rows = build_task_examples([TaskSpec("emotion_label")], records,
+                                       split=_split(training_args.label_accuracy_split), seed=training_args.seed)
+            labels = sorted({r["label"] for r in build_task_examples(
+                [TaskSpec("emotion_label")], records, split=None, seed=0)} & set(EMOTIONS))
+            scoring_model = trainer.accelerator.unwrap_model(trainer.model)
+            for name, silence in (("label_accuracy", False), ("label_accuracy_silence", True)):
+                scored = label_accuracy(scoring_model, processor, rows, script_args.data_root, labels,
+                                        silence=silence, system_prompt=training_args.system_prompt)
+                metrics[name] = scored["accuracy"]
+                logger.info("%s on %s (%d clips): %.3f", name, training_args.label_accuracy_split, scored["n"],
+                            scored["accuracy"])
+        return metrics
 
-        records = read_records(script_args.eval_records or script_args.train_records)
-        rows = build_task_examples([TaskSpec("emotion_label")], records,
-                                   split=_split(training_args.label_accuracy_split), seed=training_args.seed)
-        labels = sorted({r["label"] for r in build_task_examples(
-            [TaskSpec("emotion_label")], records, split=None, seed=0)} & set(EMOTIONS))
-        scoring_model = trainer.accelerator.unwrap_model(trainer.model)
-        for name, silence in (("label_accuracy", False), ("label_accuracy_silence", True)):
-            scored = label_accuracy(scoring_model, processor, rows, script_args.data_root, labels, silence=silence,
-                                    system_prompt=training_args.system_prompt)
-            metrics[name] = scored["accuracy"]
-            logger.info("%s on %s (%d clips): %.3f", name, training_args.label_accuracy_split, scored["n"],
-                        scored["accuracy"])
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("all", metrics)
-    trainer.save_state()
-
-    # save
-    trainer.save_model(training_args.output_dir)
-    if trainer.accelerator.is_main_process:
-        processor.save_pretrained(training_args.output_dir)
-        _save_training_info(training_args, script_args, model_args, metrics, recipe)
-        # card
-        with contextlib.suppress(Exception):  # the card is a courtesy; never fail a finished run over it
-            trainer.create_model_card(model_name=Path(training_args.output_dir).name,
-                                      dataset_name=script_args.train_records, tags=["emoreason", "audio", "sft"])
-    trainer.accelerator.wait_for_everyone()
-    return metrics
+    details = {"tasks": [s.name for s in specs], "task_schedule": training_args.task_schedule}
+    return train_and_save(trainer, processor, "sft", script_args, training_args, model_args, checkpoint, recipe,
+                          details=details, extra_metrics=sft_metrics)
 
 
 def make_parser() -> TrlParser:
@@ -337,13 +301,7 @@ def make_parser() -> TrlParser:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser()
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    recipe = argv[argv.index("--config") + 1] if "--config" in argv else None
-    main(script_args, training_args, model_args, recipe=recipe)
-    shutdown_distributed()
-    return 0
+    return run_cli(make_parser(), main, argv)
 
 
 if __name__ == "__main__":
