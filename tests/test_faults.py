@@ -508,3 +508,50 @@ def test_resolve_checkpoint_skips_a_torn_checkpoint(tmp_path, caplog):
         resolve_checkpoint(SimpleNamespace(**{**vars(args), "resume_from_checkpoint": "true"}))
     _checkpoint(tmp_path / "checkpoint-6")
     assert resolve_checkpoint(args) == str(tmp_path / "checkpoint-6")  # control: the newest complete one wins
+
+
+def _method_args(method: str, tiny_model_dir: Path, synth_corpus: Path, records: Path, pairs: Path,
+                 out: Path, steps: int) -> list[str]:
+    common = ["--config", str(REPO / "recipes" / "tiny-cpu" / f"{method}.yaml"), "--model_name_or_path",
+              str(tiny_model_dir), "--output_dir", str(out), "--data_root", str(synth_corpus.parent),
+              "--max_steps", str(steps), "--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1",
+              "--report_to", "none", "--disable_tqdm", "true", "--max_train_records", "4"]
+    if method == "sft":
+        return common + ["--train_records", str(synth_corpus), "--per_device_train_batch_size", "2",
+                         "--tasks", "emotion_label", "--label_accuracy_split", "", "--feature_cache_dir", ""]
+    if method == "grpo":
+        return common + ["--train_records", str(records), "--per_device_train_batch_size", "4",
+                         "--num_generations", "4", "--max_completion_length", "8"]
+    return common + ["--train_records", str(pairs), "--per_device_train_batch_size", "2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sft", "grpo", "dpo"])
+def test_resume_skips_a_checkpoint_torn_by_a_kill_during_its_save(method, tiny_model_dir, synth_corpus, tmp_path,
+                                                                   caplog):
+    from test_grpo import reasoning_records
+
+    from emoreason.data.schema import write_records
+    from emoreason.train.cli import main
+
+    records, pairs = reasoning_records(synth_corpus)
+    records_file = write_records(records, tmp_path / "records.jsonl")
+    pairs_file = write_records(pairs, tmp_path / "pairs.jsonl")
+    out = tmp_path / method
+    assert main([method, *_method_args(method, tiny_model_dir, synth_corpus, records_file, pairs_file, out, 2)]) == 0
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    # A kill during the save of step 3: the folder exists with the config files written first, nothing else.
+    torn = out / "checkpoint-3"
+    torn.mkdir()
+    for name in ("config.json", "adapter_config.json", "generation_config.json"):
+        if (out / "checkpoint-2" / name).is_file():
+            shutil.copy(out / "checkpoint-2" / name, torn / name)
+    with caplog.at_level("WARNING", logger="emoreason.train.common"):
+        assert main([method, *_method_args(method, tiny_model_dir, synth_corpus, records_file, pairs_file, out,
+                                           3)]) == 0
+    assert "skipping incomplete checkpoint" in caplog.text and "checkpoint-3" in caplog.text
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    logged = sorted({h["step"] for h in state["log_history"] if "loss" in h})
+    assert logged == [1, 2, 3]  # steps 1-2 came from checkpoint-2, step 3 was trained after resuming
+    assert json.loads((torn / "trainer_state.json").read_text())["global_step"] == 3  # re-saved whole
