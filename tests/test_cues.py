@@ -1,0 +1,212 @@
+"""The one cue vocabulary and claim reader (emoreason.data.cues): a table of sentences and their claims, and the proof
+that the datagen filter, the GRPO cue_grounding reward, the heuristic judge and the evaluator's reasoning metric reach
+the same verdict on every row, because they all run that code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from emoreason.data.cues import CUES, Claim, extract_claims, ground, level_of, measured_levels
+
+P, V, E, R, I, PA = "pitch_level", "pitch_variation", "energy_level", "rate_level", "intonation", "pauses"
+
+# sentence -> expected claims; "!" marks a negated claim. Order-free, each claim once.
+TABLE: list[tuple[str, set[str]]] = [
+    ("The pitch is high.", {f"{P}=high"}),
+    ("The pitch is not high.", {f"!{P}=high"}),
+    ("Her pitch isn't particularly high.", {f"!{P}=high"}),
+    ("The pitch is neither high nor low.", {f"!{P}=high", f"!{P}=low"}),
+    ("The pitch is high, not low.", {f"{P}=high", f"!{P}=low"}),
+    ("The pitch is low rather than high.", {f"{P}=low", f"!{P}=high"}),
+    ("No sign of a raised pitch.", {f"!{P}=high"}),
+    ("High pitch and a loud voice.", {f"{P}=high", f"{E}=loud"}),
+    ("She sounds sad, not angry.", set()),
+    ("The pitch is low, sad, not angry.", {f"{P}=low"}),
+    ("The answer is other.", set()),
+    ("I would call the emotion other: the rate is normal.", {f"{R}=normal"}),
+    ("Other than a slightly raised pitch, nothing stands out.", {f"{P}=high"}),
+    ("The pitch is high; the other cues are unremarkable.", {f"{P}=high"}),
+    ("The pitch is high. Again, the pitch is high.", {f"{P}=high"}),
+    ("The pitch is high, the pitch is HIGH.", {f"{P}=high"}),
+    ("Her pitch range is narrow.", {f"{V}=monotone"}),
+    ("A wide pitch range.", {f"{V}=expressive"}),
+    ("The delivery is monotone.", {f"{V}=monotone"}),
+    ("The pitch variation is normal.", {f"{V}=normal"}),
+    ("The pitch range is wide and the pitch is high.", {f"{V}=expressive", f"{P}=high"}),
+    ("She speaks quickly.", {f"{R}=fast"}),
+    ("He talks slowly and softly.", {f"{R}=slow", f"{E}=soft"}),
+    ("The speaking rate is fast.", {f"{R}=fast"}),
+    ("The pace is not fast.", {f"!{R}=fast"}),
+    ("She is not speaking fast.", {f"!{R}=fast"}),
+    ("The tempo is rapid.", {f"{R}=fast"}),
+    ("Fast-paced speech.", {f"{R}=fast"}),
+    ("The volume is low.", {f"{E}=soft"}),
+    ("The voice is loud.", {f"{E}=loud"}),
+    ("She speaks quietly.", {f"{E}=soft"}),
+    ("The loudness is moderate.", {f"{E}=normal"}),
+    ("High energy in the voice.", {f"{E}=loud"}),
+    ("She does not sound loud.", {f"!{E}=loud"}),
+    ("The pitch is high and the volume is high.", {f"{P}=high", f"{E}=loud"}),
+    ("Angry? No, the voice is calm and quiet.", {f"{E}=soft"}),
+    ("The volume is soft, the rate slow and the pitch low.", {f"{E}=soft", f"{R}=slow", f"{P}=low"}),
+    ("Quiet, slow speech with a low pitch.", {f"{E}=soft", f"{R}=slow", f"{P}=low"}),
+    ("The intonation is rising.", {f"{I}=rising"}),
+    ("The pitch rises at the end.", {f"{I}=rising"}),
+    ("A falling intonation contour.", {f"{I}=falling"}),
+    ("A rise-fall intonation.", {f"{I}=rise-fall"}),
+    ("The intonation is flat.", {f"{I}=flat"}),
+    ("The contour is not falling but rising.", {f"!{I}=falling", f"{I}=rising"}),
+    ("There are long pauses.", {f"{PA}=long pauses"}),
+    ("She speaks without pauses.", {f"{PA}=fluent"}),
+    ("The speech is fluent.", {f"{PA}=fluent"}),
+    ("The pitch is slightly high.", {f"{P}=high"}),
+    ("The pitch seems somewhat low.", {f"{P}=low"}),
+    ("Her voice has a deep pitch.", {f"{P}=low"}),
+    ("It sounds happy because the pitch is higher than usual.", {f"{P}=high"}),
+    ("Loud and high-pitched.", {f"{E}=loud", f"{P}=high"}),
+    ("The words are about a meeting.", set()),
+]
+
+# Two measurements that between them make every claim above both true and false.
+MEASURED = {
+    "aroused": {P: "high", V: "monotone", E: "loud", R: "fast", I: "rising", PA: "fluent"},
+    "subdued": {P: "low", V: "expressive", E: "soft", R: "slow", I: "falling", PA: "long pauses"},
+}
+
+
+def as_strings(claims: list[Claim]) -> set[str]:
+    return {f"{'!' if c.negated else ''}{c.cue}={c.level}" for c in claims}
+
+
+def test_the_table_is_large_and_covers_each_kind_of_sentence():
+    assert len(TABLE) >= 40
+    expected = set().union(*(claims for _, claims in TABLE))
+    assert {c.split("=")[0].lstrip("!") for c in expected} == set(CUES)  # every cue appears
+    assert any(c.startswith("!") for c in expected) and any(not claims for _, claims in TABLE)
+
+
+@pytest.mark.parametrize("sentence,expected", TABLE, ids=[s for s, _ in TABLE])
+def test_extractor_reads_each_sentence(sentence, expected):
+    claims = extract_claims(sentence)
+    assert as_strings(claims) == expected
+    assert len(claims) == len(expected)  # repeated claims are counted once
+
+
+def test_hedges_are_kept_and_marked():
+    hedged = extract_claims("The pitch seems somewhat low, and the volume is loud.")
+    assert [(c.cue, c.level, c.hedged) for c in hedged] == [(P, "low", True), (E, "loud", False)]
+
+
+def test_a_negation_is_checked_against_the_measurement_but_earns_nothing():
+    cues = {P: "high"}
+    wrong = ground("The pitch is not high.", cues)
+    assert [c.key for c in wrong.contradicted] == [(P, "high", True)] and not wrong.supported
+    consistent = ground("The pitch is not low.", cues)
+    assert consistent.checked == 0 and [c.key for c in consistent.unchecked] == [(P, "low", True)]
+
+
+def test_measured_levels_read_every_stored_form():
+    assert measured_levels({"pitch": "High", "rate": {"word": "slow"}, "energy": "low", "pitch_hz": 220.0,
+                            "pauses": "some pauses", "intonation": "sideways"}) == \
+        {P: "high", R: "slow", E: "soft", PA: "some pauses"}  # "low" energy is soft; unknown words are dropped
+    assert level_of(E, "high") == "loud" and level_of(R, "quickly") == "fast" and level_of(P, "loud") is None
+
+
+# -- one verdict: filter, reward, heuristic judge and metric run the same code -------------------------------------
+def _expected(claims: set[str], measured: dict) -> tuple[int, int]:
+    """(supported, contradicted) by the documented rule, from the table's expected claims."""
+    supported = contradicted = 0
+    for claim in claims:
+        negated, (cue, level) = claim.startswith("!"), claim.lstrip("!").split("=")
+        if negated:
+            contradicted += level == measured[cue]
+        elif level == measured[cue]:
+            supported += 1
+        else:
+            contradicted += 1
+    return supported, contradicted
+
+
+@pytest.fixture(scope="module")
+def stages():
+    from emoreason.data.schema import EmotionRecord
+    from emoreason.datagen.filters import FilterConfig, run_filters
+    from emoreason.eval.metrics import load_metric
+    from emoreason.train.judge import get_judge
+    from emoreason.train.rewards import get_reward_funcs
+
+    record = EmotionRecord(id="r", audio="r.wav", duration=2.0, corpus="table", label="happy")
+    strict, lenient = get_reward_funcs(["cue_grounding"])[0], \
+        get_reward_funcs(["cue_grounding"], {"cue_grounding": {"contradiction_penalty": 0.0}})[0]
+    metric, judge = load_metric("reasoning_quality"), get_judge("cue_heuristic")
+    cfg = FilterConfig(enabled=["format", "cue_contradiction"])
+
+    def verdicts(sentence: str, measured: dict) -> dict:
+        text = f"<think>\n{sentence}\n</think>\n<answer>happy</answer>"
+        _, failure = run_filters(text, record, measured, cfg, set())
+        kwargs = {"prompts": [None], "completions": [text], "cues": [json.dumps(measured)]}
+        hard, soft = strict(**kwargs)[0], lenient(**kwargs)[0]
+        quality = metric.compute(predictions=[text], references=["happy"], cues=[measured])
+        return {
+            "filter": failure is not None and failure[0] == "cue_contradiction",
+            "reward": soft > hard,  # a penalty only changes the score when a claim is contradicted
+            "judge_value": judge.score([sentence], [{"cues": measured}])[0],
+            "metric": (quality["cue_hallucination_rate"] or 0.0) > 0,
+            "metric_claims": quality["cue_claims"],
+            "reward_value": hard,
+        }
+
+    return verdicts
+
+
+@pytest.mark.parametrize("measured", list(MEASURED), ids=list(MEASURED))
+@pytest.mark.parametrize("sentence,expected", TABLE, ids=[s for s, _ in TABLE])
+def test_filter_reward_judge_and_metric_agree_on_each_row(stages, sentence, expected, measured):
+    cues = MEASURED[measured]
+    supported, contradicted = _expected(expected, cues)
+    got = stages(sentence, cues)
+    assert got["filter"] == got["reward"] == got["metric"] == (contradicted > 0), got
+    assert got["metric_claims"] == supported + contradicted
+    checked = supported + contradicted
+    assert got["reward_value"] == pytest.approx((supported - contradicted) / checked if checked else 0.0)
+    assert got["judge_value"] == pytest.approx(min(1.0, max(0.0, (supported - contradicted) / len(cues))))
+
+
+def test_the_table_yields_both_verdicts():
+    """Control: a parity test on rows that all pass (or all fail) could not tell the stages apart."""
+    outcomes = {_expected(claims, cues)[1] > 0 for _, claims in TABLE for cues in MEASURED.values()}
+    assert outcomes == {True, False}
+
+
+# -- one vocabulary: what acoustic analysis writes, seeds describe and the prosody task asks ------------------------
+def test_every_stage_uses_the_cue_level_words():
+    from emoreason.data.conversation import INSTRUCTION_POOLS
+    from emoreason.datagen.acoustic import INTONATIONS, LEVEL_WORDS
+    from emoreason.datagen.seed import SeedDescription
+    from emoreason.train.tasks import PROSODY_ATTRIBUTES
+
+    for key, (_, words) in LEVEL_WORDS.items():
+        assert tuple(words) == CUES[key].levels
+    assert tuple(INTONATIONS) == CUES[I].levels
+    described = SeedDescription(duration=1.0, transcript="hi", gender=None, cues=MEASURED["aroused"]).render()
+    for key, level in MEASURED["aroused"].items():
+        assert f"{CUES[key].label}: {level}" in described
+    for attribute in PROSODY_ATTRIBUTES:
+        cue = next(c for c in CUES.values() if c.name == attribute)
+        for instruction in INSTRUCTION_POOLS[f"prosody.{attribute}"]:
+            assert all(level in instruction.lower() for level in cue.levels), instruction
+    # What each cue's words map to is one of its level words, and every level can be said.
+    for cue in CUES.values():
+        assert set(cue.words.values()) == set(cue.levels), cue.key
+        assert all(cue.opposite.get(level, level) in cue.levels for level in cue.levels)
+
+
+def test_data_imports_no_other_stage():
+    code = ("import sys, emoreason.data.cues, emoreason.data.judging; print(sorted(m for m in sys.modules "
+            "if m.startswith('emoreason.') and not m.startswith('emoreason.data')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
