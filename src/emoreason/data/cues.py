@@ -48,52 +48,53 @@ class Cue:
     opposite: Mapping[str, str] = field(default_factory=dict)
 
 
-def _words(**levels: Iterable[str]) -> dict[str, str]:
-    return {word: level.replace("_", " ") for level, words in levels.items() for word in words}
+def _words(levels: Mapping[str, Iterable[str]]) -> dict[str, str]:
+    return {word: level for level, words in levels.items() for word in words}
 
 
 _NORMAL = ("normal", "moderate", "average", "medium")
 
 CUES: dict[str, Cue] = {cue.key: cue for cue in (
     Cue("pitch_level", "pitch", "Pitch", "pitch", ("low", "normal", "high"),
-        _words(low=("low", "lower", "lowered", "deep", "deeper"),
-               high=("high", "higher", "raised", "elevated", "shrill"),
-               normal=(*_NORMAL, "mid", "mid-range")),
+        _words({"low": ("low", "lower", "lowered", "deep", "deeper"),
+                "high": ("high", "higher", "raised", "elevated", "shrill"),
+                "normal": (*_NORMAL, "mid", "mid-range")}),
         anchors=("pitch", "pitched", "f0", "frequency", "register"),
         opposite={"low": "high", "normal": "high", "high": "low"}),
     Cue("pitch_variation", "variation", "Pitch variation", "pitch variation", ("monotone", "normal", "expressive"),
-        _words(monotone=("monotone", "monotonous", "narrow", "limited", "restricted", "little", "low", "small"),
-               expressive=("expressive", "wide", "broad", "lively", "animated", "large", "high", "varied"),
-               normal=_NORMAL),
+        _words({"monotone": ("monotone", "monotonous", "narrow", "limited", "restricted", "little", "low", "small"),
+                "expressive": ("expressive", "wide", "broad", "lively", "animated", "large", "high", "varied"),
+                "normal": _NORMAL}),
         anchors=("range", "variation", "variability", "modulation", "excursion", "excursions", "varies"),
         self_anchoring=("monotone", "monotonous")),
     Cue("energy_level", "energy", "Volume", "volume", ("soft", "normal", "loud"),
-        _words(soft=("soft", "softer", "softly", "quiet", "quieter", "quietly", "low", "lower", "weak", "faint",
-                     "hushed"),
-               loud=("loud", "louder", "loudly", "strong", "high", "higher", "raised", "forceful"), normal=_NORMAL),
+        _words({"soft": ("soft", "softer", "softly", "quiet", "quieter", "quietly", "low", "lower", "weak", "faint",
+                         "hushed"),
+                "loud": ("loud", "louder", "loudly", "strong", "high", "higher", "raised", "forceful"),
+                "normal": _NORMAL}),
         anchors=("volume", "loudness", "energy", "intensity", "amplitude"),
         self_anchoring=("soft", "softer", "softly", "quiet", "quieter", "quietly", "hushed", "loud", "louder",
                         "loudly"),
         opposite={"soft": "loud", "normal": "soft", "loud": "soft"}),
     Cue("rate_level", "rate", "Speaking rate", "speaking rate", ("slow", "normal", "fast"),
-        _words(slow=("slow", "slower", "slowly", "sluggish", "unhurried", "leisurely", "drawn-out"),
-               fast=("fast", "faster", "quick", "quicker", "quickly", "rapid", "rapidly", "hurried", "hurriedly",
-                     "rushed"),
-               normal=(*_NORMAL, "steady")),
-        anchors=("rate", "pace", "paced", "tempo", "speed", "delivery", "speak", "speaks", "spoke", "speaking",
-                 "talk", "talks", "talked", "talking"),
+        _words({"slow": ("slow", "slower", "slowly", "sluggish", "unhurried", "leisurely", "drawn-out"),
+                "fast": ("fast", "faster", "quick", "quicker", "quickly", "rapid", "rapidly", "hurried", "hurriedly",
+                         "rushed"),
+                "normal": (*_NORMAL, "steady")}),
+        anchors=("rate", "pace", "paced", "tempo", "speed", "delivery", "speech", "speak", "speaks", "spoke",
+                 "speaking", "talk", "talks", "talked", "talking"),
         opposite={"slow": "fast", "normal": "slow", "fast": "slow"}),
     Cue("intonation", "intonation", "Intonation", "intonation", ("rising", "falling", "rise-fall", "fall-rise", "flat"),
-        _words(rising=("rising", "rises", "rise", "upward"), falling=("falling", "falls", "fall", "downward",
-                                                                     "dropping", "drops"),
-               rise_fall=("rise-fall",), fall_rise=("fall-rise",), flat=("flat",)),
+        _words({"rising": ("rising", "rises", "rise", "upward"),
+                "falling": ("falling", "falls", "fall", "downward", "dropping", "drops"),
+                "rise-fall": ("rise-fall",), "fall-rise": ("fall-rise",), "flat": ("flat",)}),
         anchors=("intonation", "contour", "melody", "inflection", "pitch"),
         opposite={"rising": "falling", "falling": "rising", "rise-fall": "flat", "fall-rise": "flat",
                   "flat": "rising"}),
     Cue("pauses", "pauses", "Pauses", "pauses", ("fluent", "some pauses", "long pauses"),
-        _words(fluent=("fluent", "fluently", "fluid", "smooth", "smoothly", "uninterrupted"),
-               some_pauses=("some", "few", "occasional", "brief", "short"),
-               long_pauses=("long", "lengthy", "many", "frequent", "hesitant", "halting")),
+        _words({"fluent": ("fluent", "fluently", "fluid", "smooth", "smoothly", "uninterrupted"),
+                "some pauses": ("some", "few", "occasional", "brief", "short"),
+                "long pauses": ("long", "lengthy", "many", "frequent", "hesitant", "halting")}),
         anchors=("pause", "pauses", "pausing", "paused", "hesitation", "hesitations", "silences"),
         self_anchoring=("fluent", "fluently", "hesitant", "halting")),
 )}
@@ -111,7 +112,7 @@ _COMPOUNDS: dict[tuple[str, str], str] = {
 }
 _NEGATORS = {"not", "no", "never", "neither", "nor", "without", "hardly", "barely", "cannot", "lacks", "lacking"}
 _NEGATING_PHRASES = (("rather", "than"), ("instead", "of"), ("free", "of"))
-_HEDGES = {"slightly", "somewhat", "fairly", "relatively", "rather", "maybe", "perhaps", "possibly", "probably",
+_HEDGES = {"slightly", "somewhat", "fairly", "relatively", "maybe", "perhaps", "possibly", "probably",
            "likely", "seems", "seem", "seemed", "appears", "appear", "might", "may", "could", "arguably", "bit",
            "little", "kind", "sort", "mildly", "moderately"}
 _NEGATION_WINDOW = 4  # tokens before a level word that a negator reaches ("is not particularly very high")

@@ -38,27 +38,20 @@ from typing import Any
 from torch.utils.data import Sampler
 
 from ..data.conversation import INSTRUCTION_POOLS, choose_instruction
+from ..data.cues import CUES, PROSODY_CUES, measured_value
 from ..data.schema import EmotionRecord, read_records
 
 logger = logging.getLogger(__name__)
 
-PROSODY_ATTRIBUTES = ("pitch", "energy", "rate")
-_CUE_NOUNS = {"pitch": "pitch", "energy": "volume", "rate": "speaking rate"}
+PROSODY_ATTRIBUTES = tuple(CUES[key].name for key in PROSODY_CUES)  # pitch, energy, rate
+_CUE_NOUNS = {CUES[key].name: CUES[key].noun for key in PROSODY_CUES}
+_CUE_KEYS = {CUES[key].name: key for key in PROSODY_CUES}
 
 
 def cue_word(record: EmotionRecord, attribute: str) -> str | None:
-    """The level word the acoustic analysis wrote for ``attribute`` (pitch / energy / rate), if any.
-
-    Accepts ``cues[attribute]`` as a word, or as an object with ``word`` / ``level``; also ``cues[attribute_level]``.
-    """
-    cues = record.cues or {}
-    for key in (attribute, f"{attribute}_level", f"{attribute}_word"):
-        value = cues.get(key)
-        if isinstance(value, Mapping):
-            value = value.get("word") or value.get("level")
-        if isinstance(value, str) and value.strip():
-            return value.strip()
-    return None
+    """The level word the acoustic analysis wrote for ``attribute`` (pitch / energy / rate), if any: read by
+    :func:`emoreason.data.cues.measured_value` (``cues["pitch_level"]``, ``cues["pitch"]``, a ``{"word": ...}``)."""
+    return measured_value(record.cues, _CUE_KEYS[attribute])
 
 
 # -- task registry ---------------------------------------------------------------------------------------------
