@@ -45,9 +45,10 @@ def write_suite(tmp_path: Path, records: Path, strategies: list, **extra) -> Pat
 
 
 def audio_b64(body: dict) -> str:
-    for part in body["messages"][-1]["content"]:
-        if part.get("type") == "input_audio":
-            return part["input_audio"]["data"]
+    for message in body["messages"]:  # the clip's turn (later turns, e.g. self-refine's, are text)
+        for part in message["content"] if isinstance(message["content"], list) else []:
+            if part.get("type") == "input_audio":
+                return part["input_audio"]["data"]
     raise AssertionError("no audio part")
 
 
@@ -279,3 +280,146 @@ def test_identical_requests_in_flight_are_sent_once(tmp_path, corpus):
         first, again, stats = asyncio.run(run(server.url + "/v1"))
     assert app.state.hits == 1 and stats["shared"] == 2 and stats["cache_hits"] == 1
     assert all(r["choices"][0]["message"]["content"] == "<answer>sad</answer>" for r in first + [again])
+
+
+# -- issue 14: client robustness, requests, validity, tokens, the audio verifier ---------------------------------
+def test_non_json_replies_are_retried_then_recorded_as_failed_items(tmp_path, corpus):
+    from fastapi.responses import HTMLResponse, Response
+
+    synth, records, by_audio, id_by_audio = corpus
+    labels = label_script(by_audio)
+    chosen = sorted(records[:4], key=lambda r: r.id)
+    gateway, truncated = chosen[1].id, chosen[2].id
+    seen: set[str] = set()
+
+    def script(body):
+        record_id = id_by_audio[audio_b64(body)]
+        if record_id == gateway:  # a proxy's error page, with status 200
+            return HTMLResponse("<html><body>502 Bad Gateway</body></html>")
+        if record_id == truncated and record_id not in seen:  # cut off once, then whole
+            seen.add(record_id)
+            return Response('{"id": "x", "object": "chat.completion", "choices": [{"ind', media_type="application/json")
+        return labels(body)
+
+    app = create_scripted_app(script, model="m")
+    with BackgroundServer(app) as server:
+        code = eval_main(["--suite", str(write_suite(tmp_path, synth, ["direct"])), "--endpoint",
+                          server.url + "/v1", "--model", "m", "--out", str(tmp_path / "out"), "--limit", "4",
+                          "--backoff", "0.01", "--no-progress"])
+    assert code == 1
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    failures = {f["record_id"]: f["failure"] for f in report["strategies"]["direct"]["failures"]}
+    assert set(failures) == {gateway} and "MalformedReply after 3 attempt(s)" in failures[gateway]
+    assert report["client"]["malformed"] == 3 + 1  # the page three times, the truncated body once
+    assert report["strategies"]["direct"]["metrics"]["classification"]["accuracy"] == pytest.approx(0.75)
+
+
+def test_empty_answers_are_not_cached(tmp_path, corpus):
+    synth, records, by_audio, _ = corpus
+    labels = label_script(by_audio)
+    state = {"empty": True}
+    app = create_scripted_app(lambda body: [""] if state["empty"] else labels(body), model="m")
+    suite = write_suite(tmp_path, synth, ["direct"])
+    with BackgroundServer(app) as server:
+        first = run_suite(suite, server.url + "/v1", "m", tmp_path / "out", progress=False, limit=3)
+        state["empty"] = False
+        second = run_suite(suite, server.url + "/v1", "m", tmp_path / "out", progress=False, limit=3)
+    assert first["strategies"]["direct"]["metrics"]["classification"]["accuracy"] == 0.0
+    assert first["cache_entries"] == 0 and first["client"]["empty_not_cached"] == 3
+    assert second["client"]["cache_hits"] == 0 and app.state.hits == 6
+    assert second["strategies"]["direct"]["metrics"]["classification"]["accuracy"] == 1.0
+
+
+def test_the_cache_never_answers_for_another_endpoint_or_model(tmp_path, corpus):
+    synth, records, by_audio, _ = corpus
+    always_sad = create_scripted_app(lambda body: ["<answer>sad</answer>"], model="m")
+    right = create_scripted_app(label_script(by_audio), model="m")
+    suite = write_suite(tmp_path, synth, ["direct"])
+    with BackgroundServer(always_sad) as a, BackgroundServer(right) as b:
+        run_suite(suite, a.url + "/v1", "m", tmp_path / "out", progress=False, limit=4)
+        report = run_suite(suite, b.url + "/v1", "m", tmp_path / "out", progress=False, limit=4)
+    assert right.state.hits == 4 and report["client"]["cache_hits"] == 0 and report["endpoint"] == b.url + "/v1"
+    assert report["strategies"]["direct"]["metrics"]["classification"]["accuracy"] == 1.0
+    request = {"messages": [{"role": "user", "content": "hi"}]}
+    assert request_key("m", request, "http://a/v1") != request_key("m", request, "http://b/v1")
+
+
+def test_servers_that_only_know_max_tokens_still_work(tmp_path, corpus):
+    synth, records, by_audio, _ = corpus
+    labels = label_script(by_audio)
+
+    def old_server(body):
+        if "max_completion_tokens" in body:
+            raise ScriptedError(400, "Unrecognized request argument supplied: max_completion_tokens")
+        assert body["max_tokens"] == 16
+        return labels(body)
+
+    app = create_scripted_app(old_server, model="m")
+    with BackgroundServer(app) as server:
+        report = run_suite(write_suite(tmp_path, synth, ["direct", "cot_greedy"], concurrency=1),
+                           server.url + "/v1", "m", tmp_path / "out", progress=False, limit=3)
+    assert all(not s["failures"] for s in report["strategies"].values())
+    assert report["strategies"]["cot_greedy"]["metrics"]["classification"]["accuracy"] == 1.0
+    assert app.state.hits == 1 + 6  # one refusal, then every request under the old name
+
+
+def test_format_validity_means_the_format_each_strategy_asked_for(tmp_path, corpus):
+    synth, records, by_audio, _ = corpus
+    app = create_scripted_app(label_script(by_audio), model="m")  # direct: <answer> only; cot: think + answer
+    with BackgroundServer(app) as server:
+        report = run_suite(write_suite(tmp_path, synth, ["direct", "cot_greedy"]), server.url + "/v1", "m",
+                           tmp_path / "out", progress=False, limit=4)
+    for name in ("direct", "cot_greedy"):
+        assert report["strategies"][name]["metrics"]["reasoning"]["format_validity"] == 1.0, name
+    assert report["strategies"]["direct"]["metrics"]["reasoning"]["consistency"] is None  # no rationale asked
+
+
+def test_report_json_never_holds_a_bare_nan(tmp_path):
+    from emoreason.eval.report import write_report
+
+    tokens = {"answered": 1.0, "prompt_per_item": 10.0, "completion_per_item": 5.0, "total_per_item": 15.0,
+              "requests_per_item": 1.0}
+    report = {"suite": "t", "model": "m", "endpoint": "e", "items": 1, "records_path": "r",
+              "strategies": {"s": {"metrics": {"distribution": {"js_divergence": float("nan"), "kl_divergence": 0.1,
+                                                                "bhattacharyya": 1.0, "r2": float("inf")}},
+                                   "tokens": tokens, "failures": []}}}
+    write_report(report, tmp_path)
+    text = (tmp_path / "report.json").read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in report.json"))
+    assert saved["strategies"]["s"]["metrics"]["distribution"]["js_divergence"] is None
+    assert saved["non_finite"] == ["/strategies/s/metrics/distribution/js_divergence",
+                                   "/strategies/s/metrics/distribution/r2"]
+
+
+def test_tokens_count_prompts_refine_turns_and_a_separate_audio_verifier(tmp_path, corpus):
+    synth, records, by_audio, _ = corpus
+    labels = label_script(by_audio)
+
+    def verifier(body):
+        content = body["messages"][-1]["content"]
+        assert content[0]["type"] == "input_audio"  # the verifier hears the clip
+        return ['{"score": 4, "reason": "fits"}']
+
+    model_app = create_scripted_app(labels, model="m")
+    verifier_app = create_scripted_app(verifier, model="qwen2-audio")
+    with BackgroundServer(model_app) as server, BackgroundServer(verifier_app) as vserver:
+        suite = write_suite(tmp_path, synth, ["cot_greedy", {"name": "self_refine", "rounds": 1},
+                                              {"name": "alm_verifier", "n": 2}],
+                            metrics=["classification", "reasoning"],
+                            verifier={"endpoint": vserver.url + "/v1", "model": "qwen2-audio"})
+        report = run_suite(suite, server.url + "/v1", "m", tmp_path / "out", progress=False, limit=2)
+        verified = verifier_app.state.hits
+        again = run_suite(suite, server.url + "/v1", "m", tmp_path / "out", progress=False, limit=2)
+    assert verified == 2 * 2  # two records, two candidates each
+    assert verifier_app.state.hits == verified  # verdicts are cached by what was verified (the fence id is random)
+    assert again["strategies"]["alm_verifier"]["tokens"] == report["strategies"]["alm_verifier"]["tokens"]
+    tok = {name: s["tokens"] for name, s in report["strategies"].items()}
+    cot_len = len(cot("x").split())
+    assert tok["cot_greedy"]["prompt_per_item"] == 10 and tok["cot_greedy"]["total_per_item"] == 10 + cot_len
+    assert tok["self_refine"]["prompt_per_item"] == 2 * 10  # the re-sent conversation is paid again
+    assert tok["alm_verifier"]["verifier_per_item"] == 2 * (10 + 4)  # two candidates, each verified
+    assert tok["alm_verifier"]["total_per_item"] == 10 + 2 * cot_len + 2 * (10 + 4)
+    assert report["verifier"] == {"endpoint": vserver.url + "/v1", "model": "qwen2-audio",
+                                  "rubric": "audio_verifier"}
+    assert report["strategies"]["alm_verifier"]["metrics"]["classification"]["accuracy"] == 1.0
+    assert "total tok/item" in (tmp_path / "out" / "report.md").read_text()

@@ -152,10 +152,10 @@ class EndpointClient:
         attempt = 0
         while True:
             attempt += 1
-            if self.token_field != "max_completion_tokens" and "max_completion_tokens" in request:
-                request[self.token_field] = request.pop("max_completion_tokens")
             try:
                 async with self._semaphore:
+                    if self.token_field != "max_completion_tokens" and "max_completion_tokens" in request:
+                        request[self.token_field] = request.pop("max_completion_tokens")
                     self.stats["requests"] += 1
                     try:
                         completion = await self._client.chat.completions.create(

@@ -2,7 +2,8 @@
 
 Tests use it to check strategies, retries, caching and reports exactly (the tiny model's text is gibberish), and to
 dry-run a suite's plumbing. ``script(body) -> list[str]`` returns one completion per requested choice (or raises
-:class:`ScriptedError` to answer with an HTTP error); every request is counted in ``hits``.
+:class:`ScriptedError` to answer with an HTTP error, or returns a ``fastapi.Response`` to send as it is: an HTML page, a
+truncated body); every request is counted in ``hits``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 
 class ScriptedError(Exception):
@@ -52,6 +53,8 @@ def create_scripted_app(script: Callable[[dict], list[str]], model: str = "scrip
             answers = script(body)
         except ScriptedError as err:
             return JSONResponse({"error": {"message": err.message, "type": "server_error"}}, status_code=err.status)
+        if isinstance(answers, Response):
+            return answers
         choices = []
         for i, text in enumerate(answers):
             logprobs = None
