@@ -8,7 +8,6 @@ split between datagen workers; the teacher LLM exported by racing workers. Train
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -433,10 +432,9 @@ def test_acoustic_analysis_is_split_between_datagen_workers(synth_corpus, tmp_pa
 def test_teacher_export_is_atomic_under_racing_workers(tiny_model_dir, tmp_path, monkeypatch):
     from emoreason.datagen import teachers
 
-    out = tmp_path / "teacher_lm"
-    real_save = None
     import transformers
 
+    out = tmp_path / "teacher_lm"
     real_save = transformers.PreTrainedModel.save_pretrained
 
     def crashing_save(self, *args, **kwargs):
