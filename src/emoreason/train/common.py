@@ -8,15 +8,11 @@ checkpoint (``model_name_or_path``) or three pretrained parts (``content_encoder
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from trl import ModelConfig, ScriptArguments
@@ -159,19 +155,73 @@ def setup_logging(training_args, *configs) -> None:
         logger.info("%s", config)
 
 
-def resolve_checkpoint(training_args) -> str | None:
-    """An explicit ``resume_from_checkpoint`` (a path, or ``true`` for the last one), else the last checkpoint in
-    ``output_dir`` when there is one (a restarted job continues instead of starting over)."""
-    from transformers.trainer_utils import get_last_checkpoint
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
+
+def checkpoint_problem(path: str | os.PathLike, needs_optimizer: bool = True) -> str | None:
+    """Why ``path`` is not a complete Trainer checkpoint, or None when it is.
+
+    The Trainer writes weights, then optimizer/scheduler/RNG state, and ``trainer_state.json`` last, so a save that
+    was killed part-way lacks a readable ``trainer_state.json`` (or, earlier, the weights)."""
+    import json
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return "not a folder"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return "no trainer_state.json (the save did not finish)"
+    except ValueError:
+        return "trainer_state.json is cut off"
+    present = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not present:
+        return "no model weights"
+    if "model.safetensors.index.json" in present and "model.safetensors" not in present:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        missing = sorted({f for f in index.get("weight_map", {}).values() if not (folder / f).is_file()})
+        if missing:
+            return f"weight shard(s) missing: {missing[:3]}"
+    has_optimizer = (folder / "optimizer.pt").is_file() or any(folder.glob("global_step*"))  # DeepSpeed
+    if needs_optimizer and not has_optimizer:
+        return "no optimizer state"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, needs_optimizer: bool = True) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that is complete; torn ones are skipped with a warning (left in
+    place: the Trainer overwrites the folder when it reaches that step again)."""
+    import re
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = sorted(((int(m.group(1)), p) for p in folder.iterdir()
+                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
+    for _, path in steps:
+        problem = checkpoint_problem(path, needs_optimizer)
+        if problem is None:
+            return str(path)
+        logger.warning("skipping incomplete checkpoint %s: %s", path, problem)
+    return None
+
+
+def resolve_checkpoint(training_args) -> str | None:
+    """An explicit ``resume_from_checkpoint`` (a path, or ``true`` for the last one), else the last complete
+    checkpoint in ``output_dir`` when there is one (a restarted job continues instead of starting over). A checkpoint
+    torn by a kill during its save never counts."""
+    needs_optimizer = not getattr(training_args, "save_only_model", False)
     explicit = training_args.resume_from_checkpoint
-    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-    if explicit in (None, "", "false", "False"):
+    last = last_complete_checkpoint(training_args.output_dir, needs_optimizer)
+    if explicit in (None, "", "false", "False", False):
         return last
     if explicit in ("true", "True", True):
         if last is None:
-            raise ValueError(f"resume_from_checkpoint=true but {training_args.output_dir} holds no checkpoint")
+            raise ValueError(f"resume_from_checkpoint=true but {training_args.output_dir} holds no complete checkpoint")
         return last
+    problem = checkpoint_problem(explicit, needs_optimizer)
+    if problem:
+        raise ValueError(f"resume_from_checkpoint={explicit} is not a complete checkpoint: {problem}")
     return explicit
 
 
@@ -198,32 +248,20 @@ def training_info(method: str, script_args, model_args, metrics: dict[str, Any],
     }
 
 
-def train_and_save(trainer, processor, method: str, script_args, training_args, model_args, checkpoint: str | None,
-                   recipe: str | None = None, details: dict[str, Any] | None = None,
-                   extra_metrics: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The tail every method shares: train (resuming), add the method's own measurements (``extra_metrics(trainer)``,
-    run on every rank: under ZeRO-3 a forward pass is collective), log and save metrics and state, then on the main
-    process save model + processor, the training info (:data:`TRAINING_INFO_FILE`) and the model card."""
+def train_and_save(trainer, processor, training_args, checkpoint: str | None, dataset_name: str | None,
+                   method: str) -> dict[str, float]:
+    """The tail every method shares: train (resuming), log and save metrics and state, save model + processor on
+    the main process, write the model card."""
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    metrics = dict(result.metrics)
-    metrics["train_examples"] = len(trainer.train_dataset)
-    metrics["world_size"] = training_args.world_size
-    if extra_metrics is not None:
-        metrics.update(extra_metrics(trainer) or {})
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)  # train_results.json, merged into all_results.json
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
     trainer.save_state()
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
-        output_dir = Path(training_args.output_dir)
-        processor.save_pretrained(output_dir)
-        info = training_info(method, script_args, model_args, metrics, recipe, **(details or {}))
-        (output_dir / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
-        with contextlib.suppress(Exception):  # the card is a courtesy; never fail a finished run over it
-            trainer.create_model_card(model_name=output_dir.name, dataset_name=script_args.train_records,
-                                      tags=["emoreason", "audio", method])
+        processor.save_pretrained(training_args.output_dir)
+        trainer.create_model_card(dataset_name=dataset_name, tags=["emoreason", method, "audio"])
     trainer.accelerator.wait_for_everyone()
-    return metrics
+    return result.metrics
 
 
 def shutdown_distributed() -> None:
@@ -236,20 +274,9 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def recipe_path(argv: list[str]) -> str | None:
-    """The ``--config`` file named on a command line (``--config FILE`` or ``--config=FILE``), if any."""
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def run_cli(parser, main, argv: list[str] | None = None) -> int:
     """Parse (script, training, model) arguments from a YAML recipe + command-line overrides and run ``main``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    main(script_args, training_args, model_args, recipe=recipe_path(argv))
+    main(script_args, training_args, model_args)
     shutdown_distributed()
     return 0
