@@ -8,11 +8,15 @@ checkpoint (``model_name_or_path``) or three pretrained parts (``content_encoder
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from trl import ModelConfig, ScriptArguments
@@ -175,14 +179,15 @@ def checkpoint_problem(path: str | os.PathLike, needs_optimizer: bool = True) ->
     except ValueError:
         return "trainer_state.json is cut off"
     present = [name for name in WEIGHT_FILES if (folder / name).is_file()]
-    if not present:
+    deepspeed = (folder / "latest").is_file() and any(folder.glob("global_step*"))  # ZeRO states hold the weights
+    if not present and not deepspeed:
         return "no model weights"
     if "model.safetensors.index.json" in present and "model.safetensors" not in present:
         index = json.loads((folder / "model.safetensors.index.json").read_text())
         missing = sorted({f for f in index.get("weight_map", {}).values() if not (folder / f).is_file()})
         if missing:
             return f"weight shard(s) missing: {missing[:3]}"
-    has_optimizer = (folder / "optimizer.pt").is_file() or any(folder.glob("global_step*"))  # DeepSpeed
+    has_optimizer = (folder / "optimizer.pt").is_file() or deepspeed
     if needs_optimizer and not has_optimizer:
         return "no optimizer state"
     return None
@@ -248,20 +253,32 @@ def training_info(method: str, script_args, model_args, metrics: dict[str, Any],
     }
 
 
-def train_and_save(trainer, processor, training_args, checkpoint: str | None, dataset_name: str | None,
-                   method: str) -> dict[str, float]:
-    """The tail every method shares: train (resuming), log and save metrics and state, save model + processor on
-    the main process, write the model card."""
+def train_and_save(trainer, processor, method: str, script_args, training_args, model_args, checkpoint: str | None,
+                   recipe: str | None = None, details: dict[str, Any] | None = None,
+                   extra_metrics: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The tail every method shares: train (resuming), add the method's own measurements (``extra_metrics(trainer)``,
+    run on every rank: under ZeRO-3 a forward pass is collective), log and save metrics and state, then on the main
+    process save model + processor, the training info (:data:`TRAINING_INFO_FILE`) and the model card."""
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
+    metrics = dict(result.metrics)
+    metrics["train_examples"] = len(trainer.train_dataset)
+    metrics["world_size"] = training_args.world_size
+    if extra_metrics is not None:
+        metrics.update(extra_metrics(trainer) or {})
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)  # train_results.json, merged into all_results.json
     trainer.save_state()
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
-        processor.save_pretrained(training_args.output_dir)
-        trainer.create_model_card(dataset_name=dataset_name, tags=["emoreason", method, "audio"])
+        output_dir = Path(training_args.output_dir)
+        processor.save_pretrained(output_dir)
+        info = training_info(method, script_args, model_args, metrics, recipe, **(details or {}))
+        (output_dir / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+        with contextlib.suppress(Exception):  # the card is a courtesy; never fail a finished run over it
+            trainer.create_model_card(model_name=output_dir.name, dataset_name=script_args.train_records,
+                                      tags=["emoreason", "audio", method])
     trainer.accelerator.wait_for_everyone()
-    return result.metrics
+    return metrics
 
 
 def shutdown_distributed() -> None:
@@ -274,9 +291,20 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def recipe_path(argv: list[str]) -> str | None:
+    """The ``--config`` file named on a command line (``--config FILE`` or ``--config=FILE``), if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def run_cli(parser, main, argv: list[str] | None = None) -> int:
     """Parse (script, training, model) arguments from a YAML recipe + command-line overrides and run ``main``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    main(script_args, training_args, model_args)
+    main(script_args, training_args, model_args, recipe=recipe_path(argv))
     shutdown_distributed()
     return 0
