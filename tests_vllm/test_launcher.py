@@ -222,3 +222,26 @@ def test_api_key_travels_in_the_environment_not_the_command(tiny_checkpoint, mon
     assert not any("s3cret" in part for part in build_vllm_command(args))
     env = vllm_environment(args)
     assert env["VLLM_API_KEY"] == "s3cret" and env["VLLM_PLUGINS"] == "other,emoreason"
+
+
+@pytest.mark.parametrize("size,ok", [(1, True), (2, True), (4, True), (28, True), (8, False), (7, False), (3, False)])
+def test_tensor_parallel_size_must_split_the_heads(tmp_path, capsys, size, ok):
+    """Qwen2.5-7B's shape (28 attention heads, 4 KV heads): 8 GPUs cannot split it; the launcher says so before vLLM
+    starts, naming the sizes that work."""
+    from emoreason.serve.vllm_launcher import launch
+
+    checkpoint = tmp_path / "qwen7b-like"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(
+        {"model_type": "emoreason", "text_config": {"num_attention_heads": 28, "num_key_value_heads": 4}}))
+    marker = tmp_path / "started"
+    args = launcher_args(checkpoint, tensor_parallel_size=size, dry_run=True,
+                         vllm_bin=str(fake_vllm(tmp_path, f"touch {marker}")))
+    assert launch(args) == (0 if ok else 2)
+    err = capsys.readouterr().err
+    if ok:
+        assert err == ""
+    else:
+        assert f"--tensor-parallel-size {size} cannot split the language model: it has 28 attention heads and 4 KV " \
+               "heads" in err and "valid sizes: 1, 2, 4, 28" in err
+    assert not marker.exists()

@@ -162,3 +162,59 @@ def test_lora_adapter_names_land_on_language_model_layers(vllm_model, tmp_path):
     for name in lora.loras:
         parent, leaf = name.rsplit(".", 1)
         assert parent.startswith("language_model.model.layers.") and f"{parent}.{fused.get(leaf, leaf)}" in modules
+
+
+def _clips(lengths, seed):
+    rng = np.random.default_rng(seed)
+    return [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
+
+
+def _features(processor, clips):
+    """Per-clip unpadded features, as vLLM's processor hands them to the model."""
+    per_clip = [processor.audio_features([processor.load(wav)]) for wav in clips]
+    return [f["input_features"][0] for f in per_clip], [f["input_values"][0] for f in per_clip]
+
+
+@pytest.mark.parametrize("feat_extract_norm", ["group", "layer"])
+def test_a_batch_of_clips_is_encoded_in_one_call_with_training_parity(hf_model_and_processor, feat_extract_norm,
+                                                                      monkeypatch):
+    """The clips vLLM schedules together go through the training model's get_audio_features ONCE (padded, masked);
+    each clip's embeddings equal what the training model computes for it alone and in a training batch. Both kinds
+    of SSL feature encoder: group norm (wavlm-base: normalised over time, the padding must not leak in) and layer
+    norm (wavlm-large / hubert-large: batched as is)."""
+    import copy
+
+    from emoreason.modeling.modeling_emoreason import EmoReasonModel
+    from emoreason.serve.vllm_model import EmoReasonAudioEncoder
+
+    hf_model, processor = hf_model_and_processor
+    config = copy.deepcopy(hf_model.config)
+    config.paralinguistic_config.feat_extract_norm = feat_extract_norm
+    config.paralinguistic_config.do_stable_layer_norm = feat_extract_norm == "layer"
+    torch.manual_seed(3)
+    reference = EmoReasonModel(config).eval()
+    if feat_extract_norm == "group":  # the checkpoint's own towers
+        reference.load_state_dict(hf_model.model.state_dict())
+    encoder = EmoReasonAudioEncoder(config)
+    missing, unexpected = encoder.load_state_dict(
+        {k: v for k, v in reference.state_dict().items() if not k.startswith("language_model.")}, strict=True)
+    assert not missing and not unexpected
+
+    calls = []
+    original = EmoReasonAudioEncoder.get_audio_features
+    monkeypatch.setattr(EmoReasonAudioEncoder, "get_audio_features",
+                        lambda self, *a, **k: calls.append(a[0].shape) or original(self, *a, **k))
+    clips = _clips((16_000, 41_000, 3_000, 24_000), seed=11)
+    features, values = _features(processor, clips)
+    with torch.no_grad():
+        embeds = encoder(features, values)
+        batch = reference.get_audio_features(**processor.audio_features([processor.load(w) for w in clips]))
+    assert len(calls) == 1 and calls[0][0] == len(clips)  # one encoder call for the whole batch
+    for i, (wav, embedding) in enumerate(zip(clips, embeds)):
+        with torch.no_grad():
+            alone, tokens = reference.get_audio_features(**processor.audio_features([processor.load(wav)]))
+        assert embedding.shape[0] == int(tokens[0]) == int(batch[1][i])
+        torch.testing.assert_close(embedding, alone[0, : int(tokens[0])], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(embedding, batch[0][i, : int(tokens[0])], rtol=1e-4, atol=1e-5)
+    # Control: the batch is not trivially equal to its parts (the clips differ, so must their embeddings).
+    assert not torch.allclose(embeds[0][:5], embeds[3][:5])

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import needs_vllm
 
 pytestmark = needs_vllm
@@ -59,3 +61,27 @@ def test_model_config_resolves_our_architecture(model_config, tiny_checkpoint):
     assert arch == "EmoReasonForConditionalGeneration" and model_cls is EmoReasonForConditionalGeneration
     assert supports_multimodal(model_cls) and supports_lora(model_cls)
     assert model_cls.get_placeholder_str("audio", 0) == "<audio>"
+
+
+def test_unreadable_audio_becomes_a_client_error_in_vllms_loader():
+    """vLLM answers a soundfile error with a 500; after registration its loader raises ValueError (a 400) with the
+    reason. A readable clip still loads, and registering again does not wrap twice."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+    from vllm.multimodal.media import audio as vllm_audio
+
+    from emoreason.serve import vllm_plugin
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(1600, dtype=np.float32), 16_000, format="WAV")
+    good = buffer.getvalue()
+    vllm_plugin.register()
+    wrapped = vllm_audio.load_audio
+    vllm_plugin.register()
+    assert vllm_audio.load_audio is wrapped and wrapped._emoreason_wrapped
+    with pytest.raises(ValueError, match="unreadable audio: .*data"):
+        vllm_audio.load_audio(io.BytesIO(good[:30]), sr=None)
+    samples, rate = vllm_audio.load_audio(io.BytesIO(good), sr=None)
+    assert rate == 16_000 and len(samples) == 1600

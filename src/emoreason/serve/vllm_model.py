@@ -12,7 +12,8 @@ Split of work:
   of :class:`~emoreason.modeling.EmoReasonModel`, so duration-proportional encoding, layer mixing, frame alignment and
   fusion cannot drift from training. It is replicated on every tensor-parallel rank (it is small next to the LLM).
 - The **processor** computes features with our own :class:`~emoreason.modeling.EmoReasonProcessor` one clip at a time
-  (a clip's features never depend on what it is batched with) and expands each ``<audio>`` to
+  (a clip's features never depend on what it is batched with); the encoders then run once per scheduled batch of
+  clips, padded and masked as in training and expands each ``<audio>`` to
   :func:`~emoreason.modeling.audio_tokens.num_audio_tokens` of the clip's length: the count the model produces.
 """
 
@@ -179,20 +180,30 @@ class EmoReasonAudioEncoder(nn.Module):
     def forward(self, input_features: list[torch.Tensor], input_values: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-clip features (n_mels, frames) and waveforms (samples,) -> per-clip embeddings (tokens, D_lm).
 
-        Clips are encoded one at a time, unpadded: group-norm feature extractors (wavlm-base, hubert-base) normalise
-        over the padded length, so in a padded batch a clip's embeddings would depend on the requests it happens to
-        be scheduled with. Alone, it gets exactly what the training model computes for it.
+        The clips vLLM schedules together are encoded in ONE call, padded and masked exactly as a training batch is
+        (the layout of :meth:`EmoReasonProcessor.audio_features`), through the training model's own
+        ``get_audio_features``: Whisper masks padded frames, layer-norm feature encoders (wavlm-large, hubert-large)
+        run batched, and group-norm ones (wavlm-base, hubert-base: normalised over time) are run per clip inside it,
+        so a clip's embeddings never depend on the requests it happens to be scheduled with.
         """
+        if not input_features:
+            return []
         device = self.projector.linear_1.weight.device
-        outputs = []
-        for features, values in zip(input_features, input_values):
-            features, values = features.to(device)[None], values.to(device)[None]
-            embeds, tokens = self.get_audio_features(
-                features, torch.ones(features.shape[::2], dtype=torch.long, device=device),
-                values, torch.ones(values.shape, dtype=torch.long, device=device),
-            )
-            outputs.append(embeds[0, : int(tokens[0])])
-        return outputs
+        features, features_mask = _pad_batch([f.to(device) for f in input_features])
+        values, values_mask = _pad_batch([v.to(device) for v in input_values])
+        embeds, tokens = self.get_audio_features(features, features_mask, values, values_mask)
+        return [embeds[i, : int(n)] for i, n in enumerate(tokens)]
+
+
+def _pad_batch(clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad clips along their last (time) axis with zeros; returns (batch, mask (clips, time))."""
+    longest = max(int(c.shape[-1]) for c in clips)
+    batch = clips[0].new_zeros((len(clips), *clips[0].shape[:-1], longest))
+    mask = torch.zeros((len(clips), longest), dtype=torch.long, device=clips[0].device)
+    for i, clip in enumerate(clips):
+        batch[i, ..., : clip.shape[-1]] = clip
+        mask[i, : clip.shape[-1]] = 1
+    return batch, mask
 
 
 def _as_clip_list(value) -> list[torch.Tensor]:

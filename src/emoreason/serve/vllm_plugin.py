@@ -51,10 +51,35 @@ def _register_config() -> None:
     registry.setdefault(MODEL_TYPE, CONFIG_CLASS_NAME)
 
 
+def _unreadable_audio_is_a_client_error() -> None:
+    """An audio part that libsndfile recognises but cannot read (a truncated WAV: "No 'data' chunk marker") reaches
+    vLLM's server as ``soundfile.LibsndfileError``, which it answers with a 500, as if the server had failed. Our
+    server answers 400 with the reason; so does vLLM once its loader turns that error into a ``ValueError`` (what vLLM
+    itself raises for audio PyAV cannot decode). Wrapped once, whatever the number of ``register`` calls."""
+    try:
+        import soundfile
+        from vllm.multimodal.media import audio as vllm_audio
+    except ImportError:  # no audio support installed: vLLM reports that itself
+        return
+    load_audio = vllm_audio.load_audio
+    if getattr(load_audio, "_emoreason_wrapped", False):
+        return
+
+    def load_audio_or_refuse(*args, **kwargs):
+        try:
+            return load_audio(*args, **kwargs)
+        except soundfile.LibsndfileError as err:
+            raise ValueError(f"unreadable audio: {err}") from err
+
+    load_audio_or_refuse._emoreason_wrapped = True
+    vllm_audio.load_audio = load_audio_or_refuse
+
+
 def register() -> None:
     """Entry point vLLM calls (``vllm.general_plugins``). Cheap and re-entrant."""
     _register_model()
     _register_config()
+    _unreadable_audio_is_a_client_error()
 
 
 __all__ = ["ARCHITECTURE", "MODEL_CLASS", "MODEL_TYPE", "register"]

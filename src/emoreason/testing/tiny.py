@@ -65,6 +65,21 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 1024):
     return fast
 
 
+# vLLM's CPU attention kernels refuse head_dim < 32 ("Unsupported CPU attention configuration"), so the tiny LM
+# gets as many heads as keep head_dim at 32 (hidden 64: 2 heads; 128: 4), with grouped-query attention (KV heads =
+# heads / 2, as in Qwen2) wherever there are two heads or more to group.
+MIN_HEAD_DIM = 32
+
+
+def lm_heads(hidden: int) -> tuple[int, int]:
+    """(attention heads, KV heads) of the tiny LM for a width: head_dim stays >= MIN_HEAD_DIM."""
+    if hidden < MIN_HEAD_DIM or hidden % MIN_HEAD_DIM:
+        raise ValueError(f"the tiny LM's width must be a multiple of {MIN_HEAD_DIM} (vLLM's CPU kernels need "
+                         f"head_dim >= {MIN_HEAD_DIM}), got hidden={hidden}")
+    heads = hidden // MIN_HEAD_DIM
+    return heads, max(1, heads // 2)
+
+
 def build_components(out_dir: str | Path, seed: int = 0, hidden: int = 64) -> dict[str, Path]:
     """Save tiny Whisper, WavLM and Qwen2 checkpoints (random weights) under ``out_dir``; return their paths."""
     from transformers import (
@@ -103,9 +118,11 @@ def build_components(out_dir: str | Path, seed: int = 0, hidden: int = 64) -> di
     ).save_pretrained(paths["wavlm"])
 
     tokenizer = train_tokenizer(paths["lm"])
+    heads, kv_heads = lm_heads(hidden)
     lm_cfg = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+        tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
     )
     Qwen2ForCausalLM(lm_cfg).save_pretrained(paths["lm"])
