@@ -11,14 +11,14 @@ TORCH_INDEX ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.emoreason-installed
 
-.PHONY: setup system-deps demo test test-fast test-vllm bench clean
+.PHONY: setup system-deps demo lint-imports test test-fast test-vllm bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# torch first, pinned to the CPU build, so nothing below pulls CUDA wheels.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[train,dev]"
 	@touch $(STAMP)
 
 setup: $(STAMP) system-deps
@@ -32,10 +32,14 @@ system-deps:
 demo: setup
 	$(VENV)/bin/emoreason demo $(DEMO_ARGS)
 
-test: setup
+# Import contracts first (pyproject.toml [tool.importlinter]): a new cycle or a back arrow fails the build.
+lint-imports: setup
+	$(VENV)/bin/lint-imports
+
+test: setup lint-imports
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup lint-imports
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # -- vLLM serving tests (docs/vllm.md) -------------------------------------------------------------------------
