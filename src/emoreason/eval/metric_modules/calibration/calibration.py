@@ -1,7 +1,8 @@
 """Calibration of predicted emotion distributions: multi-class Brier score against the consensus label (sklearn's
-``brier_score_loss`` with ``labels``), Brier score against the soft annotator distribution, and expected calibration
-error (ECE) of the top prediction over equal-width confidence bins (Guo et al., "On Calibration of Modern Neural
-Networks", ICML 2017), with the per-bin table a reliability diagram plots.
+``brier_score_loss`` with ``labels`` and ``scale_by_half=False``, scikit-learn >= 1.7), Brier score against the soft
+annotator distribution, and expected calibration error (ECE) of the top prediction over equal-width confidence bins
+(Guo et al., "On Calibration of Modern Neural Networks", ICML 2017), with the per-bin table a reliability diagram
+plots.
 """
 
 import datasets
@@ -44,7 +45,9 @@ class Calibration(evaluate.Metric):
         probs = _normalise(predictions)
         refs = np.asarray(references, dtype=int)
         classes = np.arange(probs.shape[1])
-        result = {"brier": float(brier_score_loss(refs, probs, labels=classes))}
+        # Unscaled (sum over classes, in [0, 2]) for every class count: sklearn's "auto" halves it for two classes,
+        # which would put a 2-label suite on another scale than the soft Brier score below.
+        result = {"brier": float(brier_score_loss(refs, probs, labels=classes, scale_by_half=False))}
         if soft_references is not None:
             soft = _normalise(soft_references)
             result["soft_brier"] = float(np.mean(np.sum((probs - soft) ** 2, axis=1)))
