@@ -139,3 +139,36 @@ def test_training_and_evaluation_judges_send_one_rubric_and_read_one_score(monke
         return [m["content"].replace(marker, "ID") for m in messages]
 
     assert unmarked(Client.sent[0]) == unmarked(sent[0])  # same rubric, same fenced texts, same instructions
+
+
+def test_eval_judge_caches_by_what_is_judged_despite_random_markers(tmp_path):
+    from emoreason.data.schema import EmotionRecord
+    from emoreason.eval.client import ResponseCache
+    from emoreason.eval.judge import Judge as EvalJudge
+
+    class Client:
+        model, stats = "judge", {"cache_hits": 0}
+
+        def __init__(self, cache):
+            self.cache, self.calls = cache, 0
+
+        async def chat(self, **request):
+            self.calls += 1
+            await asyncio.sleep(0.01)
+            return {"choices": [{"message": {"content": '{"score": 5, "reason": "grounded"}'}}], "usage": {}}
+
+    record = EmotionRecord(id="r", audio="r.wav", duration=1.0, corpus="c", transcript="hello")
+
+    async def judge_twice(client, rationales):
+        judge = EvalJudge(client, "groundedness")
+        return await asyncio.gather(*(judge.score(record, r, "happy") for r in rationales))
+
+    first = Client(ResponseCache(tmp_path / "cache.sqlite"))
+    scores = asyncio.run(judge_twice(first, ["The pitch is high.", "The pitch is high.", "The pitch is low."]))
+    assert [s.normalized for s in scores] == [1.0, 1.0, 1.0] and first.calls == 2  # identical ones in flight: once
+    resumed = Client(ResponseCache(tmp_path / "cache.sqlite"))
+    asyncio.run(judge_twice(resumed, ["The pitch is high.", "The pitch is low."]))
+    assert resumed.calls == 0  # a resumed run asks nothing again
+    other = Client(ResponseCache(tmp_path / "cache.sqlite"))
+    asyncio.run(judge_twice(other, ["The pitch is normal."]))
+    assert other.calls == 1  # control: a new rationale is asked
