@@ -189,13 +189,22 @@ def test_grpo_config_rejects_unknown_rewards_and_mismatched_weights(tmp_path):
                             use_cpu=True)
 
 
-def test_vllm_rollouts_are_refused_because_they_would_drop_the_audio(tmp_path):
+@pytest.mark.parametrize("setting, reason", [
+    ({"vllm_mode": "server"}, "server.*cannot carry audio"),
+    ({"vllm_tensor_parallel_size": 2}, "tensor_parallel_size > 1 cannot carry audio"),
+    ({"vllm_enable_sleep_mode": True}, "sleep_mode cannot be used with audio"),
+])
+def test_vllm_configurations_that_would_drop_the_audio_are_refused_with_the_reason(tmp_path, setting, reason):
+    # Colocate rollouts with one engine per rank carry the clips (tests_vllm/test_grpo_vllm.py); these cannot.
     from emoreason.train.grpo import EmoReasonGRPOConfig
     from emoreason.train.grpo_trainer import AudioGRPOTrainer
+    from emoreason.train.vllm_rollouts import audio_vllm_refusal
 
-    args = EmoReasonGRPOConfig(output_dir=str(tmp_path), use_vllm=True, use_cpu=True, bf16=False)
-    with pytest.raises(ValueError, match="use_vllm"):
+    args = EmoReasonGRPOConfig(output_dir=str(tmp_path), use_vllm=True, use_cpu=True, bf16=False, **setting)
+    with pytest.raises(ValueError, match=reason):
         AudioGRPOTrainer(model=object(), reward_funcs=[], args=args)
+    assert audio_vllm_refusal(EmoReasonGRPOConfig(output_dir=str(tmp_path), use_vllm=True, use_cpu=True,
+                                                  bf16=False)) is None  # colocate, one engine per rank
 
 
 # -- the entry point under accelerate launch (2 CPU processes; DeepSpeed ZeRO-2 on CPU) -------------------------------

@@ -13,6 +13,11 @@ token and **train without audio, silently**. This subclass changes four points a
 - ``_get_per_token_logps_and_entropies``: sends the audio of each chunk of rows to the model, and refuses to run on
   rows that hold `<audio>` placeholders without audio (the silent failure above becomes an error).
 
+With ``use_vllm`` (colocate mode), rollouts run in vLLM with the clips in ``multi_modal_data`` and the policy's full
+state loaded into the engine after each optimizer step (:mod:`emoreason.train.vllm_rollouts`,
+``_generate_single_turn``); the log-prob passes above are unchanged. Configurations that cannot carry audio to vLLM
+(server mode, tensor-parallel engines, sleep mode) are refused with the reason.
+
 It also applies the reasoning reward's trust weight and progressive schedule (see :mod:`emoreason.train.rewards`) to
 the rewards gathered from all processes, so every rank sees the same weights.
 """
@@ -27,8 +32,10 @@ from typing import Any
 import torch
 from transformers import Trainer
 from trl import GRPOTrainer
+from trl.extras.profiling import profiling_context
 
 from .rewards import trust_weights
+from .vllm_rollouts import audio_rollout_engine, audio_vllm_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +119,9 @@ class AudioGRPOTrainer(GRPOTrainer):
 
     def __init__(self, model, *args, **kwargs):
         config_args = kwargs.get("args")
-        if config_args is not None and getattr(config_args, "use_vllm", False):
-            raise ValueError("use_vllm is not supported: TRL's vLLM rollouts carry images only, so the clips would "
-                             "not reach generation; leave use_vllm off (rollouts use generate)")
+        refusal = audio_vllm_refusal(config_args) if config_args is not None else None
+        if refusal:
+            raise ValueError(refusal)
         if config_args is not None and not isinstance(model, str):
             pin_reference_attention(model, config_args)
         # TRL suppresses "the image token" in sampling for any processor; for us that is `<audio>` (the model's own
@@ -124,10 +131,13 @@ class AudioGRPOTrainer(GRPOTrainer):
         if borrowed:
             config.image_token_id = config.audio_token_id
         try:
-            super().__init__(model, *args, **kwargs)
+            # With use_vllm, TRL builds its rollout engine through this name: ours feeds vLLM the clips.
+            with audio_rollout_engine(getattr(model, "dtype", None)):
+                super().__init__(model, *args, **kwargs)
         finally:
             if borrowed:
                 del config.image_token_id
+        self._rollout_audio: list | None = None
         sync_reference_adapter(self.model)
         self._audio_batch: dict[str, torch.Tensor] | None = None
         self._audio_token_id = self.processing_class.audio_token_id
@@ -160,8 +170,23 @@ class AudioGRPOTrainer(GRPOTrainer):
             raise ValueError(f"{audio['input_features'].shape[0]} clips for {len(prompts)} prompts: each GRPO prompt "
                              "carries exactly one clip")
         self._audio_batch = Trainer._prepare_inputs(self, audio) if audio else None
+        self._rollout_audio = waveforms or None  # the clips themselves, for vLLM rollouts (one per row)
         # TRL hands these to `generate` alongside the left-padded prompt ids.
         return prompt_ids, None, dict(audio)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if not self.use_vllm:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        # TRL's vLLM branch, with the clips: weights after each optimizer step, then one completion per row.
+        if self.state.global_step != self._last_loaded_step:
+            with profiling_context(self, "sync_weights"):
+                self.vllm_generation.sync_weights()
+            self._last_loaded_step = self.state.global_step
+        audio = self._rollout_audio or [None] * len(prompt_ids)
+        _, completion_ids, logprobs = self.vllm_generation.generate_with_audio(
+            prompt_ids, audio, profiler=profiling_context(self, "vLLM.generate"))
+        return completion_ids, logprobs
 
     def _generate_and_score_completions(self, inputs):
         self._audio_batch = None

@@ -1,0 +1,238 @@
+"""GRPO rollouts through vLLM with the audio: the colocated engine of TRL's ``VLLMGeneration``, fed clips.
+
+TRL 1.16 sends vLLM token ids and images only, so an audio prompt would be generated from its `<audio>` placeholders
+alone. :class:`AudioVLLMGeneration` keeps TRL's machinery (sampling parameters, importance-sampling log-probs, the
+sync-after-each-step bookkeeping in the trainer) and changes three things:
+
+- **prompts**: each row goes to ``LLM.generate`` as ``{"prompt_token_ids": ids, "multi_modal_data": {"audio":
+  (waveform, 16000)}}``. The ids are the trainer's own, already expanded by our processor; vLLM's multimodal processor
+  (:mod:`emoreason.serve.vllm_model`) recomputes the features from the waveform and finds the run of placeholders,
+  whose length both sides take from the one token-count function, so vLLM and the log-prob passes see the same
+  prompt.
+- **weights**: :func:`policy_state` is what the engine receives after each optimizer step: the LoRA merged into the
+  base weights as TRL merges it, the active copy of each ``modules_to_save`` module (the projector; never the frozen
+  "ref" copy) *and the persistent buffers* (the projector's feature-normalisation statistics, which TRL's parameter
+  walk skips). Names are the checkpoint's; the vLLM model's ``load_weights`` maps them.
+- **engine**: built for the policy's dtype with one clip per prompt; on CPU eager and in-process (vLLM's CPU build),
+  with a small KV cache unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise.
+
+Only colocate mode with ``vllm_tensor_parallel_size == 1`` carries audio (each rank runs its own engine on its own
+rows); :func:`audio_vllm_refusal` names the configurations that cannot, and the trainer refuses them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from trl.generation.vllm_generation import VLLMGeneration, extract_logprobs
+
+from emoreason.modeling.audio_tokens import SAMPLE_RATE
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODES = ("colocate",)
+CPU_KVCACHE_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE default here: GRPO batches are small; vLLM's own default is 4 GiB
+
+
+def audio_vllm_refusal(args) -> str | None:
+    """Why this GRPO config cannot send audio to vLLM, or None when it can."""
+    if not getattr(args, "use_vllm", False):
+        return None
+    mode = getattr(args, "vllm_mode", "colocate")
+    if mode == "server":
+        return ("vllm_mode='server' cannot carry audio: TRL's vLLM client (trl vllm-serve) sends token ids and image "
+                "features only, so the clips would not reach generation. Use vllm_mode='colocate' (docs/rl.md, "
+                "'Rollouts through vLLM'), or leave use_vllm off")
+    if mode not in SUPPORTED_MODES:
+        return f"vllm_mode={mode!r} is not a vLLM mode (colocate or server)"
+    if getattr(args, "vllm_tensor_parallel_size", 1) != 1:
+        return ("vllm_tensor_parallel_size > 1 cannot carry audio yet: the tensor-parallel group gathers prompts and "
+                "images across ranks but not clips. Use vllm_tensor_parallel_size=1 (one engine per rank)")
+    if getattr(args, "vllm_enable_sleep_mode", False):
+        return ("vllm_enable_sleep_mode cannot be used with audio rollouts: sleeping level 2 drops the weights and "
+                "the re-push after waking is TRL's parameter walk, which skips the projector's normalisation buffers")
+    return None
+
+
+@contextmanager
+def audio_rollout_engine(dtype: torch.dtype | None = None):
+    """While constructing the trainer, TRL's ``GRPOTrainer`` builds :class:`AudioVLLMGeneration` where it would build
+    its own ``VLLMGeneration`` (same arguments, plus the policy's dtype for the engine)."""
+    import trl.trainer.grpo_trainer as trl_grpo
+
+    original = trl_grpo.VLLMGeneration
+    trl_grpo.VLLMGeneration = functools.partial(AudioVLLMGeneration, dtype=dtype)
+    try:
+        yield
+    finally:
+        trl_grpo.VLLMGeneration = original
+
+
+def policy_state(model, adapter: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, tensor) for every tensor a full checkpoint of ``model`` holds, LoRA merged in.
+
+    For a PEFT model the adapter is merged for the walk and unmerged afterwards (as TRL does); only the active
+    adapter's copy of a ``modules_to_save`` module is yielded, under the base module's name. Persistent buffers come
+    with the parameters (``state_dict``), so fitted feature-normalisation statistics reach the engine.
+    """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            yield name, tensor.detach()
+        return
+    active = adapter or model.active_adapter
+    lora_marker = model.prefix  # "lora_" for LoRA: the factors, merged into base_layer for the walk
+    model.merge_adapter()
+    try:
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            if lora_marker in name or ".original_module." in name:
+                continue
+            if ".modules_to_save." in name:
+                prefix, _, rest = name.partition(".modules_to_save.")
+                owner, _, local = rest.partition(".")
+                if owner != active:
+                    continue  # another adapter's copy (the frozen reference's)
+                name = f"{prefix}.{local}"
+            yield name, tensor.detach()
+    finally:
+        model.unmerge_adapter()
+
+
+class AudioVLLMGeneration(VLLMGeneration):
+    """TRL's colocated vLLM generation, with one clip per prompt row and the full policy state synced."""
+
+    def __init__(self, *args, dtype: torch.dtype | str | None = None, **kwargs):
+        self.dtype = dtype
+        super().__init__(*args, **kwargs)
+
+    # -- the engine -----------------------------------------------------------------------------------------------
+    def _init_vllm(self):
+        if self.mode != "colocate" or self.tensor_parallel_size != 1 or self.enable_sleep_mode:
+            raise ValueError("audio rollouts run in colocate mode with tensor_parallel_size=1 and no sleep mode "
+                             "(see emoreason.train.vllm_rollouts.audio_vllm_refusal)")
+        from trl.trainer.utils import ensure_master_addr_port
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        accelerator = self.accelerator
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
+        single = accelerator.num_processes == 1
+        if single:
+            # The engine core runs in this process, so load_weights reaches the model without pickling tensors.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        else:  # one engine per rank, as TRL's colocate mode
+            os.environ["RANK"] = str(accelerator.process_index)
+            os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
+            os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
+            ensure_master_addr_port()
+        dtype = self.dtype or "auto"
+        self.llm = LLM(
+            model=self.model.name_or_path,
+            dtype=str(dtype).removeprefix("torch.") if not isinstance(dtype, str) else dtype,
+            tensor_parallel_size=1,
+            max_model_len=self.max_model_length,
+            max_num_seqs=self.max_num_seqs,
+            distributed_executor_backend="uni" if single else "external_launcher",
+            seed=accelerator.process_index,
+            limit_mm_per_prompt={"audio": 1},
+            # Log-probs after temperature etc., as TRL asks, so importance sampling compares like with like.
+            logprobs_mode="processed_logprobs",
+            trust_remote_code=False,
+            **({"enforce_eager": True} if on_cpu else
+               {"gpu_memory_utilization": self.gpu_memory_utilization, "max_num_batched_tokens": 4096}),
+        )
+        self._llm_weights_sleeping = False
+        accelerator.wait_for_everyone()
+
+    # -- weights --------------------------------------------------------------------------------------------------
+    def _load_into_engine(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        def load(model):
+            model.load_weights(iter(weights))
+
+        self.llm.apply_model(load)
+
+    def sync_weights(self):
+        """Load the policy's full state (merged LoRA, active projector, buffers) into the engine; reset its caches."""
+        model = self.accelerator.unwrap_model(self.model)
+        with self._dist.gather_params(list(model.parameters())):
+            # Tensors are copied by the engine's loaders; the merged view must be read before unmerging.
+            weights = [(name, tensor.to(self.accelerator.device)) for name, tensor in policy_state(model)]
+            self._load_into_engine(weights)
+        # Cached KV blocks and cached encoder outputs were computed with the old weights (the projector and its
+        # normalisation shape every audio embedding): both go.
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+
+    # -- rollouts -------------------------------------------------------------------------------------------------
+    def rollout_prompts(self, prompts: list[list[int]], audio: list[Any | None]) -> list[dict]:
+        if len(audio) != len(prompts):
+            raise ValueError(f"{len(audio)} clips for {len(prompts)} prompt rows: each GRPO row carries one clip")
+        rows = []
+        for ids, clip in zip(prompts, audio):
+            row: dict[str, Any] = {"prompt_token_ids": list(ids)}
+            if clip is not None:
+                row["multi_modal_data"] = {"audio": (clip, SAMPLE_RATE)}
+            rows.append(row)
+        return rows
+
+    def generate_with_audio(self, prompts: list[list[int]], audio: list[Any | None], profiler=None,
+                            **sampling_overrides) -> tuple[list, list, list | None]:
+        """One completion per row (TRL's colocate contract: rows are already repeated num_generations times).
+
+        Returns (prompt ids as the engine saw them, completion ids, per-token sampled log-probs or None).
+        """
+        from vllm import SamplingParams
+
+        params = {
+            "n": 1,
+            "repetition_penalty": self.repetition_penalty,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": 0.0 if self.min_p is None else self.min_p,
+            "max_tokens": self.max_completion_length,
+            "logprobs": self.logprobs,
+        }
+        params.update(self.generation_kwargs)
+        params.update(sampling_overrides)
+        if self.structured_outputs_regex is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            params["structured_outputs"] = StructuredOutputsParams(regex=self.structured_outputs_regex)
+        with profiler or nullcontext():
+            outputs = self.llm.generate(self.rollout_prompts(prompts, audio),
+                                        sampling_params=SamplingParams(**params), use_tqdm=False)
+        prompt_ids = [list(output.prompt_token_ids) for output in outputs]
+        completion_ids = [list(o.token_ids) for output in outputs for o in output.outputs]
+        logprobs, _ = extract_logprobs(outputs)
+        if logprobs is not None:
+            logprobs = [[lp[0] for lp in seq] for seq in logprobs]
+        return prompt_ids, completion_ids, logprobs
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]], audio: list[Any | None]) -> list[list[float]]:
+        """The engine's log-probability of each given completion token (teacher forcing through prompt log-probs)."""
+        from vllm import SamplingParams
+
+        full = [list(p) + list(c) for p, c in zip(prompts, completions)]
+        outputs = self.llm.generate(self.rollout_prompts(full, audio),
+                                    sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
+                                    use_tqdm=False)
+        scores = []
+        for output, completion in zip(outputs, completions):
+            tail = output.prompt_logprobs[-len(completion):]
+            scores.append([step[token].logprob for step, token in zip(tail, completion)])
+        return scores
+
+    def generate(self, *args, **kwargs):
+        raise RuntimeError("AudioVLLMGeneration.generate would drop the clips; the audio trainer calls "
+                           "generate_with_audio")
