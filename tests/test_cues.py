@@ -210,3 +210,15 @@ def test_data_imports_no_other_stage():
             "if m.startswith('emoreason.') and not m.startswith('emoreason.data')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_the_template_teacher_says_what_the_reader_reads():
+    """Each cue sentence the template teacher writes, at each level, is read back as exactly that claim."""
+    from emoreason.datagen.teachers import CUE_PHRASES, PROFILES
+
+    for key, phrases in CUE_PHRASES.items():
+        for phrase in phrases:
+            for level in CUES[key].levels:
+                assert [c.key for c in extract_claims(phrase.format(v=level))] == [(key, level, False)], phrase
+    assert all(level in CUES[key].levels for profile in PROFILES.values() for key, levels in profile.items()
+               for level in levels)
