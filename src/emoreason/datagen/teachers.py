@@ -318,6 +318,8 @@ class SelfTeacher(Teacher):
 
             path = self.config.model
             if _is_emoreason_checkpoint(path):
+                # Like the transformers backend, never let the text-only LM write an <audio> placeholder.
+                self._banned_tokens = [json.loads((Path(path) / "config.json").read_text())["audio_token_id"]]
                 path = str(export_language_model(path, (self.work_dir or Path(".")) / "teacher_lm"))
             self._engine = LLM(model=path, trust_remote_code=False, **self.config.vllm_kwargs)
         else:
@@ -337,8 +339,10 @@ class SelfTeacher(Teacher):
         tokenizer = llm.get_tokenizer()
         prompts = [tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
                    for r in requests]
+        banned = {token: -100.0 for token in getattr(self, "_banned_tokens", [])} or None
         params = [SamplingParams(n=r.n, temperature=self.config.temperature, top_p=self.config.top_p,
-                                 max_tokens=self.config.max_new_tokens, seed=r.seed) for r in requests]
+                                 max_tokens=self.config.max_new_tokens, seed=r.seed, logit_bias=banned)
+                  for r in requests]
         outputs = llm.generate(prompts, params, use_tqdm=False)
         return [[o.text for o in result.outputs] for result in outputs]
 
@@ -356,7 +360,10 @@ class SelfTeacher(Teacher):
             n = max(r.n for r in batch)
             torch.manual_seed(batch[0].seed)
             with torch.no_grad():
-                out = lm.generate(**enc, do_sample=True, temperature=self.config.temperature, top_p=self.config.top_p,
+                # temperature 0: greedy, as vLLM's SamplingParams reads it (the backends then agree token for token)
+                sampling = (dict(do_sample=True, temperature=self.config.temperature, top_p=self.config.top_p)
+                            if self.config.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None))
+                out = lm.generate(**enc, **sampling,
                                   max_new_tokens=self.config.max_new_tokens, num_return_sequences=n,
                                   pad_token_id=tokenizer.pad_token_id)
             decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
