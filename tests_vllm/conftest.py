@@ -136,6 +136,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+STARTED_ENGINES: list = []  # vLLM servers started by this run (test_engine.py stops them when it is done)
+
+
 class Server:
     """A server process started for the session; ``url`` is its OpenAI base URL (…/v1)."""
 
@@ -201,6 +204,7 @@ def vllm_server(tiny_checkpoint, tmp_path_factory):
     start = time.monotonic()
     server = _start(command, "healthy at", log, ENGINE_START_TIMEOUT + 30, env)
     server.start_seconds = time.monotonic() - start
+    STARTED_ENGINES.append(server)
     print(f"\nvLLM engine ready in {server.start_seconds:.0f} s at {server.url}")
     yield server
     server.stop()

@@ -81,6 +81,17 @@ def token_logprobs(choice: dict) -> list[float]:
 GREEDY = dict(temperature=0.0, max_tokens=24, logprobs=True, top_logprobs=2)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _engine_stops_with_this_module():
+    """All tests of the served engine live here: stop it when they are done, so that modules after this one, which
+    start engines of their own (colocated GRPO rollouts), never share the CPU with it."""
+    yield
+    from conftest import STARTED_ENGINES
+
+    for server in STARTED_ENGINES:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def clips() -> list[bytes]:
     return [wav_bytes(clip(seconds, seed)) for seed, seconds in enumerate(SECONDS)]
