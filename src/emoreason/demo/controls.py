@@ -25,15 +25,28 @@ from ..testing.synth_corpus import transcript_only_predictions, unseen_sentence_
 
 
 def swap_audio(rows: list[dict], seed: int = 0) -> list[dict]:
-    """Each row with the audio of another row whose label differs (a seeded shuffle, re-drawn until it holds)."""
+    """Each row with the audio of another row whose label differs: rows shuffled within their label, ordered by label,
+    and paired with the row as many places on as the largest label has rows (possible while no label holds more than
+    half the rows)."""
     rng = random.Random(seed)
-    for _ in range(1000):
-        donors = rows[:]
-        rng.shuffle(donors)
-        if all(d["label"] != r["label"] for r, d in zip(rows, donors)):
-            return [{**r, "audio": d["audio"], "clip_id": d["clip_id"], "duration": d["duration"],
-                     "donor_label": d["label"]} for r, d in zip(rows, donors)]
-    raise ValueError("cannot give every clip a donor with another label (one label dominates the rows)")
+    by_label: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_label.setdefault(row["label"], []).append(i)
+    shift = max(len(v) for v in by_label.values()) if by_label else 0
+    if 2 * shift > len(rows):
+        raise ValueError("cannot give every clip a donor with another label: one label holds more than half the rows")
+    order = []
+    for label in sorted(by_label):
+        group = by_label[label][:]
+        rng.shuffle(group)
+        order += group
+    donor_of = {order[k]: order[(k + shift) % len(order)] for k in range(len(order))}
+    out = []
+    for i, row in enumerate(rows):
+        donor = rows[donor_of[i]]
+        out.append({**row, "audio": donor["audio"], "clip_id": donor["clip_id"], "duration": donor["duration"],
+                    "donor_label": donor["label"]})
+    return out
 
 
 def learning_controls(model_dir: str | Path, manifest: str | Path, data_root: str | Path,
