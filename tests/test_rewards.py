@@ -215,6 +215,27 @@ def test_openai_judge_that_is_down_fails_at_start_and_mid_run():
     R.probe_reward_funcs(R.get_reward_funcs(["accuracy", "reasoning", "cue_grounding"]))
 
 
+def test_grpo_entry_point_stops_before_loading_the_model_when_the_judge_is_down(tmp_path):
+    from pathlib import Path
+
+    from emoreason.data.schema import EmotionRecord, write_records
+    from emoreason.train import grpo
+
+    records = write_records([EmotionRecord(id="a", audio="a.wav", duration=1.0, corpus="t", label="happy")],
+                            tmp_path / "records.jsonl")
+    url = f"http://127.0.0.1:{_refusing_port()}/v1"
+    options = {"reasoning": {"judge": "openai", "judge_options": {"base_url": url, "model": "judge",
+                                                                  "max_retries": 0, "timeout": 2.0}}}
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu" / "grpo.yaml"
+    args = grpo.make_parser().parse_args_and_config(
+        ["--config", str(recipe), "--train_records", str(records), "--data_root", str(tmp_path),
+         "--model_name_or_path", str(tmp_path / "no-model-here"), "--reward_kwargs", json.dumps(options),
+         "--use_cpu", "true", "--bf16", "false", "--output_dir", str(tmp_path / "out")])
+    # The model path does not exist: reaching the model step would raise something else. The judge is found first.
+    with pytest.raises(JudgeUnavailable, match="does not answer"):
+        grpo.main(*args)
+
+
 def test_registry_builds_named_rewards_with_options():
     funcs = R.get_reward_funcs(["format", "accuracy", "cue_grounding", "length"],
                                {"length": {"target_tokens": 5}, "cue_grounding": {"contradiction_penalty": 0.5}})
