@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run_suite(
             args.suite, args.endpoint, args.model, args.out, records=args.records, data_root=args.data_root,
-            api_key=args.api_key, strategies=args.strategies, limit=args.limit, max_tokens=args.max_tokens, concurrency=args.concurrency,
+            api_key=args.api_key, strategies=args.strategies, limit=args.limit, max_tokens=args.max_tokens,
+            concurrency=args.concurrency,
             timeout=args.timeout, retries=args.retries, backoff=args.backoff, cache_path=args.cache,
             judge_endpoint=args.judge_endpoint, judge_model=args.judge_model, judge_api_key=args.judge_api_key,
             progress=not args.no_progress,
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in report["strategies"].items():
         acc = s["metrics"].get("classification", {}).get("accuracy")
         acc_text = f"{acc:.3f}" if acc is not None else "-"
-        print(f"{name}: accuracy {acc_text}, {s['tokens']['completion_per_item']:.1f} tokens/item, "
+        print(f"{name}: accuracy {acc_text}, {s['tokens']['total_per_item']:.1f} tokens/item (prompt + completion), "
               f"{len(s['failures'])} failed")
     print(f"report: {report['files']['markdown']}")
     if failed:

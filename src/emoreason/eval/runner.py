@@ -186,6 +186,8 @@ async def run_suite_async(
     verifier, verifier_client = None, None
     if any(STRATEGIES[s.name].__name__ in AUDIO_VERIFIED or s.params.get("verifier") == "audio"
            for s in suite.strategies):
+        if suite.verifier is not None and not isinstance(suite.verifier, dict):
+            raise ValueError(f"suite {suite.name}: verifier must be a mapping {{endpoint, model, api_key, rubric}}")
         verifier_cfg = dict(suite.verifier or {})
         if verifier_cfg.get("endpoint"):
             verifier_client = EndpointClient(
