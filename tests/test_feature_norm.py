@@ -97,3 +97,48 @@ def test_a_lora_adapter_carries_the_statistics(fresh, synth_corpus, rows):
 def test_feature_norm_values_are_checked():
     with pytest.raises(ValueError, match="feature_norm"):
         EmoReasonConfig(feature_norm="batch")
+
+
+# -- distributed start-up: measured once on the main process, shared with every rank ------------------------------
+def _fit_on_rank(rank, world_size, store, model_dir, rows, data_root, out):
+    import torch.distributed as dist
+
+    from emoreason.train.feature_norm import STAT_BUFFERS, fit_feature_norm_once
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        model, processor = load_pretrained(model_dir)
+        # Only the main process may read the clips: the other rank gets none (it would raise if it measured).
+        summary = fit_feature_norm_once(model.eval(), processor, rows if rank == 0 else [], data_root,
+                                        show_progress=False, device="cpu")
+        stats = {name: getattr(model.model.projector, name).clone() for name in STAT_BUFFERS}
+        try:  # a failure on the main process reaches every rank instead of leaving them waiting
+            fit_feature_norm_once(model, processor, [], data_root, show_progress=False)
+            failure = None
+        except (ValueError, RuntimeError) as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+        torch.save({"summary": summary, "stats": stats, "failure": failure}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_fit_runs_on_the_main_process_and_is_broadcast(tiny_model_dir, synth_corpus, rows, tmp_path):
+    import torch.multiprocessing as mp
+
+    from emoreason.train.feature_norm import STAT_BUFFERS
+
+    model, processor = load_pretrained(tiny_model_dir)
+    expected = fit_feature_norm(model.eval(), processor, rows, synth_corpus.parent, show_progress=False)
+    projector = model.model.projector
+    assert not torch.equal(projector.content_std, torch.ones_like(projector.content_std))  # control: not identity
+    mp.spawn(_fit_on_rank, args=(2, str(tmp_path / "store"), str(tiny_model_dir), rows, str(synth_corpus.parent),
+                                 str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for result in results:
+        assert result["summary"] == expected
+        for name in STAT_BUFFERS:
+            torch.testing.assert_close(result["stats"][name], getattr(projector, name), atol=1e-6, rtol=1e-5)
+    assert results[0]["failure"].startswith("ValueError: fit_feature_norm: no clips")
+    assert results[1]["failure"].startswith("RuntimeError: feature normalisation failed on the main process")
+

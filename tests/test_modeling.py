@@ -249,3 +249,20 @@ def test_paralinguistic_tower_is_batch_invariant(tiny):
         batched = model(**together).logits[0, : alone["input_ids"].shape[1]]
         single = model(**alone).logits[0]
     assert torch.allclose(batched, single, atol=1e-4)
+
+
+def test_generation_with_the_kv_cache_matches_generation_without_it(tiny_model_dir):
+    """The cache travels under whatever name the installed transformers gives it (`past_key_values` up to 5.23, `cache`
+    from 5.24): if it were dropped or mis-named, cached decoding would see only the newest token and diverge."""
+    from emoreason.modeling.modeling_emoreason import CACHE_NAME
+
+    model, processor = load_pretrained(tiny_model_dir)
+    model.eval()
+    enc = processor(prompt(processor, 2), [tone(1.0), tone(1.6, freq=400)], padding_side="left")
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    cached = model.generate(**enc, use_cache=True, **kwargs)
+    uncached = model.generate(**enc, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+    with torch.no_grad():
+        out = model(**enc, use_cache=True)
+    assert getattr(out, CACHE_NAME) is not None and out.audio_hidden_states is not None

@@ -13,6 +13,7 @@ function the processor uses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.generation import LogitsProcessorList, SuppressTokensLogitsProcessor
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import logging as hf_logging
 
@@ -34,18 +35,32 @@ class AudioPlaceholderError(ValueError):
     """The `<audio>` placeholders in the text do not match the audio given."""
 
 
+def _cache_name() -> str:
+    """What the installed transformers calls the KV cache in outputs and forward arguments: ``past_key_values`` up to
+    5.23, ``cache`` from 5.24 (its shims turn ``past_key_values=`` into an unknown ``cache=`` for our outputs)."""
+    fields = {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
+    return "cache" if "cache" in fields else "past_key_values"
+
+
+CACHE_NAME = _cache_name()
+
+
+def _take_cache(past_key_values, kwargs: dict):
+    """The cache from either name (generate passes ``cache=`` from 5.24, callers may still say ``past_key_values``)."""
+    cache = kwargs.pop("cache", None)
+    if past_key_values is not None and cache is not None:
+        raise ValueError("pass the KV cache once: both past_key_values and cache were given")
+    return cache if cache is not None else past_key_values
+
+
+# The library's own output classes carry the cache field under the installed version's name; ours only add the clip.
 @dataclass
 class EmoReasonModelOutputWithPast(BaseModelOutputWithPast):
     audio_hidden_states: torch.FloatTensor | None = None
 
 
 @dataclass
-class EmoReasonCausalLMOutputWithPast(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+class EmoReasonCausalLMOutputWithPast(CausalLMOutputWithPast):
     audio_hidden_states: torch.FloatTensor | None = None
 
 
@@ -184,7 +199,7 @@ class EmoReasonPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("audio", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _no_split_modules = ["WhisperEncoderLayer", "WavLMEncoderLayer", "HubertEncoderLayer"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -404,6 +419,7 @@ class EmoReasonModel(EmoReasonPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> EmoReasonModelOutputWithPast:
+        cache = _take_cache(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -424,14 +440,14 @@ class EmoReasonModel(EmoReasonPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
         return EmoReasonModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             audio_hidden_states=audio_embeds,
@@ -486,7 +502,7 @@ class EmoReasonForConditionalGeneration(EmoReasonPreTrainedModel, GenerationMixi
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_take_cache(past_key_values, kwargs),
             inputs_embeds=inputs_embeds,
             input_features=input_features,
             input_features_mask=input_features_mask,
@@ -511,7 +527,7 @@ class EmoReasonForConditionalGeneration(EmoReasonPreTrainedModel, GenerationMixi
         return EmoReasonCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             audio_hidden_states=outputs.audio_hidden_states,

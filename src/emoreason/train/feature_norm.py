@@ -5,10 +5,15 @@ freshly initialised projector). Standardising each dimension with statistics of 
 do for their input features (ESPnet's ``GlobalMVN``, Kaldi's global CMVN), lets the projector weigh every dimension
 alike. The statistics are measured once, before SFT, over the training clips (from the feature cache when it has them,
 else by running the towers), and saved in the projector's buffers: GRPO, DPO, export and both servers reuse them.
+
+In a distributed run (:func:`fit_feature_norm_once`) only the main process measures, with the towers on its
+accelerator, and broadcasts the statistics: the other ranks wait instead of each redoing the same minutes of encoding
+on CPU before training starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -95,3 +100,86 @@ def fit_feature_norm(model, processor, clips: Iterable[Mapping], data_root: str 
     logger.info("feature normalisation: statistics from %d clips (%d content frames, %d from the feature cache)",
                 len(chosen), content.count, from_cache)
     return {"clips": len(chosen), "frames": content.count, "from_cache": from_cache}
+
+
+STAT_BUFFERS = ("content_mean", "content_std", "paralinguistic_mean", "paralinguistic_std", "feature_norm_frames")
+
+
+@contextlib.contextmanager
+def _towers_on(inner, device):
+    """Everything but the language model (the towers and the projector: what encoding needs) on ``device`` for the
+    duration; back where it was afterwards. The language model, the bulk of the weights, stays put."""
+    if device is None:
+        yield
+        return
+    device = torch.device(device)
+    parts = [module for name, module in inner.named_children() if name != "language_model"]
+    homes = [next(module.parameters(), torch.empty(0)).device for module in parts]
+    if all(home == device for home in homes):
+        yield
+        return
+    try:
+        for module in parts:
+            module.to(device)
+        yield
+    finally:
+        for module, home in zip(parts, homes):
+            module.to(home)
+
+
+def _distributed_world() -> tuple[bool, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return True, dist.get_rank()
+    return False, 0
+
+
+def fit_feature_norm_once(model, processor, clips: Iterable[Mapping], data_root: str | os.PathLike,
+                          feature_cache=None, max_clips: int = 256, show_progress: bool = True,
+                          device: torch.device | str | None = None) -> dict:
+    """:func:`fit_feature_norm` on the main process only, with the towers on ``device`` (the accelerator: pass
+    ``training_args.device``), then the statistics broadcast to every rank. Without a process group it is
+    :func:`fit_feature_norm` on ``device``. Other ranks never read ``clips``.
+
+    A failure on the main process is raised on every rank (no rank is left waiting in a collective).
+    """
+    import torch.distributed as dist
+
+    distributed, rank = _distributed_world()
+    _, projector = _projector(model)
+    if projector.feature_norm != "global_mvn":
+        return {"clips": 0, "frames": 0, "from_cache": 0}
+    summary, error = None, None
+    if rank == 0:
+        try:
+            inner, _ = _projector(model)
+            with _towers_on(inner, device):
+                summary = fit_feature_norm(model, processor, clips, data_root, feature_cache=feature_cache,
+                                           max_clips=max_clips, show_progress=show_progress)
+        except Exception as exc:  # noqa: BLE001 -- re-raised below, after telling the other ranks
+            if not distributed:
+                raise
+            error = exc
+    if not distributed:
+        return summary
+    shared = [summary, None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(shared, src=0)
+    summary, message = shared
+    if message is not None:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"feature normalisation failed on the main process: {message}")
+    # NCCL broadcasts device tensors only; gloo takes CPU tensors.
+    comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+    with torch.no_grad():
+        for name in STAT_BUFFERS:
+            buffer = getattr(projector, name)
+            tensor = buffer.detach().to(comm_device).contiguous()
+            dist.broadcast(tensor, src=0)
+            buffer.copy_(tensor.to(buffer.device))
+    if rank != 0:
+        logger.info("feature normalisation: statistics received from the main process (%d frames)",
+                    int(projector.feature_norm_frames))
+    return summary

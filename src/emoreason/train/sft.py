@@ -244,11 +244,14 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
             logger.info("feature normalisation: keeping the statistics the model has (%d frames)",
                         int(projector.feature_norm_frames))
         elif checkpoint is None:  # a resumed run gets them back from its checkpoint
-            from .feature_norm import fit_feature_norm
+            from .feature_norm import fit_feature_norm_once
 
-            norm_summary = fit_feature_norm(model, processor, train_rows, script_args.data_root,
-                                            feature_cache=feature_cache, max_clips=training_args.feature_norm_clips,
-                                          show_progress=not training_args.disable_tqdm)
+            # measured once, by the main process on its accelerator, and broadcast to the other ranks
+            norm_summary = fit_feature_norm_once(model, processor, train_rows, script_args.data_root,
+                                                 feature_cache=feature_cache,
+                                                 max_clips=training_args.feature_norm_clips,
+                                                 show_progress=not training_args.disable_tqdm,
+                                                 device=training_args.device)
     collator = SFTCollator(processor, script_args.data_root, max_length=training_args.max_length,
                            system_prompt=training_args.system_prompt, feature_cache=feature_cache)
 
