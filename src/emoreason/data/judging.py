@@ -203,8 +203,8 @@ def parse_verdict(reply: str | None, marker: str | None = None, judged: tuple[st
     """The judge's own final verdict in ``reply`` (see the module doc); ``Verdict(None)`` when there is none."""
     text = reply or ""
     if marker:  # anything the judge echoed from inside a fence
-        text = re.sub(rf"<<<(\w+)-{re.escape(marker)}>>>.*?(?:<<<END \1-{re.escape(marker)}>>>|\Z)", " ", text,
-                      flags=re.S)
+        text = re.sub(rf"<<<(\w+)-{re.escape(marker)}>>>.*?<<<END \1-{re.escape(marker)}>>>", " ", text, flags=re.S)
+        text = re.sub(rf"<<<[^<>]*{re.escape(marker)}>>>", " ", text)  # a lone marker the judge mentions
     for snippet in sorted({s for t in judged for s in _verdict_snippets(t or "")}, key=len, reverse=True):
         text = text.replace(snippet, " " * len(snippet))
     candidates: list[tuple[int, float, str | None]] = []
