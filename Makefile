@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.emoreason-installed
 
-.PHONY: setup system-deps demo lint-imports test test-fast test-vllm bench clean
+.PHONY: setup system-deps demo lint-imports test test-fast test-newest test-vllm vllm-colocate bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,16 @@ test: setup lint-imports
 
 test-fast: setup lint-imports
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Smoke subset (model round trip, generate with/without the KV cache, one SFT step) on the newest transformers
+# release (or TF_VERSION=x.y.z), installed beside the pinned stack in .cache/ and put first on PYTHONPATH.
+TF_VERSION ?=
+TF_DIR := .cache/tf-$(or $(TF_VERSION),newest)
+test-newest: setup
+	$(PY) -m pip install -q --upgrade --no-deps --target $(TF_DIR) "transformers$(if $(TF_VERSION),==$(TF_VERSION))"
+	PYTHONPATH=$(TF_DIR) $(PY) -c "import transformers; print('transformers', transformers.__version__)"
+	PYTHONPATH=$(TF_DIR) $(PY) -m pytest -q tests/test_modeling.py tests/test_launch.py \
+	  -k "round_trip or generat or one_sft_step" $(PYTEST_ARGS)
 
 # -- vLLM serving tests (docs/vllm.md) -------------------------------------------------------------------------
 # vLLM pins an older transformers than training, so it gets its own environment. Here it is vLLM's real engine in
@@ -86,8 +96,25 @@ $(VLLM_TINY)/config.json: $(STAMP) $(wildcard src/emoreason/modeling/*.py) src/e
 	rm -rf $(VLLM_TINY)
 	$(PY) -m emoreason.cli make-tiny $(VLLM_TINY) --random-feature-stats > /dev/null
 
+# GRPO with colocated vLLM rollouts (docs/rl.md): trainer and engine share one process, hence one environment, and
+# vLLM pins transformers < 5.20. TRL, PEFT, accelerate and datasets at the measured versions (constraints.txt) join
+# vLLM's environment, constrained to everything vLLM installed, so none of vLLM's pins (transformers 5.19, torch) moves.
+VLLM_COLOCATE_STAMP := $(VLLM_VENV)/.grpo-colocate-installed
+GRPO_COLOCATE_PACKAGES := trl peft accelerate datasets
+
+$(VLLM_COLOCATE_STAMP): $(VLLM_PLUGIN_STAMP) constraints.txt
+	$(VLLM_PY) -m pip freeze --exclude-editable | grep -v " @ " > $(VLLM_VENV)/engine-pins.txt
+	grep -E "^($$(echo $(GRPO_COLOCATE_PACKAGES) | tr ' ' '|'))==" constraints.txt > $(VLLM_VENV)/colocate-specs.txt
+	$(VLLM_PY) -m pip install -q -c $(VLLM_VENV)/engine-pins.txt -r $(VLLM_VENV)/colocate-specs.txt
+	$(VLLM_PY) -c "import importlib.metadata as m; import emoreason.train.grpo_trainer; \
+	  assert m.version('transformers').startswith('5.19') and m.version('vllm').startswith('0.32.0')"
+	@touch $@
+
+vllm-colocate: $(VLLM_COLOCATE_STAMP)
+
 # One vLLM engine for the whole run (tests_vllm/conftest.py); the built-in server runs from $(VENV) beside it.
-test-vllm: $(VLLM_PLUGIN_STAMP) $(VLLM_TINY)/config.json
+# test_grpo_vllm.py starts one more, in-process (colocated GRPO rollouts), after the server tests.
+test-vllm: $(VLLM_PLUGIN_STAMP) $(VLLM_COLOCATE_STAMP) $(VLLM_TINY)/config.json
 	EMOREASON_VLLM_TINY=$(VLLM_TINY) EMOREASON_TRAIN_PYTHON=$(PY) $(VLLM_PY) -m pytest -q -p no:cacheprovider \
 	  -W ignore::DeprecationWarning --durations=5 tests_vllm $(PYTEST_ARGS)
 
