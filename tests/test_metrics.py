@@ -261,3 +261,18 @@ def test_literature_worked_example_through_the_reference_path():
     assert m["multilabel"]["samples_f1"] == 1.0
     wrong = compute_metrics([item("x", "angry", {"angry": 0.5, "happy": 0.5})], {"x": rec}, labels, ("multilabel",))
     assert wrong["multilabel"]["samples_f1"] == pytest.approx(2 * 1 / (2 + 1 + 1))  # tp 1, fp 1 (happy), fn 1 (sad)
+
+
+def test_metric_modules_are_found_in_the_installed_package_from_any_directory(tmp_path, monkeypatch):
+    import emoreason.eval
+    from emoreason.eval.metrics import metrics_dir
+
+    monkeypatch.chdir(tmp_path)  # no eval/ folder here: the package's own copy must be found
+    monkeypatch.delenv("EMOREASON_METRICS_DIR", raising=False)
+    folder = metrics_dir()
+    assert folder == Path(emoreason.eval.__file__).parent / "metric_modules"
+    shipped = {"emotion_classification", "multilabel_f1", "distribution_agreement", "calibration", "group_gap",
+               "reasoning_quality"}
+    assert {p.parent.name for p in folder.glob("*/*.py") if p.stem == p.parent.name} == shipped
+    out = load_metric.__wrapped__("group_gap").compute(predictions=["sad"], references=["sad"], groups=["a"])
+    assert out["by_group"]["a"]["accuracy"] == 1.0
