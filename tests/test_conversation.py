@@ -152,6 +152,13 @@ def test_other_formats_become_wav(tmp_path, fmt):
     assert decoded.shape == reference.shape and np.abs(decoded - reference).max() < 0.02
 
 
+def test_the_bytes_decide_the_format_not_the_suffix(tmp_path):
+    path = tmp_path / "mislabelled.wav"
+    sf.write(path, tone(), 16_000, format="FLAC")
+    raw = base64.b64decode(input_audio_part(path)["input_audio"]["data"])
+    assert raw[:4] == b"RIFF" and raw != path.read_bytes()
+
+
 def test_undecodable_audio_is_a_clear_error(tmp_path):
     path = tmp_path / "clip.flac"
     path.write_bytes(b"not audio at all")

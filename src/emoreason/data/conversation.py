@@ -125,15 +125,11 @@ def _sniff_format(raw: bytes) -> str | None:
 
 def input_audio_part(source: str | os.PathLike | bytes, fmt: str | None = None) -> dict[str, Any]:
     """The ``input_audio`` content part for a file or encoded bytes: WAV and MP3 go as they are, other formats
-    (FLAC, OGG, ...) are decoded and re-encoded as 16 kHz mono WAV. A file that cannot be decoded raises
+    (FLAC, OGG, ...) are decoded and re-encoded as 16 kHz mono WAV. The format is read from the bytes themselves
+    (a file's suffix can lie) unless ``fmt`` names it. Audio that cannot be decoded raises
     :class:`~emoreason.data.audio.AudioError` with the reason."""
-    if isinstance(source, (bytes, bytearray)):
-        raw = bytes(source)
-        fmt = (fmt or _sniff_format(raw) or "").lower()
-    else:
-        path = Path(source)
-        raw = path.read_bytes()
-        fmt = (fmt or path.suffix.lstrip(".")).lower()
+    raw = bytes(source) if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+    fmt = (fmt or _sniff_format(raw) or "").lower()
     fmt = {"mpeg": "mp3", "wave": "wav"}.get(fmt, fmt)
     if fmt not in INPUT_AUDIO_FORMATS:
         raw, fmt = encode_wav(load_audio(raw if isinstance(source, (bytes, bytearray)) else source)), "wav"
