@@ -287,7 +287,7 @@ def test_silent_overlong_truncated_and_empty_clips_go_to_errors_not_records_or_c
 
 class _FlakyTeacher(BaseHTTPRequestHandler):
     """An OpenAI-compatible stub: prompts naming "ALWAYS400" get a 400 (e.g. longer than the context), prompts naming
-    "ALWAYS500" a 500 every time; the others a valid rationale."""
+    "ALWAYS500" a 500 every time, the spurious-cue negative of "PAIRFAIL" a 500; the others a valid rationale."""
 
     def log_message(self, *args):
         pass
@@ -297,7 +297,9 @@ class _FlakyTeacher(BaseHTTPRequestHandler):
 
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["messages"][-1]["content"]
-        status = 400 if "ALWAYS400" in prompt else 500 if "ALWAYS500" in prompt else 200
+        spurious = "Base the reasoning on this detail" in prompt
+        status = 400 if "ALWAYS400" in prompt else 500 if "ALWAYS500" in prompt or (
+            spurious and "PAIRFAIL" in prompt) else 200
         if status == 200:
             target = re.search(r"<answer>(\w+)</answer>", prompt).group(1)
             text = ("<think>\nListening to the whole sentence, the delivery and the words carry a clear feeling "
@@ -322,8 +324,8 @@ def test_teacher_request_failures_are_recorded_per_record_and_the_run_goes_on(sy
     for i, record in enumerate(read_records(synth_corpus)[:5]):
         (root / record.audio).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(synth_corpus.parent / record.audio, root / record.audio)
-        transcript = {0: "ALWAYS400 " + record.transcript, 1: "ALWAYS500 " + record.transcript}.get(
-            i, record.transcript)
+        transcript = {0: "ALWAYS400 " + record.transcript, 1: "ALWAYS500 " + record.transcript,
+                      2: "PAIRFAIL " + record.transcript}.get(i, record.transcript)
         rows.append({"id": record.id, "audio": record.audio, "label": record.label, "transcript": transcript,
                      "gender": record.gender, "split": "train"})
     (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -331,8 +333,7 @@ def test_teacher_request_failures_are_recorded_per_record_and_the_run_goes_on(sy
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     common = ["--manifest", str(root / "m.jsonl"), "--set", "corpus.name=manifest", "--teacher", "openai",
-              "--model", "stub", "--set", "pairs.enabled=false", "--set", "teacher.num_samples=1",
-              ]
+              "--model", "stub", "--set", "teacher.num_samples=1"]
     try:
         out = tmp_path / "out"
         assert run_datagen(*common, "--out", str(out), "--set", f"teacher.base_url={base_url}") == 0
@@ -342,11 +343,17 @@ def test_teacher_request_failures_are_recorded_per_record_and_the_run_goes_on(sy
     from emoreason.datagen.pipeline import read_outputs
 
     outputs = read_outputs(out)
-    failed = {r["id"]: r["detail"] for r in outputs["rejected"] if r["reason"] == "teacher_error"}
-    assert set(failed) == {rows[0]["id"], rows[1]["id"]}
-    assert "400" in failed[rows[0]["id"]] and "500" in failed[rows[1]["id"]]
-    assert outputs["summary"]["teacher_failures"] == 2
-    assert {r.id for r in outputs["records"]} | set(failed) == {r["id"] for r in rows}  # nothing lost
+    failed = {r["id"]: r for r in outputs["rejected"] if r["reason"] == "teacher_error"}
+    assert set(failed) == {rows[0]["id"], rows[1]["id"], rows[2]["id"]}
+    assert "400" in failed[rows[0]["id"]]["detail"] and "500" in failed[rows[1]["id"]]["detail"]
+    assert failed[rows[0]["id"]]["outcome"] == "dropped" and failed[rows[1]["id"]]["outcome"] == "dropped"
+    assert failed[rows[2]["id"]]["outcome"] == "no_spurious_cue_negative"  # its rationale was kept; one negative lost
+    assert outputs["summary"]["teacher_failures"] == 3
+    kept = {r.id for r in outputs["records"]}
+    assert kept == {r["id"] for r in rows[2:]}  # nothing else lost
+    pair = next(p for p in outputs["pairs"] if p.id == rows[2]["id"])
+    assert {n["kind"] for n in pair.meta["rejected"]} == {"wrong_emotion"}
+    assert any(u["unusable"].startswith("teacher_error") for u in pair.meta["unusable_negatives"])
     # An endpoint that cannot be reached at all stops the run (resumable), rather than dropping every clip.
     dead = tmp_path / "dead"
     assert run_datagen(*common, "--out", str(dead), "--set", f"teacher.base_url={base_url}") == 2

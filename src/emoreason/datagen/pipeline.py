@@ -487,10 +487,11 @@ class Generator:
             self.hook.tick()
 
         if self.cfg.pairs.enabled and kept:
-            out["pairs"] = self.pairs(kept)
+            out["pairs"] = self.pairs(kept, out["rejected"])
         return out
 
-    def pairs(self, kept) -> list[dict]:
+    def pairs(self, kept, rejected: list[dict]) -> list[dict]:
+        """DPO lines for the kept records; a negative whose teacher request failed is listed in ``rejected``."""
         jobs = []
         for record, description, target, instruction in kept:
             for job in pair_requests(record, description, target, instruction, self.prompt, self.spurious_prompt,
@@ -503,6 +504,8 @@ class Generator:
             entry = {"text": None, "kind": job.kind, "detail": job.detail}
             if isinstance(outputs, TeacherFailure):
                 failures.setdefault(record.id, []).append({**entry, "unusable": f"teacher_error: {outputs.reason}"})
+                rejected.append({"id": record.id, "sample": None, "reason": "teacher_error", "detail": outputs.reason,
+                                 "text": None, "outcome": f"no_{job.kind}_negative"})
                 continue
             text = outputs[0] if outputs else ""
             problem = accept_rejected(job.kind, text, record.response or "", record, record.cues)
@@ -629,9 +632,7 @@ def merge(out: Path, cfg: DatagenConfig, shards, adapter_errors, acoustic, teach
         "bad_audio_all_clips": len(errors),
         "rejections_by_reason": dict(Counter(r["reason"] for r in collected["rejected"]).most_common()),
         "dropped_by_reason": dict(Counter(r["reason"] for r in collected["dropped"]).most_common()),
-        "teacher_failures": sum(r["reason"] == "teacher_error" for r in collected["dropped"]) + sum(
-            u["unusable"].startswith("teacher_error") for line in pairs
-            for u in line.meta.get("unusable_negatives", [])),
+        "teacher_failures": sum(r["reason"] == "teacher_error" for r in collected["rejected"]),
         "pairs": len(pairs),
         "pair_negatives_by_kind": dict(kinds),
         "teacher": {"name": teacher.name, "model": teacher.model_id},
