@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from emoreason.data.audio import load_audio
-from emoreason.datagen.acoustic import Calibration, analyze, classify_intonation, count_syllables, track_pitch
+from emoreason.datagen.acoustic import (
+    Calibration,
+    analyze,
+    classify_intonation,
+    count_syllables,
+    no_speech_reason,
+    track_pitch,
+)
 from emoreason.testing.synth_corpus import espeak_available, render
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng not installed")
@@ -55,6 +62,23 @@ def test_silence_and_noise_are_unvoiced():
     assert feats.pitch_hz is None and feats.voiced_ratio == 0.0 and feats.intonation == "flat"
     noise = np.random.default_rng(0).normal(0, 0.1, rate).astype(np.float32)
     assert track_pitch(noise, rate).voiced.mean() < 0.1
+
+
+def test_no_speech_is_told_apart_from_speech(renderings):
+    rate, rng = 16_000, np.random.default_rng(1)
+    cases = {
+        "silence": np.zeros(2 * rate, dtype=np.float32),
+        "dither": rng.normal(0, 1 / 32768, 2 * rate).astype(np.float32),
+        "noise": rng.normal(0, 0.05, 2 * rate).astype(np.float32),
+        "quiet_speech": renderings["slow"] * 10 ** (-60 / 20),  # speech 60 dB down: under the floor
+    }
+    for name, wave in cases.items():
+        reason = no_speech_reason(analyze(wave, rate).to_dict())
+        assert reason and reason.startswith("no speech"), name
+    for name, wave in renderings.items():  # control: every rendering has speech, the soft one included
+        assert no_speech_reason(analyze(wave, rate).to_dict()) is None, name
+    # The silent clip's speaking rate is what the check protects the rationale from.
+    assert analyze(cases["silence"], rate, transcript="We need to talk.").rate_sps > 100
 
 
 def test_intonation_classes_from_contours():
