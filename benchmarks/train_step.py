@@ -1,12 +1,17 @@
 """Training step time: cached encoder features vs live encoders, duration-proportional encoding vs 30 s padding.
 
     python benchmarks/train_step.py [--size base|large] [--clips 4] [--seconds 4] [--steps 3]
+        [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16] [--lm-hidden 512 --lm-layers 4]
 
 Random-weight models with real encoder shapes (``base``: Whisper-base + WavLM-base-plus, runs on a laptop CPU;
 ``large``: Whisper-large-v3 + WavLM-large, for a GPU) and a small Qwen2-shaped LM, all built from configs (nothing is
 downloaded). One optimizer step = collate + forward + backward + AdamW on the trainable parts (projector + LM; the
 encoders are frozen, as the feature cache requires). Every variant runs in this one process on the same batch, and the
-script prints the ratios side by side.
+script prints the ratios side by side, with tokens/s and (on a GPU) peak memory per variant.
+
+``--device auto`` takes the GPU when there is one; ``--dtype auto`` is bf16 there (as the GPU recipes) and float32 on a
+CPU. ``--lm-hidden 3584 --lm-layers 28`` gives Qwen2.5-7B's shape (random weights; the LM then trains in full here,
+unlike the LoRA recipes, so that needs a large GPU).
 """
 
 from __future__ import annotations
@@ -77,7 +82,17 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--lm-hidden", type=int, default=512)
     parser.add_argument("--lm-layers", type=int, default=4)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if args.device == "auto" else args.device)
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
 
     from emoreason.data.audio import write_wav
@@ -87,8 +102,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, processor = build(args.size, root / "model", args.lm_hidden, args.lm_layers)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model.to(device).train()
+        model.to(device=device, dtype=dtype).train()  # the model casts audio inputs to each tower's dtype
         rng = np.random.default_rng(0)
         rows = []
         for i in range(args.clips):
@@ -114,6 +128,9 @@ def main(argv=None) -> int:
             "live, 30 s padding": (SFTCollator(processor, root), rows_30s),
         }
 
+        tokens: dict[str, int] = {}
+        peak: dict[str, float] = {}
+
         def step(collator, batch_rows):
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -124,20 +141,25 @@ def main(argv=None) -> int:
             optimizer.zero_grad(set_to_none=True)
             if device == "cuda":
                 torch.cuda.synchronize()
-            return time.perf_counter() - start
+            return time.perf_counter() - start, int(batch["attention_mask"].sum())
 
         times = {name: [] for name in variants}
         for name, (collator, batch_rows) in variants.items():
-            step(collator, batch_rows)  # warm-up
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            _, tokens[name] = step(collator, batch_rows)  # warm-up (also creates the optimizer state)
+            if device == "cuda":
+                peak[name] = torch.cuda.max_memory_allocated() / 2**30
         for _ in range(args.steps):  # interleaved, so drifts in machine load hit every variant alike
             for name, (collator, batch_rows) in variants.items():
-                times[name].append(step(collator, batch_rows))
+                times[name].append(step(collator, batch_rows)[0])
 
     median = {name: statistics.median(t) for name, t in times.items()}
     print(f"train step, {args.size} encoder shapes, LM {args.lm_layers}x{args.lm_hidden}, {args.clips} clips of "
-          f"~{args.seconds:g} s, {device}, median of {args.steps}")
+          f"~{args.seconds:g} s, {device} {str(dtype).replace('torch.', '')}, median of {args.steps}")
     for name, value in median.items():
-        print(f"  {name:<22} {value * 1000:9.1f} ms")
+        memory = f"   peak {peak[name]:6.2f} GiB" if name in peak else ""
+        print(f"  {name:<22} {value * 1000:9.1f} ms   {tokens[name] / value:9.0f} tokens/s{memory}")
     print(f"cached / live                        = {median['cached features'] / median['live encoders']:.3f}"
           "   (target <= 0.5)")
     print(f"duration-proportional / 30 s padding = {median['live encoders'] / median['live, 30 s padding']:.3f}")

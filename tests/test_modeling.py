@@ -266,3 +266,35 @@ def test_generation_with_the_kv_cache_matches_generation_without_it(tiny_model_d
     with torch.no_grad():
         out = model(**enc, use_cache=True)
     assert getattr(out, CACHE_NAME) is not None and out.audio_hidden_states is not None
+
+
+def _run_audio_reaches_loss(model_dir, synth_corpus, capsys) -> tuple[int, str]:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "audio_reaches_loss.py"
+    spec = importlib.util.spec_from_file_location("audio_reaches_loss", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    status = script.main(["--model", str(model_dir), "--records", str(synth_corpus), "--data_root",
+                          str(synth_corpus.parent), "--tasks", "emotion_label", "--rows", "3", "--device", "cpu"])
+    return status, capsys.readouterr().out
+
+
+def test_audio_reaches_loss_script_prints_both_losses_and_fails_when_audio_is_ignored(tiny_model_dir, synth_corpus,
+                                                                                      tmp_path, capsys):
+    import re
+
+    status, out = _run_audio_reaches_loss(tiny_model_dir, synth_corpus, capsys)
+    real = float(re.search(r"loss with the audio\s+([\d.]+)", out).group(1))
+    zeroed = float(re.search(r"loss with zeroed audio\s+([\d.]+)", out).group(1))
+    assert status == 0 and real > 0 and zeroed > 0 and real != zeroed
+    # Control: a projector whose output is always zero makes the clip invisible; the script must say so.
+    model, processor = load_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.projector.linear_2.weight.zero_()
+        model.model.projector.linear_2.bias.zero_()
+    model.save_pretrained(tmp_path / "deaf")
+    processor.save_pretrained(tmp_path / "deaf")
+    status, out = _run_audio_reaches_loss(tmp_path / "deaf", synth_corpus, capsys)
+    assert status == 1
