@@ -119,7 +119,7 @@ def test_run_suite_writes_reports(tmp_path, corpus):
     assert "| self_consistency |" in (out / "report.md").read_text()
     plots = {p.name for p in (out / "plots").glob("*.png")}
     assert {"accuracy_vs_tokens.png", "js_divergence_vs_tokens.png", "reliability.png",
-            "metrics_by_ambiguity.png", "confusion_direct.png"} <= plots
+            "metrics_by_ambiguity.png", "confusion_direct.png", "tokens_by_strategy.png"} <= plots
     assert len((out / "predictions" / "direct.jsonl").read_text().splitlines()) == 8
     assert report["skipped_records"]  # the other splits are counted, not silently ignored
 
@@ -418,6 +418,8 @@ def test_tokens_count_prompts_refine_turns_and_a_separate_audio_verifier(tmp_pat
     assert tok["cot_greedy"]["prompt_per_item"] == 10 and tok["cot_greedy"]["total_per_item"] == 10 + cot_len
     assert tok["self_refine"]["prompt_per_item"] == 2 * 10  # the re-sent conversation is paid again
     assert tok["alm_verifier"]["verifier_per_item"] == 2 * (10 + 4)  # two candidates, each verified
+    assert tok["alm_verifier"]["verifier_prompt_per_item"] == 2 * 10
+    assert tok["alm_verifier"]["verifier_completion_per_item"] == 2 * 4
     assert tok["alm_verifier"]["total_per_item"] == 10 + 2 * cot_len + 2 * (10 + 4)
     assert report["verifier"] == {"endpoint": vserver.url + "/v1", "model": "qwen2-audio",
                                   "rubric": "audio_verifier"}

@@ -56,6 +56,36 @@ def plot_tradeoff(strategies: dict, out: Path) -> list[Path]:
     return paths
 
 
+def plot_token_budget(strategies: dict, out: Path) -> Path | None:
+    """Tokens per item by strategy, stacked: the strategy's own prompt and completion tokens, and its verifier's."""
+    names = list(strategies)
+    if not names:
+        return None
+    tok = [strategies[n]["tokens"] for n in names]
+
+    def per_item(key):
+        return np.array([float(t.get(key, 0.0)) for t in tok])
+
+    # The verifier's tokens are inside the prompt and completion counts: split out, the bars add up to the total.
+    parts = {"prompt": per_item("prompt_per_item") - per_item("verifier_prompt_per_item"),
+             "completion": per_item("completion_per_item") - per_item("verifier_completion_per_item"),
+             "verifier (prompt + completion)": per_item("verifier_per_item")}
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(names), 4))
+    bottom = np.zeros(len(names))
+    for label, values in parts.items():
+        ax.bar(names, values, bottom=bottom, label=label)
+        bottom += values
+    ax.set_ylabel("tokens per item")
+    ax.set_title("compute per strategy (total = prompt + completion)")
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "tokens_by_strategy.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_confusion(name: str, classification: dict, out: Path) -> Path:
     matrix = np.asarray(classification["confusion_matrix"], dtype=float)
     labels = classification["labels"]
@@ -216,7 +246,8 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
         if "classification" in s["metrics"]:
             plots.append(plot_confusion(name, s["metrics"]["classification"], plots_dir))
     plots += [p for p in (plot_reliability(report["strategies"], plots_dir),
-                          plot_ambiguity(report["strategies"], plots_dir)) if p is not None]
+                          plot_ambiguity(report["strategies"], plots_dir),
+                          plot_token_budget(report["strategies"], plots_dir)) if p is not None]
     report["plots"] = [str(p.relative_to(out)) for p in plots]
     json_path = out / "report.json"
     found: list[str] = []

@@ -116,6 +116,8 @@ def _summary(items: list[ItemResult], judge_scores: list | None = None) -> dict[
         "prompt_per_item": prompt / n,
         "completion_per_item": completion / n,
         "total_per_item": (prompt + completion) / n,
+        "verifier_prompt_per_item": sum(i.verifier_prompt_tokens for i in items) / n,
+        "verifier_completion_per_item": sum(i.verifier_completion_tokens for i in items) / n,
         "verifier_per_item": sum(i.verifier_prompt_tokens + i.verifier_completion_tokens for i in items) / n,
         "requests_per_item": sum(i.requests for i in items) / n,
         "prompt_total": prompt,
