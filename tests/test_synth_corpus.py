@@ -70,3 +70,16 @@ def test_the_plan_validates_its_sizes():
         corpus_plan(train_speakers=0)
     with pytest.raises(ValueError, match="sentences_per_speaker"):
         corpus_plan(sentences_per_speaker=99)
+
+
+def test_augmentation_re_renders_training_clips_only_with_other_prosody(tmp_path):
+    from emoreason.testing.synth_corpus import synthesize
+
+    records = read_records(synthesize(tmp_path / "c", train_speakers=1, sentences_per_speaker=1, augment=1))
+    augmented = [r for r in records if r.id.endswith("_aug0")]
+    assert len(augmented) == 4 and all(r.split == "train" for r in augmented)
+    by_id = {r.id: r for r in records}
+    for r in augmented:
+        original = by_id[r.id.removesuffix("_aug0")]
+        assert (r.label, r.transcript, r.votes) == (original.label, original.transcript, original.votes)
+    assert any(r.meta["espeak"] != by_id[r.id.removesuffix("_aug0")].meta["espeak"] for r in augmented)

@@ -172,11 +172,13 @@ def synthesize(
     raters: int = 5,
     seed: int = 0,
     workers: int = 4,
+    augment: int = 0,
 ) -> Path:
     """Render the corpus under ``out_dir`` (the data root) and write ``records.jsonl``; returns the manifest path.
 
-    Every planned speaker x sentence is rendered once in each emotion (see ``corpus_plan``). Re-running with the same
-    arguments is a no-op (existing manifest kept).
+    Every planned speaker x sentence is rendered once in each emotion (see ``corpus_plan``); ``augment`` adds that
+    many re-renderings of every training clip with a wider pitch and rate jitter (speed/pitch perturbation, ids ending
+    ``_augK``, same votes). Re-running with the same arguments is a no-op (existing manifest kept).
     """
     out = Path(out_dir)
     manifest = out / "records.jsonl"
@@ -197,6 +199,12 @@ def synthesize(
             votes = _simulate_votes(rng, emotion, secondary, raters)
             clip_id = f"synth_{speaker.id}_{emotion}_s{sentence:02d}"
             jobs.append((clip_id, speaker, split, emotion, secondary, sentence, params, votes))
+            # Speed/pitch perturbation of training clips: the same utterance re-rendered with a wider jitter.
+            for k in range(augment if split == "train" else 0):
+                varied = dict(params)
+                varied["pitch"] = min(99, max(0, params["pitch"] + rng.randint(-8, 8)))
+                varied["rate"] = max(80, round(params["rate"] * rng.uniform(0.9, 1.1)))
+                jobs.append((f"{clip_id}_aug{k}", speaker, split, emotion, secondary, sentence, varied, votes))
 
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         staging = Path(tmp)
@@ -290,8 +298,10 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences-per-speaker", type=int, default=8,
                         help="sentences each voice renders, each in every emotion")
     parser.add_argument("--ambiguous-share", type=float, default=0.2)
+    parser.add_argument("--augment", type=int, default=0,
+                        help="extra pitch/rate-perturbed renderings of every training clip")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(synthesize(args.out_dir, args.train_speakers, args.sentences_per_speaker, args.ambiguous_share,
-                     seed=args.seed))
+                     seed=args.seed, augment=args.augment))
     return 0
