@@ -1,6 +1,6 @@
 """Acoustic analysis speed and pitch agreement: our vectorised-YIN analysis vs. a librosa.pyin-based one, one run.
 
-    python benchmarks/acoustic.py [--clips-per-emotion 2] [--repeats 3] [--corpus-dir DIR]
+    python benchmarks/acoustic.py [--sentences-per-speaker 2] [--repeats 3] [--corpus-dir DIR]
 
 Renders the espeak-ng corpus (9 speakers x 4 emotions x N clips, 22.05 kHz like real files), decodes every clip to
 16 kHz once, then times on one core (torch/BLAS threads pinned to 1):
@@ -49,7 +49,7 @@ def best_pass(fn, clips, repeats: int) -> tuple[float, list]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips-per-emotion", type=int, default=2)
+    parser.add_argument("--sentences-per-speaker", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--corpus-dir", default=None, help="reuse a rendered corpus (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.corpus_dir or os.path.join(tmp, "corpus")
-        manifest = synthesize(root, clips_per_emotion=args.clips_per_emotion)
+        manifest = synthesize(root, sentences_per_speaker=args.sentences_per_speaker)
         records = read_records(manifest)
         clips = [(load_audio(r.audio_path(root)), r.transcript) for r in records]
     seconds = sum(len(w) for w, _ in clips) / 16_000
