@@ -5,16 +5,18 @@ alone. :class:`AudioVLLMGeneration` keeps TRL's machinery (sampling parameters, 
 sync-after-each-step bookkeeping in the trainer) and changes three things:
 
 - **prompts**: each row goes to ``LLM.generate`` as ``{"prompt_token_ids": ids, "multi_modal_data": {"audio":
-  (waveform, 16000)}}``. The ids are the trainer's own, already expanded by our processor; vLLM's multimodal processor
-  (:mod:`emoreason.serve.vllm_model`) recomputes the features from the waveform and finds the run of placeholders,
-  whose length both sides take from the one token-count function, so vLLM and the log-prob passes see the same
-  prompt.
+  (waveform, 16000)}}``. The ids are the trainer's own with the clip's run of `<audio>` placeholders collapsed to one:
+  vLLM expands a token prompt's placeholder itself (a pre-expanded run would be expanded again from its first token),
+  through our plugin (:mod:`emoreason.serve.vllm_model`), which takes the count from the same token-count function as
+  the processor. The expanded prompt vLLM reports is checked against the trainer's, so the engine decodes from
+  exactly the prompt the loss scores.
 - **weights**: :func:`policy_state` is what the engine receives after each optimizer step: the LoRA merged into the
   base weights as TRL merges it, the active copy of each ``modules_to_save`` module (the projector; never the frozen
   "ref" copy) *and the persistent buffers* (the projector's feature-normalisation statistics, which TRL's parameter
   walk skips). Names are the checkpoint's; the vLLM model's ``load_weights`` maps them.
 - **engine**: built for the policy's dtype with one clip per prompt; on CPU eager and in-process (vLLM's CPU build),
-  with a small KV cache unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise.
+  with a small KV cache unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise, and with its packed linear kernels
+  replaced by plain weights (:func:`unpack_cpu_linears`), since packed weights cannot be updated in place.
 
 Only colocate mode with ``vllm_tensor_parallel_size == 1`` carries audio (each rank runs its own engine on its own
 rows); :func:`audio_vllm_refusal` names the configurations that cannot, and the trainer refuses them.
@@ -58,6 +60,52 @@ def audio_vllm_refusal(args) -> str | None:
         return ("vllm_enable_sleep_mode cannot be used with audio rollouts: sleeping level 2 drops the weights and "
                 "the re-push after waking is TRL's parameter walk, which skips the projector's normalisation buffers")
     return None
+
+
+def unpack_cpu_linears(model) -> int:
+    """Make a vLLM model loaded on CPU updatable in place; returns how many layers were changed.
+
+    After loading, vLLM's CPU build hands every linear layer's weight to a packed GEMM kernel (oneDNN / sgl-kernel)
+    and frees the weight, and packs a copy of embedding-tied heads: new values written into the parameters would never
+    reach the kernels. This gives each such layer back a plain weight of its checkpoint shape, with its own loader
+    (values arrive with the next ``load_weights``), and computes it with torch's GEMM.
+    """
+    import torch.nn.functional as F
+    from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED, LinearBase
+
+    def plain(x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    changed = 0
+    for module in model.modules():
+        if not hasattr(module, "cpu_linear"):
+            continue
+        if isinstance(module, LinearBase) and module.weight.numel() == 0:
+            method = module.quant_method
+            v2 = type(method).__name__ in WEIGHT_LOADER_V2_SUPPORTED and hasattr(module, "weight_loader_v2")
+            del module.weight
+            method.create_weights(
+                layer=module,
+                input_size_per_partition=getattr(module, "input_size_per_partition", module.input_size),
+                output_partition_sizes=module.output_partition_sizes,
+                input_size=module.input_size,
+                output_size=module.output_size,
+                params_dtype=module.params_dtype,
+                weight_loader=module.weight_loader_v2 if v2 else module.weight_loader,
+            )
+        module.cpu_linear = plain
+        changed += 1
+    return changed
+
+
+def collapse_runs(ids: list[int], token: int) -> list[int]:
+    """``ids`` with each run of ``token`` reduced to a single ``token``."""
+    out: list[int] = []
+    for t in ids:
+        if t == token and out and out[-1] == token:
+            continue
+        out.append(int(t))
+    return out
 
 
 @contextmanager
@@ -152,22 +200,29 @@ class AudioVLLMGeneration(VLLMGeneration):
                {"gpu_memory_utilization": self.gpu_memory_utilization, "max_num_batched_tokens": 4096}),
         )
         self._llm_weights_sleeping = False
+        if on_cpu:
+            # The CPU build's packed weights cannot be updated in place: unpack them, then load the policy at once
+            # (its state at step 0: the checkpoint plus anything set on the model before training).
+            self.llm.apply_model(unpack_cpu_linears)
+            self.sync_weights()
         accelerator.wait_for_everyone()
 
     # -- weights --------------------------------------------------------------------------------------------------
-    def _load_into_engine(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+    def _load_into_engine(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        # The engine runs in this process, so the model reads the tensors while the adapter is merged.
         def load(model):
-            model.load_weights(iter(weights))
+            model.load_weights(weights)
 
         self.llm.apply_model(load)
 
     def sync_weights(self):
         """Load the policy's full state (merged LoRA, active projector, buffers) into the engine; reset its caches."""
         model = self.accelerator.unwrap_model(self.model)
+        device = self.accelerator.device
         with self._dist.gather_params(list(model.parameters())):
-            # Tensors are copied by the engine's loaders; the merged view must be read before unmerging.
-            weights = [(name, tensor.to(self.accelerator.device)) for name, tensor in policy_state(model)]
-            self._load_into_engine(weights)
+            # A generator, consumed by the engine's loaders while the adapter is merged: policy_state unmerges (in
+            # place) only once the last tensor has been read.
+            self._load_into_engine((name, tensor.to(device)) for name, tensor in policy_state(model))
         # Cached KV blocks and cached encoder outputs were computed with the old weights (the projector and its
         # normalisation shape every audio embedding): both go.
         self.llm.reset_prefix_cache()
@@ -175,15 +230,27 @@ class AudioVLLMGeneration(VLLMGeneration):
 
     # -- rollouts -------------------------------------------------------------------------------------------------
     def rollout_prompts(self, prompts: list[list[int]], audio: list[Any | None]) -> list[dict]:
+        """vLLM inputs: each row's ids with its run of `<audio>` placeholders collapsed to one (vLLM expands a
+        token prompt's placeholder itself, to the count our plugin computes) and its clip."""
         if len(audio) != len(prompts):
             raise ValueError(f"{len(audio)} clips for {len(prompts)} prompt rows: each GRPO row carries one clip")
+        audio_token = self.processing_class.audio_token_id
         rows = []
         for ids, clip in zip(prompts, audio):
-            row: dict[str, Any] = {"prompt_token_ids": list(ids)}
+            row: dict[str, Any] = {"prompt_token_ids": collapse_runs(ids, audio_token)}
             if clip is not None:
                 row["multi_modal_data"] = {"audio": (clip, SAMPLE_RATE)}
             rows.append(row)
         return rows
+
+    @staticmethod
+    def check_expansion(sent: list[list[int]], seen) -> None:
+        """The prompt vLLM decoded from must be the one the loss scores: same placeholder count per clip."""
+        for row, (ids, output) in enumerate(zip(sent, seen)):
+            if list(output.prompt_token_ids) != list(ids):
+                raise RuntimeError(f"row {row}: vLLM expanded the prompt to {len(output.prompt_token_ids)} tokens, "
+                                   f"the processor to {len(ids)}; the plugin and the processor disagree on the "
+                                   "clip's audio token count")
 
     def generate_with_audio(self, prompts: list[list[int]], audio: list[Any | None], profiler=None,
                             **sampling_overrides) -> tuple[list, list, list | None]:
@@ -212,6 +279,7 @@ class AudioVLLMGeneration(VLLMGeneration):
         with profiler or nullcontext():
             outputs = self.llm.generate(self.rollout_prompts(prompts, audio),
                                         sampling_params=SamplingParams(**params), use_tqdm=False)
+        self.check_expansion(prompts, outputs)
         prompt_ids = [list(output.prompt_token_ids) for output in outputs]
         completion_ids = [list(o.token_ids) for output in outputs for o in output.outputs]
         logprobs, _ = extract_logprobs(outputs)
@@ -227,6 +295,7 @@ class AudioVLLMGeneration(VLLMGeneration):
         outputs = self.llm.generate(self.rollout_prompts(full, audio),
                                     sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
                                     use_tqdm=False)
+        self.check_expansion(full, outputs)
         scores = []
         for output, completion in zip(outputs, completions):
             tail = output.prompt_logprobs[-len(completion):]

@@ -1,0 +1,207 @@
+"""GRPO rollouts through vLLM's engine (colocate mode) with the audio, on the CPU engine.
+
+One trainer, hence ONE engine, for the whole module (the engine's start is most of the cost). Its policy is a LoRA
+model whose trainable projector holds fitted feature-normalisation statistics that the checkpoint on disk (what the
+engine starts from) does not: only a sync that carries buffers as well as merged weights can make engine and policy
+agree. The tests run in file order: step 0 (sync, greedy parity), the loss on the vLLM path, then training.
+
+Figures (2 loaded CPU cores, `-s` prints them): step 0, engine vs policy log-probs on a 29-token completion agree to
+~5e-7 after a sync; greedy rollouts are token-identical to ``generate``; TRL's importance-sampling ratio is 1 to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from conftest import needs_engine
+
+pytestmark = [needs_engine, pytest.mark.slow, pytest.mark.timeout(1500)]
+
+# Engine and policy run the same float32 arithmetic in different kernels (vLLM's CPU attention and fused
+# projections vs torch's): their per-token log-probs differ by rounding only. The controls below differ by > 0.05.
+LOGP_TOLERANCE = 2e-3
+FIXED_COMPLETION = "<think>The pitch is high and the speaking rate is fast.</think>\n<answer>happy</answer>"
+AUDIO_KEYS = ("input_features", "input_features_mask", "input_values", "input_values_mask")
+
+
+def completion_length(completions, **kwargs):
+    """A reward that tells random completions apart, so a tiny random policy gets non-zero advantages."""
+    return [float(len(c[0]["content"]) if isinstance(c, list) else len(c)) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def rl_rows(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (make system-deps)")
+    from emoreason.testing.synth_corpus import synthesize
+    from emoreason.train.grpo import load_examples
+
+    manifest = synthesize(tmp_path_factory.mktemp("grpo-vllm-corpus"), train_speakers=2, sentences_per_speaker=3,
+                          workers=2)
+    return load_examples(str(manifest), str(manifest.parent), "train", max_records=8)
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_checkpoint, rl_rows, tmp_path_factory):
+    import datasets
+    import torch
+
+    from emoreason.modeling import load_pretrained
+    from emoreason.modeling.lora import apply_lora
+    from emoreason.train.grpo import EmoReasonGRPOConfig
+    from emoreason.train.grpo_trainer import AudioGRPOTrainer
+
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    model, processor = load_pretrained(tiny_checkpoint)
+    policy = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    projector = policy.get_base_model().model.projector.modules_to_save["default"]
+    g = torch.Generator().manual_seed(0)
+    projector.set_feature_stats(torch.randn(projector.content_mean.shape, generator=g),
+                                torch.rand(projector.content_std.shape, generator=g) + 0.5,
+                                torch.randn(projector.paralinguistic_mean.shape, generator=g),
+                                torch.rand(projector.paralinguistic_std.shape, generator=g) + 0.5, frames=99)
+    args = EmoReasonGRPOConfig(
+        output_dir=str(tmp_path_factory.mktemp("grpo-vllm")), use_vllm=True, vllm_mode="colocate",
+        vllm_max_model_length=1024, per_device_train_batch_size=4, num_generations=2, max_completion_length=8,
+        max_steps=3, learning_rate=3e-2, report_to="none", use_cpu=True, save_strategy="no", logging_steps=1,
+        beta=0.0, seed=0, bf16=False)
+    trainer = AudioGRPOTrainer(model=policy, reward_funcs=[completion_length], args=args,
+                               train_dataset=datasets.Dataset.from_list(rl_rows), processing_class=processor)
+    yield trainer
+    # The engine ran in this process: shut it down and release vLLM's process-wide parallel state, so that later
+    # tests (test_model.py builds the model in a one-process "cluster" of its own) can initialise theirs.
+    import gc
+
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    trainer.vllm_generation.llm.llm_engine.engine_core.shutdown()
+    del trainer.vllm_generation.llm
+    gc.collect()
+    destroy_model_parallel()
+    destroy_distributed_environment()
+
+
+def policy_logps(trainer, prompt, completion_ids):
+    """The policy's per-token log-probs of ``completion_ids`` after ``prompt`` (with its clip), as GRPO's loss
+    computes them; also returns the prompt's ids and clip as the trainer tokenised them."""
+    import torch
+
+    prompt_ids, _, _ = trainer._tokenize_prompts([prompt])
+    clip = trainer._rollout_audio[0]
+    ids = torch.tensor([prompt_ids[0] + completion_ids])
+    was_training = trainer.model.training
+    trainer.model.eval()
+    try:
+        with torch.no_grad():
+            logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, torch.ones_like(ids),
+                                                                     len(completion_ids))
+    finally:
+        trainer._audio_batch = None
+        trainer.model.train(was_training)
+    return logps[0], prompt_ids[0], clip
+
+
+def engine_vs_policy(trainer, prompt) -> float:
+    """Largest per-token |log-prob difference| between engine and policy on the fixed completion."""
+    import torch
+
+    completion = trainer.processing_class.tokenizer.encode(FIXED_COMPLETION, add_special_tokens=False)
+    policy, prompt_ids, clip = policy_logps(trainer, prompt, completion)
+    engine = trainer.vllm_generation.score([prompt_ids], [completion], [clip])[0]
+    return float((torch.tensor(engine) - policy).abs().max())
+
+
+def test_step0_the_synced_engine_scores_and_decodes_as_the_policy(trainer, rl_rows):
+    import torch
+
+    prompt = rl_rows[0]["prompt"]
+    # The engine started from the checkpoint on disk and was loaded with the policy (fitted statistics included).
+    at_start = engine_vs_policy(trainer, prompt)
+    # Control: new statistics on the policy's projector (buffers only) reach the engine only through a sync.
+    projector = trainer.model.get_base_model().model.projector.modules_to_save["default"]
+    with torch.no_grad():
+        projector.content_std.mul_(2.0)
+        projector.paralinguistic_mean.add_(0.5)
+    stale = engine_vs_policy(trainer, prompt)
+    trainer.vllm_generation.sync_weights()
+    synced = engine_vs_policy(trainer, prompt)
+    print(f"step 0: max |engine - policy| log-prob {at_start:.2e} at start, {stale:.4f} after new statistics, "
+          f"{synced:.2e} after the sync")
+    assert at_start < LOGP_TOLERANCE and stale > 0.05 and synced < LOGP_TOLERANCE
+
+    # Greedy rollouts: vLLM with the clips in multi_modal_data vs the policy's own generate, row by row.
+    prompts = [row["prompt"] for row in rl_rows[:3]]
+    prompt_ids, _, fields = trainer._tokenize_prompts(prompts)
+    clips, trainer._audio_batch = trainer._rollout_audio, None
+    seen_ids, vllm_ids, vllm_logps = trainer.vllm_generation.generate_with_audio(prompt_ids, clips, temperature=0.0,
+                                                                                 max_tokens=12, logprobs=0)
+    assert seen_ids == prompt_ids  # vLLM found the placeholder run the processor expanded, at the same length
+    model = trainer.model.eval()
+    eos = trainer.processing_class.tokenizer.eos_token_id
+    for row, ids in enumerate(prompt_ids):
+        # One row, its clip cut to its own length: as vLLM encodes it (no batch padding).
+        frames, samples = int(fields["input_features_mask"][row].sum()), int(fields["input_values_mask"][row].sum())
+        inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+                  "input_features": fields["input_features"][row:row + 1, :, :frames],
+                  "input_features_mask": fields["input_features_mask"][row:row + 1, :frames],
+                  "input_values": fields["input_values"][row:row + 1, :samples],
+                  "input_values_mask": fields["input_values_mask"][row:row + 1, :samples]}
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=12)
+        hf = out[0, len(ids):].tolist()
+        hf = hf[: hf.index(eos) + 1] if eos in hf else hf
+        assert vllm_ids[row] == hf, f"row {row}: vLLM {vllm_ids[row]} != generate {hf}"
+        assert len(vllm_logps[row]) == len(vllm_ids[row])
+
+
+def test_audio_reaches_the_loss_on_the_vllm_path(trainer, rl_rows):
+    import torch
+
+    calls = []
+    generate = trainer.vllm_generation.generate_with_audio
+
+    def spy(prompts, audio, **kwargs):
+        calls.append(audio)
+        return generate(prompts, audio, **kwargs)
+
+    trainer.vllm_generation.generate_with_audio = spy
+    trainer.model.train()
+    try:
+        batch = trainer._generate_and_score_completions([rl_rows[0], rl_rows[0], rl_rows[1], rl_rows[1]])
+    finally:
+        del trainer.vllm_generation.generate_with_audio
+    assert len(calls) == 1 and len(calls[0]) == 4 and all(c is not None and len(c) > 1000 for c in calls[0])
+    assert batch["input_features"].shape[0] == batch["completion_ids"].shape[0] == 4
+    # TRL's importance-sampling ratio compares the engine's sampled log-probs with the policy's log-prob pass over
+    # the same rows: 1 when both heard the same clip with the same weights (the engine was synced for this step).
+    ratio = batch["importance_sampling_ratio"]
+    print(f"vLLM-path importance-sampling ratio: max |ratio - 1| = {float((ratio - 1).abs().max()):.2e}")
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=10 * LOGP_TOLERANCE)
+
+    trainer.current_gradient_accumulation_steps = 1
+    batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    with torch.no_grad():
+        real = trainer._compute_loss(trainer.model, batch)
+        zeroed = dict(batch, input_features=torch.zeros_like(batch["input_features"]),
+                      input_values=torch.zeros_like(batch["input_values"]))
+        silent = trainer._compute_loss(trainer.model, zeroed)
+    print(f"vLLM-path GRPO loss: real audio {real.item():.6f}, zeroed audio {silent.item():.6f}")
+    assert abs(real.item() - silent.item()) > 1e-6
+
+
+def test_weights_follow_the_optimizer_steps(trainer, rl_rows):
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert all(float(p.abs().max()) == 0.0 for p in lora_b)  # LoRA starts at the base model
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert any(float(p.abs().max()) > 0.0 for p in lora_b)  # the merge matters from here on
+    prompt = rl_rows[1]["prompt"]
+    # The engine was last synced before the final optimizer step (TRL syncs before each step's rollouts).
+    stale = engine_vs_policy(trainer, prompt)
+    trainer.vllm_generation.sync_weights()
+    synced = engine_vs_policy(trainer, prompt)
+    print(f"after 3 steps: max |engine - policy| log-prob {stale:.4f} one step stale, {synced:.2e} after the sync")
+    assert stale > 0.05 and synced < LOGP_TOLERANCE
