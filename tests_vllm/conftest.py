@@ -76,15 +76,21 @@ def vllm_model(model_config):
     """The vLLM implementation, constructed on CPU inside a one-process gloo "cluster", weights not yet loaded."""
     import torch
     from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import (
+        init_distributed_environment,
+        initialize_model_parallel,
+        model_parallel_is_initialized,
+    )
     from vllm.model_executor.model_loader.utils import initialize_model
 
     vllm_config = VllmConfig(model_config=model_config, device_config=DeviceConfig(device="cpu"))
     init_file = Path(tempfile.mkdtemp()) / "dist-init"
     with set_current_vllm_config(vllm_config):
-        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                     distributed_init_method=f"file://{init_file}")
-        initialize_model_parallel(1, 1)
+        # An in-process engine started earlier in the run (colocated GRPO rollouts) leaves its one-rank group set up.
+        if not model_parallel_is_initialized():
+            init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                         distributed_init_method=f"file://{init_file}")
+            initialize_model_parallel(1, 1)
         with torch.device("cpu"):
             model = initialize_model(vllm_config=vllm_config)
     return model, vllm_config
