@@ -41,10 +41,21 @@ def test_demo_runs_end_to_end_and_reports_its_own_numbers(tmp_path):
     sft = json.loads((out / "sft" / "all_results.json").read_text())
     assert f"label accuracy **{sft['label_accuracy']:.3f}**" in report
     assert sft["label_accuracy"] > sft["label_accuracy_silence"] + 0.2  # the model uses the audio
+    controls = json.loads((out / "sft" / "controls.json").read_text())
+    for condition, key in (("audio", "audio"), ("swapped audio", "swapped_audio"), ("silence", "silence"),
+                           ("transcript only", "transcript_only")):
+        assert f"| {condition} | {controls[key]:.3f} |" in report, condition
+    assert controls["transcript_only"] <= 0.35 and controls["silence"] <= 0.35  # the corpus gives nothing away
+    assert controls["audio"] > controls["swapped_audio"] + 0.2  # the answer follows the voice
     final = json.loads((out / "eval" / "dpo" / "report.json").read_text())
     for name, strategy in final["strategies"].items():
         accuracy = strategy["metrics"]["classification"]["accuracy"]
         assert re.search(rf"\| {name} \| {accuracy:.3f} \|", report), name
+    # GRPO ran the trust-weighted reasoning reward; the report names the step its progressive switch turned it on
+    grpo = json.loads((out / ".stages" / "grpo.json").read_text())
+    assert any("reasoning/trust" in entry for entry in grpo["log"]) and "plots/grpo_reasoning.png" in report
+    active = [entry["step"] for entry in grpo["log"] if entry.get("reasoning/active", 0) >= 0.5]
+    assert (f"switched on at step {active[0]}" if active else "never switched on") in report
     summary = json.loads((out / "data" / "summary.json").read_text())
     assert f'"kept": {summary["kept"]}' in report
     for stage in ("corpus", "base", "datagen", "sft", "grpo", "dpo", "export", "evaluate", "report"):

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("Summary", "Corpus", "Data generation", "SFT", "GRPO", "DPO", "Evaluation", "Ambiguity",
-            "Plots", "Reproduce")
+SECTIONS = ("Summary", "Corpus", "Data generation", "SFT", "Learning controls", "GRPO", "DPO", "Evaluation",
+            "Ambiguity", "Plots", "Reproduce")
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -36,6 +36,55 @@ def _start_end(points: list[tuple[int, float]], fraction: float = 0.25) -> tuple
     values = [v for _, v in points]
     w = max(1, int(len(values) * fraction))
     return sum(values[:w]) / w, sum(values[-w:]) / w
+
+
+def _spread(points: list[tuple[int, float]], fraction: float = 0.25) -> tuple[float | None, float | None]:
+    """Standard deviations of the first and last quarter of the logged values (the step-to-step noise)."""
+    if not points:
+        return None, None
+    values = [v for _, v in points]
+    w = max(1, int(len(values) * fraction))
+
+    def std(xs: list[float]) -> float:
+        mean = sum(xs) / len(xs)
+        return (sum((x - mean) ** 2 for x in xs) / len(xs)) ** 0.5
+
+    return std(values[:w]), std(values[-w:])
+
+
+def switch_step(log: list[dict]) -> int | None:
+    """The first logged step at which the progressive schedule had switched the reasoning reward on."""
+    return next((step for step, value in _series(log, "reasoning/active")[1] if value >= 0.5), None)
+
+
+def plot_reasoning_switch(log: list[dict], path: Path) -> Path | None:
+    """The trust weight of the reasoning reward per step, with the step where the schedule switched it on."""
+    _, trust = _series(log, "reasoning/trust")
+    if not trust:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot([s for s, _ in trust], [v for _, v in trust], marker=".", label="trust weight (mean over the batch)")
+    _, reasoning = _series(log, "rewards/reasoning/mean")
+    if reasoning:
+        ax.plot([s for s, _ in reasoning], [v for _, v in reasoning], marker=".", label="reasoning reward (mean)")
+    step = switch_step(log)
+    if step is not None:
+        ax.axvline(step, color="tab:red", linestyle="--", label=f"switched on at step {step}")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("Trust-weighted reasoning reward")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_training(curves: dict[str, tuple[str | None, list]], path: Path) -> Path | None:
@@ -93,6 +142,7 @@ def write_report(ctx) -> Path:
     dpo_key, dpo_pts = _series(dpo["log"], "rewards/margins")
     training_plot = plot_training({"SFT loss": (sft_key, sft_pts), "GRPO mean reward": (grpo_key, grpo_pts),
                                    "DPO chosen - rejected margin": (dpo_key, dpo_pts)}, plots_dir / "training.png")
+    reasoning_plot = plot_reasoning_switch(grpo["log"], plots_dir / "grpo_reasoning.png")
     final = evals["dpo"]
     copied = []
     for rel in final.get("plots", []):
@@ -115,9 +165,10 @@ def write_report(ctx) -> Path:
              "Every number below was read from the files this run wrote under "
              f"`{out}`; stage logs are in `logs/`.", "", "## Summary", ""]
     lines += [f"- SFT, held-out speakers, 4 classes (chance 0.25): label accuracy **{_fmt(acc_audio)}** with the "
-              f"audio, {_fmt(acc_silence)} with silence in its place.",
+              f"audio, {_fmt(acc_silence)} with silence in its place; on unseen voices x unseen sentences "
+              f"{_fmt(sft.get('controls', {}).get('audio'))} (controls below).",
               f"- GRPO mean reward: {_fmt(grpo_start)} at the start -> {_fmt(grpo_end)} at the end (means of the first "
-              "and last quarter of the logged steps).",
+              "and last quarter of the logged steps; spreads in the GRPO section).",
               f"- DPO chosen-minus-rejected margin: {_fmt(dpo_start)} -> {_fmt(dpo_end)}.",
               f"- Served final model, greedy chain of thought: accuracy "
               f"{_fmt(cot('dpo')['metrics'].get('classification', {}).get('accuracy'))}, JS divergence to the "
@@ -127,7 +178,9 @@ def write_report(ctx) -> Path:
 
     lines += ["## Corpus", "",
               f"{corpus['clips']} espeak-ng clips from {corpus['speakers']} speakers "
-              f"(splits by speaker: {corpus['splits']}); emotion carried by prosody only; "
+              f"(splits by speaker: {corpus['splits']}); emotion carried by prosody only: every speaker says each "
+              f"of its sentences ({corpus.get('sentences', 'n/a')} in all) in every emotion, and "
+              f"{corpus.get('unseen_sentence_test_clips', 'n/a')} test clips use sentences no training clip uses; "
               f"{corpus['ambiguous']} clips rendered between two emotions with split annotator votes.", ""]
 
     lines += ["## Data generation", ""]
@@ -141,8 +194,31 @@ def write_report(ctx) -> Path:
               f"Loss {_fmt(_start_end(sft_pts)[0])} -> {_fmt(_start_end(sft_pts)[1])} over {len(sft_pts)} logged "
               f"steps. Label accuracy on held-out speakers: {_fmt(acc_audio)} with audio, {_fmt(acc_silence)} "
               "with silence (the model uses the audio, not the transcript).", ""]
-    lines += ["## GRPO", "", f"Mean reward ({grpo_key or 'not logged'}): start {_fmt(grpo_start)}, "
-              f"end {_fmt(grpo_end)} over {len(grpo_pts)} logged steps.", ""]
+    controls = sft.get("controls") or {}
+    lines += ["## Learning controls", "",
+              "Does the label come from the voice? The SFT checkpoint on the "
+              f"{controls.get('clips', 'n/a')} test clips whose speaker AND sentence never occur in training, 4 "
+              "classes (chance 0.25), scored by comparing the likelihoods of the four label answers:", ""]
+    lines += _table(["condition", "label accuracy", "what it shows"], [
+        ["audio", _fmt(controls.get("audio")), "the clips themselves"],
+        ["swapped audio", _fmt(controls.get("swapped_audio")),
+         f"each clip given another clip's audio with a different label; the answer follows the donor's label "
+         f"{_fmt(controls.get('swapped_follows_donor'))} of the time"],
+        ["silence", _fmt(controls.get("silence")), "one fixed-length silence for every clip"],
+        ["transcript only", _fmt(controls.get("transcript_only")),
+         "a words-only classifier trained on the training transcripts (no model): the words carry nothing"],
+    ]) + ["", "Reproduce: `pytest -m slow tests/test_sft_learning.py -s` (the label-only tiny recipe, same controls).",
+          ""]
+    grpo_spread = _spread(grpo_pts)
+    switch = grpo.get("reasoning_switch") or {}
+    switched = switch_step(grpo["log"])
+    lines += ["## GRPO", "", f"Mean reward ({grpo_key or 'not logged'}): start {_fmt(grpo_start)} "
+              f"(spread {_fmt(grpo_spread[0])}), end {_fmt(grpo_end)} (spread {_fmt(grpo_spread[1])}) over "
+              f"{len(grpo_pts)} logged steps (means and standard deviations of the first and last quarter).", "",
+              f"Reasoning reward: judge `{switch.get('judge', 'n/a')}`, weighted per group by the trust weight and "
+              f"switched on once the moving average of the batch accuracy reached {_fmt(switch.get('threshold'))}: "
+              + (f"**switched on at step {switched}**." if switched is not None
+                 else "**it never switched on** (the policy's accuracy stayed below the threshold)."), ""]
     reward_parts = sorted({k for e in grpo["log"] for k in e if k.startswith("rewards/") and k.endswith("/mean")})
     if reward_parts:
         rows = []
@@ -183,6 +259,8 @@ def write_report(ctx) -> Path:
     lines += ["## Plots", ""]
     if training_plot:
         lines.append(f"![training](plots/{training_plot.name})")
+    if reasoning_plot:
+        lines.append(f"![reasoning switch](plots/{reasoning_plot.name})")
     lines += [f"![{p.stem}](plots/{p.name})" for p in copied] + [""]
     lines += ["## Reproduce", "", "```bash", "make demo            # or: emoreason demo --out runs/demo",
               "emoreason demo --force sft   # redo SFT and every stage after it", "```", ""]
