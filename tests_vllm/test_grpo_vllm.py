@@ -73,15 +73,7 @@ def trainer(tiny_checkpoint, rl_rows, tmp_path_factory):
     yield trainer
     # The engine ran in this process: shut it down and release vLLM's process-wide parallel state, so that later
     # tests (test_model.py builds the model in a one-process "cluster" of its own) can initialise theirs.
-    import gc
-
-    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-    trainer.vllm_generation.llm.llm_engine.engine_core.shutdown()
-    del trainer.vllm_generation.llm
-    gc.collect()
-    destroy_model_parallel()
-    destroy_distributed_environment()
+    trainer.vllm_generation.close()
 
 
 def policy_logps(trainer, prompt, completion_ids):

@@ -287,7 +287,8 @@ class AudioVLLMGeneration(VLLMGeneration):
             logprobs = [[lp[0] for lp in seq] for seq in logprobs]
         return prompt_ids, completion_ids, logprobs
 
-    def score(self, prompts: list[list[int]], completions: list[list[int]], audio: list[Any | None]) -> list[list[float]]:
+    def score(self, prompts: list[list[int]], completions: list[list[int]],
+              audio: list[Any | None]) -> list[list[float]]:
         """The engine's log-probability of each given completion token (teacher forcing through prompt log-probs)."""
         from vllm import SamplingParams
 
@@ -301,6 +302,19 @@ class AudioVLLMGeneration(VLLMGeneration):
             tail = output.prompt_logprobs[-len(completion):]
             scores.append([step[token].logprob for step, token in zip(tail, completion)])
         return scores
+
+    def close(self) -> None:
+        """Shut the engine down and release vLLM's process-wide parallel state (another engine, or a model built in
+        a one-process "cluster", may then be started in this process)."""
+        import gc
+
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+        destroy_model_parallel()
+        destroy_distributed_environment()
 
     def generate(self, *args, **kwargs):
         raise RuntimeError("AudioVLLMGeneration.generate would drop the clips; the audio trainer calls "
