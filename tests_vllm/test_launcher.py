@@ -149,9 +149,29 @@ def test_launcher_waits_for_health_then_smoke_test_passes(tiny_checkpoint, tmp_p
         assert smoke.returncode == 0, smoke.stdout + smoke.stderr
         report = json.loads((tmp_path / "smoke.json").read_text())
         assert report["failed"] == [] and report["passed"] == 7
+        # SIGTERM to the launcher (a scheduler stopping the job) stops the server it started: nothing is left
+        # holding the port.
+        launcher.terminate()
+        assert launcher.wait(timeout=60) == 128 + 15
+        assert not port_answers(port, within=15)
     finally:
         launcher.terminate()
         launcher.wait(timeout=60)
+
+
+def port_answers(port: int, within: float) -> bool:
+    """True if something still accepts connections on ``port`` at the end of ``within`` seconds."""
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.5)
 
 
 @pytest.mark.parametrize("fault,check", [("ignore_audio", "audio_tokens"), ("ignore_seed", "seed")])

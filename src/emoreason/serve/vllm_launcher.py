@@ -199,6 +199,7 @@ def launch(args: argparse.Namespace) -> int:
     if getattr(args, "dry_run", False):
         return 0
     process = subprocess.Popen(command, env=vllm_environment(args))
+    previous_handler = _stop_on_sigterm()
     try:
         url = _health_url(args)
         if not wait_for_health(url, process, getattr(args, "health_timeout", 900.0)):
@@ -222,6 +223,22 @@ def launch(args: argparse.Namespace) -> int:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _stop_on_sigterm():
+    """SIGTERM (a job scheduler, `docker stop`, a test's ``terminate()``) would end this process at once and leave
+    vLLM running, holding its port and memory: turn it into SystemExit so ``launch`` stops vLLM first. Returns the
+    previous handler (None off the main thread, where handlers cannot be set)."""
+
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
