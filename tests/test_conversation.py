@@ -76,7 +76,11 @@ def test_sft_grpo_dpo_and_eval_build_the_same_prompt(tiny, dialogue):
 
     sft_row = build_task_examples([TaskSpec("emotion_reasoning")], str(path), split="train")[0]
     sft = SFTCollator(processor, root, system_prompt=SYSTEM).messages(sft_row)
-    grpo = load_examples(str(path), str(root), "train", system_prompt=SYSTEM)[0]["prompt"]
+    grpo_rows = load_examples(str(path), str(root), "train", system_prompt=SYSTEM)
+    grpo = grpo_rows[0]["prompt"]
+    # GRPO's rows must survive Arrow, as TRL receives them (a str system turn beside list contents did not).
+    import datasets
+    assert datasets.Dataset.from_list(grpo_rows)[0]["prompt"][0]["content"][0]["text"] == SYSTEM
     dpo_row = load_pairs(str(path), str(root), "train")[0]
     dpo = PreferenceCollator(processor, root, system_prompt=SYSTEM).messages(dpo_row)
     ctx = StrategyContext(client=None, labels=("neutral", "sad"), prompts=PromptSet(system=SYSTEM,

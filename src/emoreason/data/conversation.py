@@ -1,6 +1,6 @@
 """Records -> chat conversations: the one prompt builder that SFT, GRPO, DPO and the evaluator call.
 
-A conversation is OpenAI-shaped: an optional system turn (plain text), one user turn whose content is the clip's
+A conversation is OpenAI-shaped: an optional system turn (one text part), one user turn whose content is the clip's
 audio part followed by one text part, and, for supervised targets, the assistant's response. The text part holds the
 record's dialogue context (one ``Context: ...`` line per prior turn, oldest first; MELD and IEMOCAP have it) and then
 the instruction. Stages differ only in the audio part they put in:
@@ -95,7 +95,8 @@ def build_conversation(instruction: str, *, context: Sequence[str] = (), system_
         raise ValueError("a conversation needs a non-empty instruction")
     messages: list[dict[str, Any]] = []
     if system_prompt:
-        messages.append({"role": "system", "content": system_prompt})
+        # Every turn's content is a list of parts: Arrow (GRPO/DPO datasets) cannot mix text and list contents.
+        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
     part = dict(audio) if audio is not None else audio_placeholder()
     messages.append({"role": "user", "content": [part, {"type": "text", "text": user_text(instruction, context)}]})
     if response is not None:
