@@ -86,6 +86,12 @@ def format_reward(prompts=None, completions=(), **kwargs) -> list[float]:
 
 def accuracy_reward(prompts=None, completions=(), **kwargs) -> list[float | None]:
     """1 when a well-formed answer equals the consensus label; None for records without one."""
+    return _score_against_reference(completions, kwargs, lambda answer, reference: float(answer == reference))
+
+
+def _score_against_reference(completions, kwargs, score) -> list[float | None]:
+    """``score(answer, reference)`` for each well-formed completion, INVALID for a malformed one, None for a record
+    without a reference label (its consensus, or the majority of its distribution)."""
     n = len(completions)
     rewards: list[float | None] = []
     for parsed, label, dist in zip(_parsed(completions), _column(kwargs, "label", n),
@@ -94,7 +100,7 @@ def accuracy_reward(prompts=None, completions=(), **kwargs) -> list[float | None
         if reference is None:
             rewards.append(None)
         else:
-            rewards.append(1.0 if parsed.valid and parsed.answer == reference else INVALID)
+            rewards.append(score(parsed.answer, reference) if parsed.valid else INVALID)
     return rewards
 
 
@@ -146,17 +152,8 @@ def make_cooccurrence_reward(matrix: str | Mapping[str, Any] = "cooccurrence.jso
     loaded = load_cooccurrence(matrix)
 
     def cooccurrence(prompts=None, completions=(), **kwargs) -> list[float | None]:
-        n = len(completions)
-        rewards: list[float | None] = []
-        for parsed, label, dist in zip(_parsed(completions), _column(kwargs, "label", n),
-                                       _column(kwargs, "distribution", n)):
-            reference = _reference_label(label, as_mapping(dist))
-            if reference is None:
-                rewards.append(None)
-            else:
-                rewards.append(confusion_credit(parsed.answer, reference, loaded, partial_scale) if parsed.valid
-                               else INVALID)
-        return rewards
+        return _score_against_reference(
+            completions, kwargs, lambda answer, reference: confusion_credit(answer, reference, loaded, partial_scale))
 
     return cooccurrence
 
