@@ -11,6 +11,17 @@ SECTIONS = ("Summary", "Corpus", "Data generation", "SFT", "Learning controls", 
             "Ambiguity", "Plots", "Reproduce")
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write and close a report figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "n/a"
@@ -80,11 +91,7 @@ def plot_reasoning_switch(log: list[dict], path: Path) -> Path | None:
     ax.set_title("Trust-weighted reasoning reward")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_training(curves: dict[str, tuple[str | None, list]], path: Path) -> Path | None:
@@ -104,11 +111,7 @@ def plot_training(curves: dict[str, tuple[str | None, list]], path: Path) -> Pat
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _strategy_rows(report: dict) -> list[list[str]]:
