@@ -134,7 +134,7 @@ def test_distributed_fit_runs_on_the_main_process_and_is_broadcast(tiny_model_di
     assert not torch.equal(projector.content_std, torch.ones_like(projector.content_std))  # control: not identity
     mp.spawn(_fit_on_rank, args=(2, str(tmp_path / "store"), str(tiny_model_dir), rows, str(synth_corpus.parent),
                                  str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     for result in results:
         assert result["summary"] == expected
         for name in STAT_BUFFERS:
