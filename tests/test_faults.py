@@ -88,6 +88,15 @@ def test_a_disconnected_client_cancels_its_generation(limited_server, client, ti
     engine = limited_server.engine
     # Without an end-of-sequence token the long request runs its whole budget unless it is cancelled.
     monkeypatch.setattr(model.generation_config, "eos_token_id", None)
+    # ... and each decoding step takes at least 5 ms, so the whole budget lasts seconds however fast the machine is
+    # (on an idle 2-core machine the tiny model alone ran it in 3.9 s, too close to the client's 1 s timeout to tell).
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.005)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
     budget = engine.max_model_len - 64
     started = time.monotonic()
     client.chat.completions.create(model=MODEL, messages=_ask(), max_tokens=64, temperature=0)
