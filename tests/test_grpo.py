@@ -4,64 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emoreason.data.response_format import format_response
-from emoreason.data.schema import EmotionRecord, read_records
+import datasets
+import pytest
+import torch
 
-# espeak-ng controls -> the cue words the data stage would measure (thresholds sit between the synthetic emotions).
-_LEVELS = {
-    "pitch_level": ("pitch", ((35, "low"), (62, "normal"), (100, "high"))),
-    "energy_level": ("amplitude", ((70, "soft"), (140, "normal"), (201, "loud"))),
-    "rate_level": ("rate", ((140, "slow"), (190, "normal"), (400, "fast"))),
-}
-_OPPOSITE = {"low": "high", "high": "low", "soft": "loud", "loud": "soft", "slow": "fast", "fast": "slow",
-             "normal": "high"}
-_NOUN = {"pitch_level": "pitch", "energy_level": "volume", "rate_level": "speaking rate"}
-
-
-def synthetic_cues(record: EmotionRecord) -> dict:
-    params = record.meta["espeak"]
-    cues = {}
-    for cue, (control, bands) in _LEVELS.items():
-        cues[cue] = next(word for limit, word in bands if params[control] < limit)
-    cues["intonation"] = "falling"
-    return cues
-
-
-def rationale(cues: dict, label: str) -> str:
-    said = ", ".join(f"the {_NOUN[c]} is {cues[c]}" for c in _NOUN)
-    return format_response(f"{said[0].upper()}{said[1:]}.", label)
-
-
-def reasoning_records(manifest: str | Path) -> tuple[list[EmotionRecord], list[EmotionRecord]]:
-    """What the data stage writes, built from the synthetic corpus: reasoning records (records.jsonl) and preference
-    pairs (pairs.jsonl, one chosen + three rejected kinds per clip)."""
-    records, pairs = [], []
-    for record in read_records(manifest):
-        cues = synthetic_cues(record)
-        record.cues = cues
-        record.task = "emotion_reasoning"
-        record.instruction = "What emotion does the speaker express? Explain your reasoning, then answer."
-        record.response = rationale(cues, record.label)
-        records.append(record)
-        hallucinated = dict(cues, pitch_level=_OPPOSITE[cues["pitch_level"]])
-        wrong = next(e for e in ("happy", "sad", "angry", "neutral") if e != record.label)
-        spurious = record.response.replace("</think>", "The voice is trembling and the intonation is rising.\n</think>")
-        pair = EmotionRecord.from_dict(record.to_dict())
-        pair.meta = dict(record.meta, rejected=[
-            {"text": rationale(hallucinated, record.label), "kind": "hallucinated_cue"},
-            {"text": rationale(cues, wrong), "kind": "wrong_emotion"},
-            {"text": spurious, "kind": "spurious_cue"},
-        ])
-        pairs.append(pair)
-    return records, pairs
+from emoreason.data.schema import write_records
+from emoreason.testing.grpo_recipe import (  # noqa: F401  (other test modules import reasoning_records from here)
+    describe,
+    grpo_options,
+    reasoning_records,
+    rise,
+    run_learning_recipe,
+    synthetic_cues,
+)
 
 
 # -- fixtures -------------------------------------------------------------------------------------------------------
-import datasets  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from emoreason.data.schema import write_records  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +39,7 @@ def make_trainer(model_dir, records_file, data_root, tmp_path, reward_funcs=("fo
 
     model, processor = load_pretrained(model_dir)
     rows = load_examples(str(records_file), str(data_root), "train", max_records=max(n_prompts, 8))
-    options = dict(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
-                   max_completion_length=8, max_steps=1, learning_rate=1e-3, report_to="none", use_cpu=True,
-                   save_strategy="no", logging_steps=1, reward_funcs=list(reward_funcs), beta=0.0, seed=0)
-    options.update(config)
-    args = EmoReasonGRPOConfig(**options)
+    args = EmoReasonGRPOConfig(**grpo_options(tmp_path, reward_funcs, **config))
     trainer = AudioGRPOTrainer(model=model, reward_funcs=get_reward_funcs(args.reward_funcs, args.reward_kwargs),
                                args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
     return trainer, rows
@@ -256,54 +210,19 @@ def test_grpo_entry_point_under_accelerate_launch(launch_config, tiny_model_dir,
 
 
 # -- learning: GRPO raises the mean reward ------------------------------------------------------------------------
-def warm_start(model_dir, records_file, data_root, out_dir, steps=60, lr=5e-3, batch_size=4):
-    """A few plain SFT steps on short canonical answers, so that completions end (and vary) before GRPO starts."""
-    import random
-
-    from emoreason.data.collators import SFTCollator
-    from emoreason.modeling import load_pretrained
-
-    torch.manual_seed(0)
-    model, processor = load_pretrained(model_dir)
-    rows = [{"id": r.id, "audio": r.audio, "instruction": r.instruction,
-             "response": format_response(f"The pitch is {r.cues['pitch_level']}.", r.label)}
-            for r in read_records(records_file) if r.split == "train"]
-    collate = SFTCollator(processor, data_root)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    rng = random.Random(0)
-    model.train()
-    for _ in range(steps):
-        model(**collate(rng.sample(rows, batch_size))).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
-
-
 @pytest.mark.slow
 def test_grpo_raises_the_mean_reward(tiny_model_dir, rl_records, tmp_path):
     """Format + length (the tiny model learns to close its answer sooner): the reward on a fixed set of prompts
-    rises from before to after a short GRPO run. With the tiny LM at head_dim 32 (2 heads, vLLM's CPU kernels'
-    minimum) 12 steps at 1e-3 moved it only -0.56 -> -0.51, and 24 steps at 1e-3 rose on 1 thread but not on 2;
-    24 steps at 3e-3 reach 0.00 on 1 and on 2 threads."""
+    rises from before to after a short GRPO run (emoreason.testing.grpo_recipe, shared with the vLLM colocate test
+    in tests_vllm/test_grpo_vllm.py). With the tiny LM at head_dim 32 (2 heads, vLLM's CPU kernels' minimum) 12
+    steps at 1e-3 moved it only -0.56 -> -0.51, and 24 steps at 1e-3 rose on 1 thread but not on 2; 24 steps at
+    3e-3 reach 0.00 on 1 and on 2 threads."""
     records_file, _, data_root = rl_records
-    start = warm_start(tiny_model_dir, records_file, data_root, tmp_path / "sft")
-    trainer, rows = make_trainer(
-        start, records_file, data_root, tmp_path, reward_funcs=("format", "length"), n_prompts=32,
-        reward_kwargs={"length": {"target_tokens": 12, "max_penalty": 3.0}}, max_steps=24, learning_rate=3e-3,
-        per_device_train_batch_size=8, num_generations=4, max_completion_length=32,
-        per_device_eval_batch_size=32, num_generations_eval=4)
-    probe = datasets.Dataset.from_list(rows[:8])
-    before = trainer.evaluate(probe)
-    trainer.train()
-    after = trainer.evaluate(probe)
-    print(f"GRPO reward {before['eval_reward']:.3f} -> {after['eval_reward']:.3f} "
-          f"(format {before['eval_rewards/format/mean']:.2f} -> {after['eval_rewards/format/mean']:.2f}, "
-          f"length {before['eval_rewards/length/mean']:.2f} -> {after['eval_rewards/length/mean']:.2f}, "
-          f"completion length {before['eval_completions/mean_length']:.1f} -> "
-          f"{after['eval_completions/mean_length']:.1f})")
-    assert after["eval_reward"] > before["eval_reward"] + 0.2
+    result = run_learning_recipe(make_trainer, tiny_model_dir, records_file, data_root, tmp_path)
+    print(f"GRPO (HF generate): {describe(result)}")
+    assert result["after"]["eval_reward"] > result["before"]["eval_reward"] + 0.2
+    curve = rise(result["curve"])  # and the training reward, beyond its step-to-step noise
+    assert curve.last - curve.first > 3 * curve.noise
 
 
 def fitted_sft_adapter(base_dir, out_dir) -> Path:
