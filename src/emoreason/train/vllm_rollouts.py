@@ -305,11 +305,13 @@ class AudioVLLMGeneration(VLLMGeneration):
 
     def close(self) -> None:
         """Shut the engine down and release vLLM's process-wide parallel state (another engine, or a model built in
-        a one-process "cluster", may then be started in this process)."""
+        a one-process "cluster", may then be started in this process). A second call does nothing."""
         import gc
 
         from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
+        if getattr(self, "llm", None) is None:
+            return
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
         gc.collect()
