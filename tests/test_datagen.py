@@ -77,6 +77,22 @@ def test_template_teacher_produces_grounded_valid_records(template_run, synth_co
     assert [r.to_dict() for r in read_records(out / "records.parquet")] == [r.to_dict() for r in records]
 
 
+def test_teacher_chats_pair_each_kept_rationale_with_the_prompt_that_asked_for_it(template_run):
+    out, outputs = template_run
+    chats = [json.loads(line) for line in (out / "teacher_chats.jsonl").read_text().splitlines()]
+    records = {r.id: r for r in outputs["records"]}
+    assert [c["id"] for c in chats] == list(records)  # one line per kept record, same order
+    for chat in chats:
+        record = records[chat["id"]]
+        (user, assistant) = chat["messages"]
+        assert chat["split"] == record.split and user["role"] == "user" and assistant["role"] == "assistant"
+        assert assistant["content"] == record.response
+        # the prompt the teacher saw: the seed description of this clip, its instruction and its target
+        assert f'"{record.transcript}"' in user["content"] and record.instruction in user["content"]
+        assert f"conclude that the emotion is {parse_response(record.response).answer}" in user["content"]
+        assert f"Pitch: {record.cues['pitch_level']}" in user["content"]
+
+
 def test_measured_cues_follow_the_rendered_prosody(template_run):
     _, outputs = template_run
     def share(emotion, cue, word):

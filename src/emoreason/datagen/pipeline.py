@@ -422,7 +422,7 @@ class Generator:
         return int(hashlib.sha1(f"{self.cfg.seed}:{record_id}".encode()).hexdigest()[:8], 16)
 
     def shard(self, records: list[EmotionRecord]) -> dict[str, list[dict]]:
-        out = {"records": [], "rejected": [], "pairs": [], "errors": [], "dropped": []}
+        out = {"records": [], "rejected": [], "pairs": [], "errors": [], "dropped": [], "teacher_chats": []}
         prepared, requests = [], []
         for record in records:
             analysis = self.acoustic.get(record.id) or {"reason": "no acoustic analysis"}
@@ -447,11 +447,11 @@ class Generator:
                                         format=answer_format(target, distribution or None))
             requests.append(TeacherRequest(record.id, prompt, self.cfg.teacher.num_samples,
                                            self.record_seed(record.id), description, target, distribution or None))
-            prepared.append((record, cues, sources, description, target, instruction))
+            prepared.append((record, cues, sources, description, target, instruction, prompt))
 
         samples = self.teacher.generate(requests)
         kept = []
-        for (record, cues, sources, description, target, instruction), texts in zip(prepared, samples):
+        for (record, cues, sources, description, target, instruction, prompt), texts in zip(prepared, samples):
             if isinstance(texts, TeacherFailure):
                 failed = {"id": record.id, "reason": "teacher_error", "detail": texts.reason}
                 out["dropped"].append(failed)
@@ -483,6 +483,7 @@ class Generator:
                           "samples": len(texts), "rejected_samples": len(rejections),
                           "soft_label": self.soft_label(record)})
                 out["records"].append(kept_record.to_dict())
+                out["teacher_chats"].append(teacher_chat(record, prompt, text))
                 kept.append((kept_record, description, target, instruction))
             self.hook.tick()
 
@@ -522,6 +523,13 @@ class Generator:
                     meta["unusable_negatives"] = failures[record.id]
                 lines.append(dataclasses.replace(record, meta=meta).to_dict())
         return lines
+
+
+def teacher_chat(record: EmotionRecord, prompt: str, response: str) -> dict:
+    """One line of ``teacher_chats.jsonl``: the teacher's prompt and its kept answer as a chat, with the record's id
+    and split. It is what distilling a teacher takes (the demo warms its backbone up on the train split's lines)."""
+    return {"id": record.id, "split": record.split,
+            "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
 
 
 def _select(records: list[EmotionRecord], cfg: DatagenConfig) -> list[EmotionRecord]:
@@ -608,7 +616,8 @@ def run(cfg: DatagenConfig) -> dict:
 
 def merge(out: Path, cfg: DatagenConfig, shards, adapter_errors, acoustic, teacher, elapsed: float) -> dict:
     """Concatenate the shards (in plan order) into the run's outputs; idempotent."""
-    collected: dict[str, list[dict]] = {k: [] for k in ("records", "rejected", "pairs", "errors", "dropped")}
+    collected: dict[str, list[dict]] = {k: [] for k in ("records", "rejected", "pairs", "errors", "dropped",
+                                                        "teacher_chats")}
     for index in range(len(shards)):
         for name in collected:
             collected[name].extend(_read_jsonl(out / "shards" / f"{index:05d}" / f"{name}.jsonl"))
@@ -620,6 +629,7 @@ def merge(out: Path, cfg: DatagenConfig, shards, adapter_errors, acoustic, teach
         write_records(records, out / "records.parquet")
         write_records(pairs, out / "pairs.parquet")
     _atomic_jsonl(out / "rejected.jsonl", collected["rejected"])
+    _atomic_jsonl(out / "teacher_chats.jsonl", collected["teacher_chats"])
     errors = list(adapter_errors) + [row for row in acoustic.values() if "reason" in row]
     _atomic_jsonl(out / "errors.jsonl", errors)
     kinds = Counter(entry["kind"] for line in pairs for entry in line.meta["rejected"])
