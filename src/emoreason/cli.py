@@ -13,7 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("emoreason.testing.tiny:cli", "build and save a tiny complete model (tests, demo)"),
     "synth-corpus": ("emoreason.testing.synth_corpus:cli", "synthesise the espeak-ng emotional corpus"),
     "datagen": ("emoreason.datagen.cli:main", "corpora -> reasoning training records (rationales, filters, pairs)"),
-    "train": ("emoreason.train.cli:main", "train: `emoreason train {sft,grpo,dpo} --config recipe.yaml`"),
+    "train": ("emoreason.train.cli:main", "train: `emoreason train {warmup,sft,grpo,dpo} --config recipe.yaml`"),
     "cache-features": ("emoreason.train.cli:cache_features", "precompute frozen encoder outputs for training"),
     "export": ("emoreason.train.export:cli", "merge adapters into a standalone checkpoint"),
     "serve": ("emoreason.serve.cli:main", "OpenAI-compatible server (transformers or vLLM backend)"),

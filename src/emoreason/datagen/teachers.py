@@ -240,14 +240,10 @@ def load_language_model(path: str, device: str | None = None, dtype: str = "auto
 
     torch_dtype = getattr(torch, dtype) if dtype not in (None, "auto") else "auto"
     if _is_emoreason_checkpoint(path):
-        from ..modeling import load_pretrained
+        from ..modeling import load_pretrained, text_only_lm
 
         model, processor = load_pretrained(path, dtype=torch_dtype)
-        with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(model.config.text_config)
-        setattr(lm, lm.base_model_prefix, model.model.language_model)
-        lm.set_output_embeddings(model.lm_head)
-        lm.generation_config = model.generation_config
+        lm = text_only_lm(model)
         lm.generation_config.audio_token_id = None
         tokenizer = processor.tokenizer
         if not tokenizer.chat_template:

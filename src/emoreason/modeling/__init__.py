@@ -51,6 +51,22 @@ def build_from_components(
     return model, processor
 
 
+def text_only_lm(model: EmoReasonForConditionalGeneration):
+    """A plain causal LM (the ``text_config``'s class) over the composite's own language model and LM head.
+
+    Nothing is copied: the shell's modules are the composite's, so generating with it is text-only generation with the
+    backbone (the self teacher), and training it trains the composite's LLM (the teacher warm-up), leaving the towers
+    and the projector untouched. The shell's own parameters are created on the meta device and replaced at once."""
+    import torch
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(model.config.text_config)
+    setattr(lm, lm.base_model_prefix, model.model.language_model)
+    lm.set_output_embeddings(model.lm_head)
+    lm.generation_config = model.generation_config
+    return lm
+
+
 def load_pretrained(path: str | os.PathLike, **kwargs) -> tuple[EmoReasonForConditionalGeneration, EmoReasonProcessor]:
     """Load a saved EmoReason checkpoint and its processor (safetensors only, no remote code)."""
     kwargs.setdefault("use_safetensors", True)

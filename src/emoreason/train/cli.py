@@ -1,4 +1,4 @@
-"""`emoreason train {sft,grpo,dpo} --config recipes/<model>/<method>.yaml [--accelerate-config FILE] [overrides]`
+"""`emoreason train {warmup,sft,grpo,dpo} --config recipes/<model>/<method>.yaml [--accelerate-config FILE] [overrides]`
 and `emoreason cache-features --config recipes/<model>/sft.yaml [--shard_size N] [--cache_dtype DTYPE]`.
 
 Without ``--accelerate-config`` the method runs in this process (one CPU/GPU). With it, the command becomes
@@ -13,7 +13,8 @@ import os
 import subprocess
 import sys
 
-METHODS = {"sft": "emoreason.train.sft", "grpo": "emoreason.train.grpo", "dpo": "emoreason.train.dpo"}
+METHODS = {"sft": "emoreason.train.sft", "grpo": "emoreason.train.grpo", "dpo": "emoreason.train.dpo",
+           "warmup": "emoreason.train.warmup"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -255,10 +255,14 @@ def training_info(method: str, script_args, model_args, metrics: dict[str, Any],
 
 def train_and_save(trainer, processor, method: str, script_args, training_args, model_args, checkpoint: str | None,
                    recipe: str | None = None, details: dict[str, Any] | None = None,
-                   extra_metrics: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+                   extra_metrics: Callable[[Any], dict[str, Any]] | None = None,
+                   save_model: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The tail every method shares: train (resuming), add the method's own measurements (``extra_metrics(trainer)``,
     run on every rank: under ZeRO-3 a forward pass is collective), log and save metrics and state, then on the main
-    process save model + processor, the training info (:data:`TRAINING_INFO_FILE`) and the model card."""
+    process save model + processor, the training info (:data:`TRAINING_INFO_FILE`) and the model card.
+
+    ``save_model(output_dir)`` replaces ``trainer.save_model`` where the trainer holds only part of what is saved (the
+    warm-up trains the LLM and saves the whole model); it is called on every rank."""
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(result.metrics)
     metrics["train_examples"] = len(trainer.train_dataset)
@@ -268,7 +272,7 @@ def train_and_save(trainer, processor, method: str, script_args, training_args, 
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)  # train_results.json, merged into all_results.json
     trainer.save_state()
-    trainer.save_model(training_args.output_dir)
+    (save_model or trainer.save_model)(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         output_dir = Path(training_args.output_dir)
         processor.save_pretrained(output_dir)
