@@ -133,6 +133,12 @@ def run_learning_recipe(make_trainer, model_dir, records_file, data_root, out_di
     return {"before": before, "after": after, "curve": curve, "trainer": trainer}
 
 
+# How many standard errors the training reward of the last k steps must exceed that of the first k by. Measured
+# ratios run from 2.9 to 11 (HF generate and vLLM colocate, 1 and 2 threads; docs/rl.md): 2 leaves room for the
+# thread count and library versions; a flat curve passes it a few percent of the time (t-test, 10 d.o.f.).
+MIN_RISE_STANDARD_ERRORS = 2.0
+
+
 class Rise(NamedTuple):
     first: float   # mean training reward over the first k steps
     last: float    # ... over the last k steps
@@ -156,5 +162,6 @@ def describe(result: dict, k: int = 6) -> str:
             f"length {before['eval_rewards/length/mean']:.2f} -> {after['eval_rewards/length/mean']:.2f}, "
             f"completion length {before['eval_completions/mean_length']:.1f} -> "
             f"{after['eval_completions/mean_length']:.1f}); training reward, first {k} steps {r.first:.3f}, "
-            f"last {k} {r.last:.3f}, spread {r.spread:.3f}, standard error of the rise {r.noise:.3f}; curve "
+            f"last {k} {r.last:.3f}, spread {r.spread:.3f}, standard error of the rise {r.noise:.3f} "
+            f"({(r.last - r.first) / max(r.noise, 1e-9):.1f}x); curve "
             + " ".join(f"{x:.2f}" for x in result["curve"]))
