@@ -15,7 +15,10 @@ batch with any clip missing from the cache falls back to live audio.
 from __future__ import annotations
 
 import logging
+import math
+import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +32,94 @@ from .schema import resolve_under_root
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+
+
+# Samples per 50 Hz encoder frame at 16 kHz (two 10 ms mel frames; Whisper's second convolution has stride 2).
+SAMPLES_PER_FRAME = 320
+MIN_FRAMES = 5  # 0.1 s (the processor pads shorter clips, which would change their token count)
+
+
+@dataclass(frozen=True)
+class FeatureAugment:
+    """Training-time augmentation of cached tower states (``emoreason cache-features``), drawn afresh for every batch,
+    so that a model cannot learn a clip by heart from the exact frames it saw last epoch.
+
+    - ``crop``: each clip keeps a random contiguous window of at least this fraction of its frames (1: whole clip),
+      in both streams, and its sample count (hence its number of `<audio>` tokens) shrinks to match;
+    - ``time_mask``: that fraction of each clip's frames, in spans of ``mask_span`` frames, is replaced by the clip's
+      mean frame in both streams;
+    - ``noise``: Gaussian noise with this many per-clip, per-dimension standard deviations is added to both streams;
+    - ``content_dropout``: with this probability a clip's content stream (the Whisper states: what is said) is
+      replaced by its time average, so the label must then come from the paralinguistic stream.
+
+    Batches computed live (a clip missing from the cache) are not augmented.
+    """
+
+    crop: float = 1.0
+    time_mask: float = 0.0
+    mask_span: int = 5
+    noise: float = 0.0
+    content_dropout: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 < self.crop <= 1.0:
+            raise ValueError(f"feature augmentation: crop must be in (0, 1], got {self.crop}")
+        if not 0.0 <= self.time_mask < 1.0:
+            raise ValueError(f"feature augmentation: time_mask must be in [0, 1), got {self.time_mask}")
+        if self.mask_span < 1:
+            raise ValueError(f"feature augmentation: mask_span must be >= 1, got {self.mask_span}")
+        if self.noise < 0.0:
+            raise ValueError(f"feature augmentation: noise must be >= 0, got {self.noise}")
+        if not 0.0 <= self.content_dropout <= 1.0:
+            raise ValueError(f"feature augmentation: content_dropout must be in [0, 1], got {self.content_dropout}")
+
+    @property
+    def active(self) -> bool:
+        return self.crop < 1.0 or self.time_mask > 0 or self.noise > 0 or self.content_dropout > 0
+
+    def __call__(self, cached: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        """Augment a padded batch from :meth:`FeatureLookup.lookup` (content (B, T, Dc), paralinguistic
+        ((layers,) B, L, Dp), num_samples); returns a new batch of the same layout."""
+        content = cached["content_states"]
+        para = cached["paralinguistic_states"]
+        layered = para.dim() == 4
+        if not layered:
+            para = para.unsqueeze(0)
+        contents, paras, samples = [], [], []
+        for i, n in enumerate(cached["num_samples"]):
+            frames = max(1, min(content.shape[1], (int(n) // (SAMPLES_PER_FRAME // 2) - 1) // 2 + 1))
+            c = content[i, :frames]
+            p = para[:, i, : min(frames, para.shape[2])]
+            keep = frames
+            if self.crop < 1.0 and frames > 1:
+                # at least MIN_FRAMES (0.1 s, the shortest clip the processor encodes as is)
+                low = max(min(frames, MIN_FRAMES), math.ceil(self.crop * frames))
+                keep = int(torch.randint(low, frames + 1, (1,), generator=generator))
+                start = int(torch.randint(0, frames - keep + 1, (1,), generator=generator))
+                c, p = c[start : start + keep], p[:, start : start + keep]
+                n = min(int(n), keep * SAMPLES_PER_FRAME)
+            if self.content_dropout > 0 and float(torch.rand((), generator=generator)) < self.content_dropout:
+                c = c.mean(0, keepdim=True).expand_as(c)
+            if self.time_mask > 0 and keep > 1:
+                masked = torch.zeros(keep, dtype=torch.bool)
+                for _ in range(math.ceil(self.time_mask * keep / self.mask_span)):
+                    s = int(torch.randint(0, max(1, keep - self.mask_span + 1), (1,), generator=generator))
+                    masked[s : s + self.mask_span] = True
+                c = torch.where(masked[:, None], c.mean(0, keepdim=True), c)
+                pm = masked[: p.shape[1]]
+                p = torch.where(pm[None, :, None], p.mean(1, keepdim=True), p)
+            if self.noise > 0:
+                c = c + self.noise * c.std(0, keepdim=True) * torch.randn(c.shape, generator=generator)
+                if p.shape[1] > 1:
+                    p = p + self.noise * p.std(1, keepdim=True) * torch.randn(p.shape, generator=generator)
+            contents.append(c)
+            paras.append(p.transpose(0, 1))  # (L, layers, Dp)
+            samples.append(int(n))
+        content = torch.nn.utils.rnn.pad_sequence(contents, batch_first=True)
+        para = torch.nn.utils.rnn.pad_sequence(paras, batch_first=True).permute(2, 0, 1, 3).contiguous()
+        return {"content_states": content.contiguous(), "paralinguistic_states": para if layered else para[0],
+                "num_samples": samples}
 
 
 class FeatureLookup(Protocol):
@@ -49,7 +140,8 @@ class SFTCollator:
 
     def __init__(self, processor, data_root: str | Path = ".", max_length: int | None = None,
                  system_prompt: str | None = None, feature_cache: FeatureLookup | None = None,
-                 silence_seconds: float | None = None):
+                 silence_seconds: float | None = None, feature_augment: FeatureAugment | None = None,
+                 instruction_pools: Mapping[str, Sequence[str]] | None = None, seed: int = 0):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.data_root = Path(data_root)
@@ -57,6 +149,11 @@ class SFTCollator:
         self.system_prompt = system_prompt
         self.feature_cache = feature_cache
         self.silence_seconds = silence_seconds
+        self.feature_augment = feature_augment if feature_augment is not None and feature_augment.active else None
+        self._generator = torch.Generator().manual_seed(feature_augment.seed) if self.feature_augment else None
+        # {task: pool}: a row whose instruction came from its task's pool gets a fresh draw from it every batch
+        self.instruction_pools = {k: list(v) for k, v in (instruction_pools or {}).items() if v}
+        self._instruction_rng = random.Random(f"{seed}:instructions")
         self.cache_hits = 0
         self.cache_misses = 0
         # Samples per mel frame, from the processor's own feature extractor (data never imports modeling).
@@ -79,6 +176,12 @@ class SFTCollator:
         # Templates that rewrite earlier turns (e.g. stripping reasoning) break the prefix property.
         return prompt, example["response"] + (self.tokenizer.eos_token or "")
 
+    def redraw_instruction(self, example: Mapping[str, Any]) -> Mapping[str, Any]:
+        pool = self.instruction_pools.get(example.get("task"))
+        if not pool or example["instruction"] not in pool:  # a record's own instruction (datagen) is kept
+            return example
+        return {**example, "instruction": self._instruction_rng.choice(pool)}
+
     # -- audio ------------------------------------------------------------------------------------------------
     def load_clip(self, example: Mapping[str, Any]) -> np.ndarray:
         path = resolve_under_root(example["audio"], self.data_root, record=example.get("clip_id") or example.get("id"))
@@ -92,6 +195,8 @@ class SFTCollator:
             cached = self.feature_cache.lookup([e.get("clip_id") or e["id"] for e in examples])
             if cached is not None:
                 self.cache_hits += 1
+                if self.feature_augment is not None:
+                    cached = self.feature_augment(cached, self._generator)
                 num_samples = [int(n) for n in cached["num_samples"]]
                 mel = [n // self.hop_length for n in num_samples]
                 batch = {
@@ -107,6 +212,8 @@ class SFTCollator:
 
     # -- batch ------------------------------------------------------------------------------------------------
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.instruction_pools:
+            examples = [self.redraw_instruction(e) for e in examples]
         num_samples, audio = self.audio_inputs(examples)
         token = self.processor.audio_token
         prompts, completions = [], []

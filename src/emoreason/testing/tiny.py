@@ -31,6 +31,26 @@ She opened the window and looked outside. They are coming back on Sunday. Turn l
 My brother bought a new bicycle. The train leaves in ten minutes. Dinner is ready in the kitchen.
 Transcribe the speech. Describe the speaker's voice. Is the pitch high or low? How fast does the speaker talk?
 emotion label rationale answer reasoning 0 1 2 3 4 5 6 7 8 9 0.1 0.2 0.5 : , . ? ! " ' ( ) [ ] - /
+You write the reasoning of an expert listener who judges the emotion in a speech clip. The clip is given to you as
+text: its time span, its transcript, and voice cues measured from the audio. The listener was asked:
+Write the listener's answer, following these rules: Reason step by step from the voice cues above (pitch, pitch
+variation, volume, speaking rate, intonation, pauses) and from the words of the transcript. Every statement about the
+voice must agree with the listed cues; do not invent cues that are not listed. Write as someone who heard the clip.
+Never mention annotators, ratings, votes, labels, metadata or this description. Do not start with the emotion; build
+up to it and conclude that the emotion is happy. Keep the reasoning between 2 and 6 sentences.
+Answer in exactly this format: (your reasoning)
+[00:00-00:02] (Gender: female, Pitch: normal, Pitch variation: normal, Volume: loud, Speaking rate: fast,
+Intonation: falling, Pauses: fluent, Annotators: angry 4/5, neutral 1/5) 0.80 0.20 0.40 0.60 1.00 0.00
+The speaker says What is said is The words are In this clip the speaker says: The wording itself sounds upbeat.
+The wording is fairly matter-of-fact, so most of the information is in how it is said. The words alone are plain,
+so the delivery matters most. Nothing in the wording is emotional on its own; the voice has to tell.
+Its pitch sounds the voice has a pitch the loudness is the volume sounds the pace is the tempo is monotone expressive
+the intonation contour is the melody of the sentence is pitch variation is Together, the fit point toward speech.
+That is typical of someone who feels. None of the cues is strongly marked, and the overall delivery fits best.
+The cues are mixed, but on balance the delivery sounds. It is less typical of, but it does not outweigh the rest.
+Only the fits less well with. There is also a trace of in the delivery. Some listeners might hear a little as well.
+Overall the speaker sounds. So the emotion is most likely. Weighing these cues, I judge the emotion to be.
+Listen carefully to the prosody and the words. What emotion is expressed? How does the speaker feel?
 """
 
 

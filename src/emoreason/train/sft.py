@@ -25,7 +25,7 @@ import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
-from ..data.collators import IGNORE_INDEX, SFTCollator
+from ..data.collators import IGNORE_INDEX, FeatureAugment, SFTCollator
 from ..data.labels import EMOTIONS
 from .common import (
     EmoReasonModelArguments,
@@ -77,6 +77,18 @@ class EmoReasonSFTConfig(SFTConfig):
         metadata={"help": "after training, score emotion-label accuracy on this split (label log-likelihood "
                           "comparison), with the audio and with silence; written to all_results.json"},
     )
+    feature_augment: dict | str | None = field(
+        default=None,
+        metadata={"help": "training-time augmentation of cached tower states, drawn afresh every batch (see "
+                          "emoreason.data.collators.FeatureAugment): {crop: min fraction of frames kept, time_mask: "
+                          "fraction of frames masked, mask_span: frames per masked span, noise: std units, "
+                          "content_dropout: probability}; YAML or a JSON string. Needs feature_cache_dir"},
+    )
+    resample_instructions: bool = field(
+        default=False,
+        metadata={"help": "draw each row's instruction afresh from its task's pool every batch (rows whose "
+                          "instruction the record wrote itself, and prosody rows, keep theirs)"},
+    )
     # Audio batches are built by our collator from raw rows: TRL must neither drop columns nor tokenize.
     remove_unused_columns: bool = False
     dataset_kwargs: dict[str, Any] | None = field(default_factory=lambda: {"skip_prepare_dataset": True})
@@ -92,7 +104,32 @@ class EmoReasonSFTConfig(SFTConfig):
             raise ValueError("feature_norm_clips must be >= 0")
         if self.projector_lr_multiplier <= 0:
             raise ValueError("projector_lr_multiplier must be > 0")
+        self.feature_augmentation()  # a bad feature_augment fails here, before any model is loaded
         super().__post_init__()
+
+    def feature_augmentation(self) -> FeatureAugment | None:
+        """``feature_augment`` as a validated :class:`FeatureAugment` (seeded with ``seed``), or None when unset."""
+        spec = self.feature_augment
+        if isinstance(spec, str):
+            text = spec.strip()
+            if text.lower() in ("", "none", "null"):
+                return None
+            try:
+                spec = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"feature_augment must be a mapping (YAML) or a JSON object, got {text!r}") from err
+        if spec is None:
+            return None
+        if not isinstance(spec, dict):
+            raise ValueError(f"feature_augment must be a mapping, got {spec!r}")
+        known = {"crop", "time_mask", "mask_span", "noise", "content_dropout"}
+        unknown = set(spec) - known
+        if unknown:
+            raise ValueError(f"feature_augment: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        for key, value in spec.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"feature_augment: {key} must be a number, got {value!r}")
+        return FeatureAugment(**spec, seed=self.seed)
 
 
 class EmoReasonSFTTrainer(SFTTrainer):
@@ -146,6 +183,15 @@ def outside_zero3_init():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def instruction_pools(specs) -> dict[str, list[str]]:
+    """{task: instruction pool} for the tasks whose pool is named after them (all but prosody)."""
+    pools = {}
+    for spec in specs:
+        with contextlib.suppress(KeyError):
+            pools[spec.name] = list(spec.pool(spec.name))
+    return pools
 
 
 def _split(name: str) -> str | None:
@@ -252,8 +298,14 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
                                                  max_clips=training_args.feature_norm_clips,
                                                  show_progress=not training_args.disable_tqdm,
                                                  device=training_args.device)
+    feature_augment = training_args.feature_augmentation()
+    if feature_augment is not None and feature_cache is None:
+        raise ValueError("feature_augment works on cached tower states: set feature_cache_dir (and run "
+                         "`emoreason cache-features`), or unset feature_augment")
     collator = SFTCollator(processor, script_args.data_root, max_length=training_args.max_length,
-                           system_prompt=training_args.system_prompt, feature_cache=feature_cache)
+                           system_prompt=training_args.system_prompt, feature_cache=feature_cache,
+                           feature_augment=feature_augment, seed=training_args.seed,
+                           instruction_pools=instruction_pools(specs) if training_args.resample_instructions else None)
 
     # trainer
     trainer = EmoReasonSFTTrainer(
