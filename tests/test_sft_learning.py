@@ -38,7 +38,7 @@ train runtimes 60-170 s on 2 shared cores, the same as the baseline within the l
 - 12 training voices (384 clips, 30 epochs): 0.729 / 0.229; every training clip re-rendered once with pitch/rate
   perturbation (``--augment 1``, 384 clips, 30 epochs): 0.688 / 0.188; a 4-head LM: 0.688.
 - Random crops of the cached tower states (a contiguous window of >= 50 % of the frames, both streams, the clip's
-  audio-token count shrunk to match, drawn afresh every batch; an SFT collator option kept out of the tree):
+  audio-token count shrunk to match, drawn afresh every batch; `feature_augment` of the SFT config):
   0.792 / 0.167 (instruction mean 0.734); seed 1: 0.729 / 0.167 (instruction mean 0.724, no gain over that seed's
   baseline). Crops of >= 30 %: 0.771 / 0.167 (instruction mean 0.771); seed 1: 0.750 / 0.146; seed 2:
   0.750 / 0.125 (the one consistent gain: 2-3 clips on each seed); 90 epochs: 0.771 / 0.146; 30 epochs:
