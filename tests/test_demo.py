@@ -58,13 +58,23 @@ def test_demo_runs_end_to_end_and_reports_its_own_numbers(tmp_path):
     assert (f"switched on at step {active[0]}" if active else "never switched on") in report
     summary = json.loads((out / "data" / "summary.json").read_text())
     assert f'"kept": {summary["kept"]}' in report
-    for stage in ("corpus", "base", "datagen", "sft", "grpo", "dpo", "export", "evaluate", "report"):
+    # the warmed-up backbone wrote rationales that passed the filters, and SFT trained on them
+    written = json.loads((out / "data-self" / "summary.json").read_text())
+    assert written["teacher"]["name"] == "self" and written["kept"] >= written["inputs"] / 2, written
+    sft_records = [json.loads(line) for line in (out / "data-self" / "sft-records.jsonl").read_text().splitlines()]
+    self_written = [r for r in sft_records if r["meta"]["provenance"]["teacher"] == "self"]
+    assert len(self_written) == written["kept"] and all(r["split"] == "train" for r in self_written)
+    assert f"| {written['inputs']} |" in report and "Kept rationales, verbatim" in report
+    assert self_written[0]["response"].strip() in report
+    sft_info = json.loads((out / "sft" / "emoreason_training.json").read_text())
+    assert sft_info["train_records"].endswith("sft-records.jsonl") and sft_info["model"].endswith("base-warm")
+    for stage in ("corpus", "base", "datagen", "warmup", "self-teacher", "sft", "grpo", "dpo", "export", "evaluate", "report"):
         assert (out / ".stages" / f"{stage}.json").is_file(), stage
 
     # a re-run skips every finished stage
     again = run_demo(out)
     assert again.returncode == 0
-    assert again.stdout.count("done before, skipped") == 9
+    assert again.stdout.count("done before, skipped") == 11
 
 
 def test_a_failing_stage_stops_the_demo_and_is_named(tmp_path, capsys):
@@ -104,4 +114,5 @@ def test_demo_lists_its_stages():
                             text=True, timeout=120)
     assert result.returncode == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert names == ["corpus", "base", "datagen", "sft", "grpo", "dpo", "export", "evaluate", "report"]
+    assert names == ["corpus", "base", "datagen", "warmup", "self-teacher", "sft", "grpo", "dpo", "export", "evaluate",
+                     "report"]

@@ -187,12 +187,8 @@ def write_report(ctx) -> Path:
               f"{corpus['ambiguous']} clips rendered between two emotions with split annotator votes.", ""]
 
     lines += ["## Data generation", ""]
-    for teacher in ("template", "self"):
-        summary = data[teacher]
-        lines.append(f"- `{teacher}` teacher: `{json.dumps(_compact_summary(summary))}`")
-    lines += ["", "The `self` teacher is the backbone LLM of the (random, tiny) model: its rationales are expected to "
-              "fail the filters; the row above shows the path ran and why each was rejected.", ""]
-
+    lines.append(f"- `template` teacher (every clip): `{json.dumps(_compact_summary(data['template']))}`")
+    lines += [""] + _self_teacher_section(stages.get("warmup"), stages.get("self-teacher"))
     lines += ["## SFT", "",
               f"Loss {_fmt(_start_end(sft_pts)[0])} -> {_fmt(_start_end(sft_pts)[1])} over {len(sft_pts)} logged "
               f"steps. Label accuracy on held-out speakers: {_fmt(acc_audio)} with audio, {_fmt(acc_silence)} "
@@ -270,6 +266,41 @@ def write_report(ctx) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _self_teacher_section(warmup: dict | None, self_teacher: dict | None) -> list[str]:
+    """What the warm-up is, and what the backbone wrote as the `self` teacher: kept/rejected by reason, examples."""
+    if not warmup or not self_teacher:
+        return ["(no warm-up / self-teacher stage in this run)", ""]
+    summary = self_teacher["summary"]
+    rejections = summary.get("rejections_by_reason", {})
+    samples = self_teacher.get("samples") or 0
+    judged = sum(rejections.values()) + summary.get("kept", 0)
+    lines = ["### The backbone as its own teacher (`self`)", "",
+             "A real backbone (an instruct LLM) can follow the rationale prompt; the demo's backbone is a random tiny "
+             "LLM, which cannot write a single well-formed rationale (before the warm-up every sample failed the "
+             "format filter). So the demo first gives it a short **text warm-up**: "
+             f"{warmup.get('epochs', 'n/a')} epochs of text-only fine-tuning of the LLM (the towers and projector "
+             "untouched) on the template teacher's (prompt -> kept rationale) chats of the **train split only** "
+             "(`data/teacher_chats.jsonl`, `emoreason train warmup`; test-split chats are refused). Warm-up loss "
+             f"{_fmt(warmup.get('results', {}).get('train_loss'))} (mean over the run). The warmed-up backbone then "
+             "writes rationales from each training clip's text description, and they pass the same filters as any "
+             "teacher's:", ""]
+    lines += _table(["clips", "samples written", "samples judged", "clips kept", "kept rate (clips)",
+                     "rejections by reason"],
+                    [[str(summary.get("inputs")), str(samples), str(judged), str(summary.get("kept")),
+                      _fmt(summary.get("kept", 0) / summary["inputs"] if summary.get("inputs") else None),
+                      ", ".join(f"{k} {v}" for k, v in rejections.items()) or "none"]])
+    lines += ["", f"SFT trains on {self_teacher.get('self_written_in_sft', 0)} self-written rationales; the "
+              "template's rationales fill the other clips (`data-self/sft-records.jsonl`). SFT starts from the "
+              "warmed-up backbone.", "", "Kept rationales, verbatim:", ""]
+    lines += ["```text\n" + text.strip() + "\n```" for text in self_teacher.get("kept_examples", [])] or ["(none)"]
+    rejected = self_teacher.get("rejected_examples") or []
+    if rejected:
+        lines += ["", "Rejected, with the filter's reason:", ""]
+        lines += [f"- `{r['reason']}` ({r['detail']}):\n\n```text\n{(r['text'] or '').strip()}\n```"
+                  for r in rejected]
+    return lines + [""]
 
 
 def _compact_summary(summary: dict) -> dict:

@@ -13,7 +13,18 @@ from pathlib import Path
 from .context import REPO, DemoContext, Server, Stage, StageFailed
 
 PY = sys.executable
-SELF_TEACHER_CLIPS = 8
+# The self teacher: the warmed-up backbone writes rationales for this many training clips, K samples each.
+SELF_TEACHER_CLIPS = 32
+SELF_TEACHER_SAMPLES = 2
+SELF_TEACHER_TEMPERATURE = 0.5
+# The text warm-up that lets the random tiny LLM write rationales at all (emoreason.train.warmup), on the train split's
+# template chats with the compact prompt. Measured (one run each; clips kept of 32 / samples passing of those judged):
+# 6 epochs with the full 330-token prompt 0/16 clips (every answer the wrong emotion); 14 epochs full prompt 9/32
+# (labels copied, cue words not); 10 epochs compact prompt 16/32 (16/57 samples); 24 epochs compact prompt 28/32
+# (28/40 samples), every rejection a cue contradiction.
+WARMUP_EPOCHS = 24
+DATAGEN_PROMPT = "data_gen/prompts/rationale_compact.txt"
+SFT_BASE = "base-warm"  # SFT starts from the warmed-up backbone
 EVAL_SUITE = "eval/suites/synthetic.yaml"
 ALL_STRATEGIES = ["direct", "cot_greedy", "self_consistency", "sample_distribution", "best_of_n"]
 CHECKPOINT_STRATEGY = "cot_greedy"  # the one strategy every checkpoint (SFT, GRPO, DPO) is scored with
@@ -33,6 +44,19 @@ GRPO_WEIGHTS = [0.3, 1.0, 0.5, 0.3, 0.5]
 # off until the moving average of the batch accuracy reaches the threshold, then on for good.
 REASONING_SWITCH = {"judge": "cue_heuristic", "threshold": 0.5, "smoothing": 0.8, "min_steps": 3,
                     "trust_sharpness": 5.0}
+
+
+# GRPO's rate and sampling. Measured on the demo's SFT checkpoint (40 steps each; mean reward of the first and last
+# quarter of the steps, +- their standard deviation; per-sample accuracy on the training clips):
+#   lr 1e-4, temperature 1.0, beta 0.04: 1.97 +- 0.17 -> 1.89 +- 0.30, accuracy 0.87 -> 0.82; served greedy CoT on the
+#     test speakers 0.484 -> 0.406, format validity 0.984 -> 0.906 (worse than SFT);
+#   lr 3e-4, beta 0.1: 1.87 -> 1.66 (accuracy 0.86 -> 0.72); lr 1e-4 with the loss on the top 20 % entropy tokens:
+#     1.96 -> 1.85; accuracy reward alone, lr 1e-4, no KL: 0.89 -> 0.85; on the 32 validation-split clips SFT never
+#     saw: 1.13 +- 0.32 -> 1.26 +- 0.13 (accuracy 0.51 -> 0.53, within the noise).
+# No setting tried raised the reward beyond its step-to-step noise in the demo's budget (issue 13 item 5 stays open);
+# the gentle rate below leaves the SFT policy where it was (the previous demo: greedy accuracy 0.516 -> 0.547, format
+# validity 0.891 -> 1.000) while exercising every reward and the reasoning reward's switch.
+GRPO_OPTIMISATION = ["--learning_rate", "2e-5", "--temperature", "0.7"]
 
 
 def _read_json(path: Path) -> dict:
@@ -63,16 +87,51 @@ def base_model(ctx: DemoContext) -> dict:
 
 
 def datagen(ctx: DemoContext) -> dict:
-    manifest = ctx.corpus / "records.jsonl"
-    base = [PY, "-m", "emoreason.cli", "datagen", "--config", "data_gen/configs/synthetic.yaml",
-            "--manifest", manifest, "--no-progress"]
-    ctx.sh("datagen", [*base, "--out", ctx.path("data"), "--teacher", "template"])
-    # The backbone LLM itself as the teacher (DeSTA-style), on a subset: the real code path, tiny random LLM.
-    ctx.sh("datagen", [*base, "--out", ctx.path("data-self"), "--teacher", "self", "--model", ctx.path("base-model"),
-                       "--limit", str(SELF_TEACHER_CLIPS), "--set", "teacher.backend=transformers",
-                       "--set", "teacher.max_new_tokens=64"])
-    return {"template": _read_json(ctx.path("data", "summary.json")),
-            "self": _read_json(ctx.path("data-self", "summary.json"))}
+    """The template teacher on every clip: the SFT and DPO data, and the chats the warm-up learns from."""
+    ctx.sh("datagen", [*_datagen_cmd(ctx), "--out", ctx.path("data"), "--teacher", "template"])
+    return {"template": _read_json(ctx.path("data", "summary.json"))}
+
+
+def _datagen_cmd(ctx: DemoContext) -> list:
+    return [PY, "-m", "emoreason.cli", "datagen", "--config", "data_gen/configs/synthetic.yaml",
+            "--manifest", ctx.corpus / "records.jsonl", "--no-progress", "--set", f"prompt.template={DATAGEN_PROMPT}"]
+
+
+def warmup(ctx: DemoContext) -> dict:
+    """Text warm-up of the random tiny backbone on the train split's teacher chats (emoreason.train.warmup)."""
+    out = ctx.path("base-warm")
+    _launch(ctx, "warmup", "warmup", ["--model_name_or_path", ctx.path("base-model"), "--output_dir", out,
+                                      "--train_records", ctx.path("data", "teacher_chats.jsonl"),
+                                      "--num_train_epochs", str(WARMUP_EPOCHS),
+                                      "--per_device_train_batch_size", "2"],  # x 2 processes: the recipe's batch
+            system_prompt=False)
+    return {"path": str(out), "results": _read_json(out / "all_results.json"), "log": _trainer_log(out),
+            "epochs": WARMUP_EPOCHS}
+
+
+def self_teacher(ctx: DemoContext) -> dict:
+    """The warmed-up backbone LLM itself writes rationales (DeSTA-style) for training clips; SFT trains on the kept
+    ones, the template's rationales filling the other clips."""
+    ctx.sh("self-teacher", [*_datagen_cmd(ctx), "--out", ctx.path("data-self"), "--teacher", "self",
+                            "--model", ctx.path("base-warm"), "--limit", str(SELF_TEACHER_CLIPS),
+                            "--set", "splits=[train]", "--set", "teacher.backend=transformers",
+                            "--set", f"teacher.num_samples={SELF_TEACHER_SAMPLES}",
+                            "--set", f"teacher.temperature={SELF_TEACHER_TEMPERATURE}",
+                            "--set", "teacher.max_new_tokens=224", "--set", "pairs.enabled=false"])
+    from ..data.schema import read_records, write_records
+
+    written = {r.id: r for r in read_records(ctx.path("data-self", "records.jsonl"))}
+    mixed = [written.get(r.id, r) for r in read_records(ctx.path("data", "records.jsonl"))]
+    write_records(mixed, ctx.path("data-self", "sft-records.jsonl"))
+    rejected = [json.loads(line) for line in ctx.path("data-self", "rejected.jsonl").read_text().splitlines()
+                if line.strip()]
+    return {"summary": _read_json(ctx.path("data-self", "summary.json")),
+            "samples": SELF_TEACHER_CLIPS * SELF_TEACHER_SAMPLES,
+            "sft_records": str(ctx.path("data-self", "sft-records.jsonl")),
+            "self_written_in_sft": sum(r.id in written and r.split == "train" for r in mixed),
+            "kept_examples": [r.response for r in list(written.values())[:3]],
+            "rejected_examples": [{"reason": r["reason"], "detail": r["detail"], "text": r["text"]}
+                                  for r in rejected[:2]]}
 
 
 def eval_system_prompt() -> str:
@@ -85,10 +144,10 @@ def eval_system_prompt() -> str:
     return PromptSet.load(REPO / suite.get("prompts", DEFAULT_PROMPTS)).system or ""
 
 
-def _launch(ctx: DemoContext, stage: str, method: str, overrides: list) -> None:
+def _launch(ctx: DemoContext, stage: str, method: str, overrides: list, system_prompt: bool = True) -> None:
     cmd = [PY, "-m", "accelerate.commands.launch", "--config_file", ctx.accelerate_config,
            "-m", f"emoreason.train.{method}", "--config", f"recipes/tiny-cpu/{method}.yaml",
-           "--system_prompt", eval_system_prompt(), *overrides]
+           *(["--system_prompt", eval_system_prompt()] if system_prompt else []), *overrides]
     ctx.sh(stage, cmd)
 
 
@@ -102,7 +161,7 @@ def _trainer_log(output_dir: Path) -> list[dict]:
 
 def sft(ctx: DemoContext) -> dict:
     out = ctx.path("sft")
-    data = ["--model_name_or_path", ctx.path("base-model"), "--train_records", ctx.path("data", "records.jsonl"),
+    data = ["--model_name_or_path", ctx.path(SFT_BASE), "--train_records", ctx.path("data-self", "sft-records.jsonl"),
             "--data_root", ctx.corpus, "--feature_cache_dir", ctx.path("feature-cache")]
     # The encoders are frozen: encode every clip once, then train from the cache.
     ctx.sh("sft", [PY, "-m", "emoreason.cli", "cache-features", "--config", "recipes/tiny-cpu/sft.yaml", *data])
@@ -123,11 +182,10 @@ def grpo(ctx: DemoContext) -> dict:
     _launch(ctx, "grpo", "grpo", [
         "--model_name_or_path", ctx.path("sft"), "--output_dir", out,
         "--train_records", ctx.path("data", "records.jsonl"), "--data_root", ctx.corpus,
-        "--max_completion_length", "256",  # room for a whole rationale and its answer
-        # outcome-focused rewards at a gentle rate: a tiny random LM drifts fast without a KL anchor
+        "--max_completion_length", "192",  # room for a whole rationale (~130 tokens) and its answer
         "--reward_funcs", *GRPO_REWARDS, "--reward_weights", *map(str, GRPO_WEIGHTS),
         "--reward_kwargs", json.dumps({"reasoning": REASONING_SWITCH}),
-        "--learning_rate", "2e-5", "--temperature", "0.7",
+        *GRPO_OPTIMISATION,
     ])
     return {"path": str(out), "log": _trainer_log(out), "reasoning_switch": REASONING_SWITCH}
 
@@ -181,8 +239,12 @@ def report(ctx: DemoContext) -> dict:
 STAGES = [
     Stage("corpus", "synthesise the espeak-ng emotional corpus (simulated annotators)", corpus, ("corpus",)),
     Stage("base", "assemble the tiny dual-encoder model from its parts", base_model, ("base-model",)),
-    Stage("datagen", "data generation: acoustics, seed descriptions, rationales, filters, DPO pairs", datagen,
-          ("data", "data-self")),
+    Stage("datagen", "data generation (template teacher): acoustics, seed descriptions, rationales, filters, DPO "
+          "pairs", datagen, ("data",)),
+    Stage("warmup", "text warm-up of the tiny backbone on the train split's teacher chats (accelerate launch)", warmup,
+          ("base-warm",)),
+    Stage("self-teacher", "data generation with the backbone itself as the teacher (self), mixed into SFT's data",
+          self_teacher, ("data-self",)),
     Stage("sft", "SFT (accelerate launch, tiny recipe)", sft, ("sft", "feature-cache")),
     Stage("grpo", "GRPO from the SFT checkpoint (accelerate launch)", grpo, ("grpo",)),
     Stage("dpo", "DPO from the GRPO checkpoint (accelerate launch)", dpo, ("dpo",)),

@@ -157,8 +157,15 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonGRPOConf
     # train, save, card
     details = {"reward_funcs": list(training_args.reward_funcs), "reward_weights": training_args.reward_weights,
                "num_generations": training_args.num_generations, "beta": training_args.beta}
-    return train_and_save(trainer, processor, "grpo", script_args, training_args, model_args, checkpoint, recipe,
-                          details=details)
+    try:
+        return train_and_save(trainer, processor, "grpo", script_args, training_args, model_args, checkpoint,
+                              recipe, details=details)
+    finally:
+        # A colocated vLLM engine leaves while the process group still exists (shutdown_distributed tears it down
+        # next); closed later, each rank's engine reports "Invalid process group specified" at exit.
+        engine = getattr(trainer, "vllm_generation", None)
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()
 
 
 def make_parser() -> TrlParser:
