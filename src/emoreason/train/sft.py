@@ -300,8 +300,11 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
                                                  device=training_args.device)
     feature_augment = training_args.feature_augmentation()
     if feature_augment is not None and feature_cache is None:
-        raise ValueError("feature_augment works on cached tower states: set feature_cache_dir (and run "
-                         "`emoreason cache-features`), or unset feature_augment")
+        # The augmentation acts on cached tower states only (a recipe may set it and still run without a cache, as
+        # every batch computed live is): say so once and train without it.
+        logger.warning("feature_augment %s is off: it works on cached tower states and this run has no "
+                       "feature_cache_dir (run `emoreason cache-features` and set it to augment)", feature_augment)
+        feature_augment = None
     collator = SFTCollator(processor, script_args.data_root, max_length=training_args.max_length,
                            system_prompt=training_args.system_prompt, feature_cache=feature_cache,
                            feature_augment=feature_augment, seed=training_args.seed,
