@@ -123,19 +123,18 @@ def self_teacher(ctx: DemoContext) -> dict:
                             "--set", f"teacher.temperature={SELF_TEACHER_TEMPERATURE}",
                             "--set", "teacher.max_new_tokens=224", "--set", "pairs.enabled=false"])
     from ..data.schema import read_records, write_records
+    from ..datagen.pipeline import read_outputs
 
-    written = {r.id: r for r in read_records(ctx.path("data-self", "records.jsonl"))}
+    outputs = read_outputs(ctx.path("data-self"))
+    written = {r.id: r for r in outputs["records"]}
     mixed = [written.get(r.id, r) for r in read_records(ctx.path("data", "records.jsonl"))]
     write_records(mixed, ctx.path("data-self", "sft-records.jsonl"))
-    rejected = [json.loads(line) for line in ctx.path("data-self", "rejected.jsonl").read_text().splitlines()
-                if line.strip()]
-    return {"summary": _read_json(ctx.path("data-self", "summary.json")),
-            "samples": SELF_TEACHER_CLIPS * SELF_TEACHER_SAMPLES,
+    return {"summary": outputs["summary"], "samples": outputs["summary"]["inputs"] * SELF_TEACHER_SAMPLES,
             "sft_records": str(ctx.path("data-self", "sft-records.jsonl")),
-            "self_written_in_sft": sum(r.id in written and r.split == "train" for r in mixed),
-            "kept_examples": [r.response for r in list(written.values())[:3]],
+            "self_written_in_sft": sum(r.id in written for r in mixed),
+            "kept_examples": [r.response for r in outputs["records"][:3]],
             "rejected_examples": [{"reason": r["reason"], "detail": r["detail"], "text": r["text"]}
-                                  for r in rejected[:2]]}
+                                  for r in outputs["rejected"][:2]]}
 
 
 def eval_system_prompt() -> str:
