@@ -51,6 +51,49 @@ def test_save_load_round_trip_is_exact(tiny, batch, tmp_path):
     assert torch.equal(before, after)
 
 
+def test_a_pickled_checkpoint_is_refused_and_unsafe_load_options_are_errors(tiny, tmp_path):
+    from emoreason.modeling import safe_load_kwargs
+
+    model, processor = tiny
+    model.config.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # pickled weights only
+    assert list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.safetensors"))
+    with pytest.raises(OSError, match="safetensors"):
+        load_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="safetensors"):
+        safe_load_kwargs(use_safetensors=False)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        safe_load_kwargs(trust_remote_code=True)
+    # Hub kernels (downloaded code; transformers >= 5.25 turns them on by default) stay off unless asked for.
+    assert safe_load_kwargs(dtype=torch.float32) == {
+        "use_safetensors": True, "trust_remote_code": False, "use_kernels": False, "dtype": torch.float32,
+    }
+    assert safe_load_kwargs(use_kernels=True)["use_kernels"] is True
+
+
+def test_every_weight_load_goes_through_the_safe_options(tiny_model_dir, monkeypatch):
+    """Assembling from parts and loading a checkpoint both pass use_safetensors / no remote code / no Hub kernels."""
+    from transformers import PreTrainedModel
+
+    from emoreason.modeling import build_from_components
+
+    seen = []
+    original = PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        seen.append((cls.__name__, {k: kwargs.get(k) for k in ("use_safetensors", "trust_remote_code", "use_kernels")}))
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(spy))
+    load_pretrained(tiny_model_dir)
+    parts = tiny_model_dir / "components"
+    build_from_components(parts / "whisper", parts / "wavlm", parts / "lm")
+    assert len(seen) >= 4, seen
+    for name, options in seen:
+        assert options == {"use_safetensors": True, "trust_remote_code": False, "use_kernels": False}, name
+
+
 def test_auto_classes_resolve_the_checkpoint(tiny_model_dir):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 

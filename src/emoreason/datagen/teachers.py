@@ -251,8 +251,9 @@ def load_language_model(path: str, device: str | None = None, dtype: str = "auto
         # The composite never writes an <audio> placeholder; the text-only LM must not either.
         lm.generation_config.suppress_tokens = [model.config.audio_token_id]
     else:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True,
-                                                  trust_remote_code=False)
+        from ..modeling.loading import safe_load_kwargs
+
+        lm = AutoModelForCausalLM.from_pretrained(path, **safe_load_kwargs(dtype=torch_dtype))
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProces
 
 from .audio_tokens import num_audio_tokens, num_audio_tokens_for_duration
 from .configuration_emoreason import EmoReasonConfig
+from .loading import SAFE_LOAD_KWARGS, safe_load_kwargs
 from .modeling_emoreason import (
     AudioPlaceholderError,
     EmoReasonForConditionalGeneration,
@@ -69,8 +70,7 @@ def text_only_lm(model: EmoReasonForConditionalGeneration):
 
 def load_pretrained(path: str | os.PathLike, **kwargs) -> tuple[EmoReasonForConditionalGeneration, EmoReasonProcessor]:
     """Load a saved EmoReason checkpoint and its processor (safetensors only, no remote code)."""
-    kwargs.setdefault("use_safetensors", True)
-    model = EmoReasonForConditionalGeneration.from_pretrained(path, **kwargs)
+    model = EmoReasonForConditionalGeneration.from_pretrained(path, **safe_load_kwargs(**kwargs))
     processor = EmoReasonProcessor.from_pretrained(path)
     return model, processor
 
@@ -84,8 +84,10 @@ __all__ = [
     "EmoReasonPreTrainedModel",
     "EmoReasonProcessor",
     "EmoReasonProjector",
+    "SAFE_LOAD_KWARGS",
     "build_from_components",
     "load_pretrained",
     "num_audio_tokens",
     "num_audio_tokens_for_duration",
+    "safe_load_kwargs",
 ]

@@ -559,7 +559,9 @@ class EmoReasonForConditionalGeneration(EmoReasonPreTrainedModel, GenerationMixi
         """
         from transformers import AutoModelForCausalLM, WhisperConfig
 
-        load_kwargs = {"dtype": dtype} if dtype is not None else {}
+        from .loading import safe_load_kwargs
+
+        load_kwargs = safe_load_kwargs(**({"dtype": dtype} if dtype is not None else {}))
         if attn_implementation is not None:
             load_kwargs["attn_implementation"] = attn_implementation
         whisper_config = WhisperConfig.from_pretrained(content_encoder)

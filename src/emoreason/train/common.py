@@ -23,6 +23,7 @@ from trl import ModelConfig, ScriptArguments
 
 from ..modeling import EmoReasonForConditionalGeneration, EmoReasonProcessor, build_from_components
 from ..modeling.fusion import FUSION_MODES
+from ..modeling.loading import safe_load_kwargs
 from ..modeling.lora import language_model_lora_config
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def get_model(model_args: EmoReasonModelArguments, processor: EmoReasonProcessor
     if model_args.model_name_or_path:
         path = model_args.model_name_or_path
         base = _base_checkpoint(path)
-        model = EmoReasonForConditionalGeneration.from_pretrained(base, use_safetensors=True, **kwargs)
+        model = EmoReasonForConditionalGeneration.from_pretrained(base, **safe_load_kwargs(**kwargs))
         if base != path:
             from peft import PeftModel
 

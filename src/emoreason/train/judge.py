@@ -114,8 +114,10 @@ class RewardModelJudge:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from ..modeling.loading import safe_load_kwargs
+
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, **safe_load_kwargs()).eval()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
         self.max_length = max_length
