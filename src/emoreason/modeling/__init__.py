@@ -77,6 +77,7 @@ def load_pretrained(path: str | os.PathLike, **kwargs) -> tuple[EmoReasonForCond
 
 __all__ = [
     "AUDIO_TOKEN",
+    "SAFE_LOAD_KWARGS",
     "AudioPlaceholderError",
     "EmoReasonConfig",
     "EmoReasonForConditionalGeneration",
@@ -84,7 +85,6 @@ __all__ = [
     "EmoReasonPreTrainedModel",
     "EmoReasonProcessor",
     "EmoReasonProjector",
-    "SAFE_LOAD_KWARGS",
     "build_from_components",
     "load_pretrained",
     "num_audio_tokens",
