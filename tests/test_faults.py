@@ -296,7 +296,10 @@ def test_silent_overlong_truncated_and_empty_clips_go_to_errors_not_records_or_c
 
 class _FlakyTeacher(BaseHTTPRequestHandler):
     """An OpenAI-compatible stub: prompts naming "ALWAYS400" get a 400 (e.g. longer than the context), prompts naming
-    "ALWAYS500" a 500 every time, the spurious-cue negative of "PAIRFAIL" a 500; the others a valid rationale."""
+    "ALWAYS500" a 500 every time, the spurious-cue negative of "PAIRFAIL" a 500; the others a valid rationale. Once
+    ``healed`` is set, the 500s are over (a server back from an outage); the 400 stays."""
+
+    healed = False
 
     def log_message(self, *args):
         pass
@@ -307,8 +310,8 @@ class _FlakyTeacher(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["messages"][-1]["content"]
         spurious = "Base the reasoning on this detail" in prompt
-        status = 400 if "ALWAYS400" in prompt else 500 if "ALWAYS500" in prompt or (
-            spurious and "PAIRFAIL" in prompt) else 200
+        status = 400 if "ALWAYS400" in prompt else 500 if not self.healed and ("ALWAYS500" in prompt or (
+            spurious and "PAIRFAIL" in prompt)) else 200
         if status == 200:
             target = re.search(r"<answer>(\w+)</answer>", prompt).group(1)
             text = ("<think>\nListening to the whole sentence, the delivery and the words carry a clear feeling "
@@ -343,15 +346,23 @@ def test_teacher_request_failures_are_recorded_per_record_and_the_run_goes_on(sy
     base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     common = ["--manifest", str(root / "m.jsonl"), "--set", "corpus.name=manifest", "--teacher", "openai",
               "--model", "stub", "--set", "teacher.num_samples=1"]
-    try:
-        out = tmp_path / "out"
-        assert run_datagen(*common, "--out", str(out), "--set", f"teacher.base_url={base_url}") == 0
-    finally:
-        server.shutdown()
-        server.server_close()
+    _FlakyTeacher.healed = False
     from emoreason.datagen.pipeline import read_outputs
 
-    outputs = read_outputs(out)
+    out = tmp_path / "out"
+    try:
+        assert run_datagen(*common, "--out", str(out), "--set", f"teacher.base_url={base_url}") == 0
+        outputs = read_outputs(out)
+        first_records = {r.id: r.to_dict() for r in outputs["records"]}
+        # The outage ends; the same command again generates the failed requests anew and nothing else.
+        _FlakyTeacher.healed = True
+        assert run_datagen(*common, "--out", str(out), "--set", f"teacher.base_url={base_url}") == 0
+        healed = read_outputs(out)
+    finally:
+        _FlakyTeacher.healed = False
+        server.shutdown()
+        server.server_close()
+
     failed = {r["id"]: r for r in outputs["rejected"] if r["reason"] == "teacher_error"}
     assert set(failed) == {rows[0]["id"], rows[1]["id"], rows[2]["id"]}
     assert "400" in failed[rows[0]["id"]]["detail"] and "500" in failed[rows[1]["id"]]["detail"]
@@ -363,6 +374,18 @@ def test_teacher_request_failures_are_recorded_per_record_and_the_run_goes_on(sy
     pair = next(p for p in outputs["pairs"] if p.id == rows[2]["id"])
     assert {n["kind"] for n in pair.meta["rejected"]} == {"wrong_emotion"}
     assert any(u["unusable"].startswith("teacher_error") for u in pair.meta["unusable_negatives"])
+    # After the retry: the 500 record is kept, the lost negative is there, the 400 (a permanent refusal) stays
+    # dropped; nothing duplicated, and the records kept the first time are unchanged.
+    ids = [r.id for r in healed["records"]]
+    assert len(ids) == len(set(ids)) and set(ids) == {r["id"] for r in rows[1:]}
+    assert all(first_records[r.id] == r.to_dict() for r in healed["records"] if r.id in first_records)
+    assert [r["id"] for r in healed["rejected"] if r["reason"] == "teacher_error"] == [rows[0]["id"]]
+    assert healed["summary"]["teacher_failures"] == 1 and healed["summary"]["kept"] == 4
+    pair = next(p for p in healed["pairs"] if p.id == rows[2]["id"])
+    # The spurious-cue negative was asked for again and answered (the stub's answer is then judged on its merits).
+    assert not any(u["unusable"].startswith("teacher_error") for u in pair.meta.get("unusable_negatives", []))
+    assert "spurious_cue" in {n["kind"] for n in pair.meta["rejected"] + pair.meta.get("unusable_negatives", [])}
+    assert len({p.id for p in healed["pairs"]}) == len(healed["pairs"])
     # An endpoint that cannot be reached at all stops the run (resumable), rather than dropping every clip.
     dead = tmp_path / "dead"
     assert run_datagen(*common, "--out", str(dead), "--set", f"teacher.base_url={base_url}") == 2

@@ -115,6 +115,9 @@ class DatagenConfig:
     dedup_scope: str = "record"  # "record": no two kept samples of a clip alike; "run": none in the whole run
     pairs: PairsConfig = field(default_factory=PairsConfig)
     write_parquet: bool = True
+    # On every (re)start, records of finished shards whose teacher request failed (a timeout, a 5xx, a lost pair
+    # negative) are generated again and their shard rewritten; a transient outage loses nothing for good.
+    retry_teacher_failures: bool = True
     progress: bool = True
     config_dir: str | None = None  # where the YAML was (relative prompt paths fall back to the repo around it)
 
@@ -578,23 +581,32 @@ def run(cfg: DatagenConfig) -> dict:
     shard_root = out / "shards"
     shard_root.mkdir(exist_ok=True)
     tmp_suffix = f".tmp-w{cfg.worker_index}"  # per worker: never remove another worker's shard in flight
-    for stale in shard_root.glob(f"*{tmp_suffix}"):
+    for stale in shard_root.glob(f"*{tmp_suffix}"):  # unfinished shards, and old copies a retry left behind
         shutil.rmtree(stale)
     mine = [i for i in range(len(shards)) if i % cfg.num_workers == cfg.worker_index]
     done = [i for i in range(len(shards)) if (shard_root / f"{i:05d}").is_dir()]
+    retry = {i: ids for i in mine if i in done and (ids := _teacher_failures(shard_root / f"{i:05d}"))} if (
+        cfg.retry_teacher_failures) else {}
     teacher = get_teacher(cfg.teacher, work_dir=out)
     generator = Generator(cfg, calibration, acoustic, teacher, label_space)
     if cfg.dedup_scope == "run":
         for i in done:
             for row in _read_jsonl(shard_root / f"{i:05d}" / "records.jsonl"):
+                if row["id"] in retry.get(i, ()):
+                    continue  # generated again below: its old rationale must not count as already seen
                 parsed_think = row["response"].split("<think>")[-1].split("</think>")[0]
                 generator.seen.add(think_hash(parsed_think.strip()))
     bar = _progress(sum(len(shards[i]) for i in mine), sum(len(shards[i]) for i in done if i in mine),
                     f"datagen[{teacher.name}]", cfg.progress)
+    if retry:
+        logger.info("generating again %d record(s) whose teacher request failed, in %d finished shard(s)",
+                    sum(map(len, retry.values())), len(retry))
     for index in mine:
         ids = shards[index]
         final = shard_root / f"{index:05d}"
         if final.is_dir():
+            if index in retry:
+                _retry_shard(generator, final, ids, retry[index], by_id, tmp_suffix)
             continue
         result = generator.shard([by_id[i] for i in ids])
         tmp = shard_root / f"{index:05d}{tmp_suffix}"
@@ -612,6 +624,31 @@ def run(cfg: DatagenConfig) -> dict:
         return {"complete": False, "worker_index": cfg.worker_index, "shards_left": len(missing),
                 "shards": len(shards)}
     return merge(out, cfg, shards, corpus.errors, acoustic, teacher, time.time() - start)
+
+
+def _teacher_failures(shard: Path) -> set[str]:
+    """Ids of a finished shard's records with a failed teacher request (the record or one of its pair negatives)."""
+    return {row["id"] for row in _read_jsonl(shard / "rejected.jsonl") if row.get("reason") == "teacher_error"}
+
+
+def _retry_shard(generator: Generator, final: Path, ids: list[str], retry_ids: set[str], by_id: dict,
+                 tmp_suffix: str) -> None:
+    """Generate ``retry_ids`` again and rewrite the shard: their old rows out, the new ones in, in the plan's order.
+
+    The new shard is written beside the old one and swapped in with two renames; a crash between them leaves no
+    finished shard, which the next start then generates whole (the stale copy is removed on start)."""
+    result = generator.shard([by_id[i] for i in ids if i in retry_ids])
+    rank = {record_id: k for k, record_id in enumerate(ids)}
+    tmp = final.with_name(final.name + tmp_suffix)
+    tmp.mkdir()
+    for name, new_rows in result.items():
+        rows = [row for row in _read_jsonl(final / f"{name}.jsonl") if row.get("id") not in retry_ids] + new_rows
+        rows.sort(key=lambda row: rank.get(row.get("id"), len(rank)))  # stable: a record's own rows keep their order
+        _write_jsonl(tmp / f"{name}.jsonl", rows)
+    old = final.with_name(final.name + ".old" + tmp_suffix)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old)
 
 
 def merge(out: Path, cfg: DatagenConfig, shards, adapter_errors, acoustic, teacher, elapsed: float) -> dict:
@@ -642,7 +679,7 @@ def merge(out: Path, cfg: DatagenConfig, shards, adapter_errors, acoustic, teach
         "bad_audio_all_clips": len(errors),
         "rejections_by_reason": dict(Counter(r["reason"] for r in collected["rejected"]).most_common()),
         "dropped_by_reason": dict(Counter(r["reason"] for r in collected["dropped"]).most_common()),
-        "teacher_failures": sum(r["reason"] == "teacher_error" for r in collected["rejected"]),
+        "teacher_failures": sum(r["reason"] == "teacher_error" for r in collected["rejected"]),  # after retries
         "pairs": len(pairs),
         "pair_negatives_by_kind": dict(kinds),
         "teacher": {"name": teacher.name, "model": teacher.model_id},
