@@ -172,6 +172,7 @@ BAD_AUDIO = {
     "not_audio": (b"this is not a sound file at all" * 10, "wav"),
     "truncated_wav": (wav_bytes(clip(1.0, 9))[:30], "wav"),
     "nan_samples": (_nan_wav(), "wav"),
+    "longer_than_the_encoder_window": (wav_bytes(clip(31.0, 3)), "wav"),
 }
 
 

@@ -10,7 +10,7 @@ from conftest import needs_vllm
 
 pytestmark = needs_vllm
 
-DURATIONS = [0.03, 0.5, 1.0, 3.3, 7.77, 29.99, 30.0, 31.5]  # below the minimum, ordinary, at and past the window
+DURATIONS = [0.03, 0.5, 1.0, 3.3, 7.77, 29.99, 30.0]  # below the minimum, ordinary, up to the window (past it: refused)
 
 
 def clip(seconds: float, sampling_rate: int = 16_000, channels: int = 1, seed: int = 0) -> np.ndarray:
@@ -113,3 +113,10 @@ def test_unusable_audio_is_refused_with_the_reason(mm_processor):
     broken = np.full(16_000, np.nan, dtype=np.float32)
     with pytest.raises(AudioError, match="NaN"):
         mm_processor(ids, mm_processor.info.parse_mm_data({"audio": [(broken, 16_000)]}))
+    # Longer than the encoder window: refused (the built-in server refuses it too), not cut without a word; the
+    # window itself is served (memory is profiled at it).
+    window = mm_processor.info.max_audio_samples
+    tone = (0.1 * np.sin(np.arange(window + 16_000) / 16.0)).astype(np.float32)
+    with pytest.raises(AudioError, match="31.00 s long; this model hears at most 30 s"):
+        mm_processor(ids, mm_processor.info.parse_mm_data({"audio": [(tone, 16_000)]}))
+    assert mm_processor(ids, mm_processor.info.parse_mm_data({"audio": [(tone[:window], 16_000)]}))

@@ -49,6 +49,7 @@ from vllm.multimodal.processing import (
 )
 from vllm.sequence import IntermediateTensors
 
+from emoreason.data.audio import AudioError
 from emoreason.modeling.audio_tokens import SAMPLE_RATE, max_samples_for, num_audio_tokens
 from emoreason.modeling.configuration_emoreason import EmoReasonConfig
 from emoreason.modeling.modeling_emoreason import EmoReasonModel, EmoReasonProjector
@@ -93,7 +94,7 @@ class EmoReasonProcessingInfo(BaseProcessingInfo):
 
     @property
     def max_audio_samples(self) -> int:
-        """Longest clip served; longer ones are cut to it, exactly as our processor does (Whisper: 30 s)."""
+        """Longest clip served (Whisper: 30 s); a longer one is refused with a 400, as the built-in server does."""
         return max_samples_for(self.max_source_positions)
 
     def num_audio_tokens(self, num_samples: int) -> int:
@@ -123,8 +124,15 @@ class EmoReasonDummyInputsBuilder(BaseDummyInputsBuilder[EmoReasonProcessingInfo
 class EmoReasonMultiModalProcessor(BaseMultiModalProcessor[EmoReasonProcessingInfo]):
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         processor = self.info.get_hf_processor()
-        # processor.load: the clip as training saw it (cut to the encoder window, padded to the minimum length, and
-        # refused with a reason if it holds NaN/inf or nothing at all).
+        # A clip longer than the encoder window would be heard only in part: refused (vLLM answers a ValueError with
+        # a 400), as the built-in server refuses it, rather than cut without a word.
+        limit = self.info.max_audio_samples
+        for index, audio in enumerate(hf_data.get("audio", [])):
+            if len(audio) > limit:
+                raise AudioError(f"audio {index}", f"the clip is {len(audio) / SAMPLE_RATE:.2f} s long; this model "
+                                 f"hears at most {limit / SAMPLE_RATE:g} s (its content encoder's window)")
+        # processor.load: the clip as training saw it (padded to the minimum length, and refused with a reason if it
+        # holds NaN/inf or nothing at all).
         clips = [processor.load(np.asarray(audio, dtype=np.float32), SAMPLE_RATE) for audio in hf_data.get("audio", [])]
         per_clip = [processor.audio_features([clip]) for clip in clips]
         # Lists of unpadded per-clip tensors (vLLM's batched fields accept ragged lists).
