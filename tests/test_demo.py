@@ -116,3 +116,24 @@ def test_demo_lists_its_stages():
     names = [line.split()[0] for line in result.stdout.splitlines()]
     assert names == ["corpus", "base", "datagen", "warmup", "self-teacher", "sft", "grpo", "dpo", "export", "evaluate",
                      "report"]
+
+
+def test_the_reward_rise_is_measured_against_the_step_to_step_noise():
+    """The report's "standard errors" figure is Welch's t of the last quarter against the first (scipy's value),
+    large for a real rise, small for noise alone, and absent when it cannot be measured."""
+    import random
+
+    from scipy import stats
+
+    from emoreason.demo.report import rise_in_standard_errors
+
+    rng = random.Random(0)
+    noise = [(i, 1.4 + rng.gauss(0, 0.3)) for i in range(60)]
+    rising = [(i, v + 0.01 * i) for i, v in noise]
+    for points in (noise, rising):
+        values = [v for _, v in points]
+        expected = stats.ttest_ind(values[-15:], values[:15], equal_var=False).statistic
+        assert abs(rise_in_standard_errors(points) - expected) < 1e-9
+    assert abs(rise_in_standard_errors(noise)) < 2 < rise_in_standard_errors(rising)
+    assert rise_in_standard_errors(noise[:7]) is None  # one value per quarter: no spread to measure
+    assert rise_in_standard_errors([(i, 1.0) for i in range(20)]) is None  # no noise at all

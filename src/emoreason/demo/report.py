@@ -63,6 +63,20 @@ def _spread(points: list[tuple[int, float]], fraction: float = 0.25) -> tuple[fl
     return std(values[:w]), std(values[-w:])
 
 
+def rise_in_standard_errors(points: list[tuple[int, float]], fraction: float = 0.25) -> float | None:
+    """The end-minus-start rise of the quarter means over the standard error of that difference (Welch's t): how far
+    the rise stands out of the step-to-step noise. Steps are treated as independent draws (each is a fresh batch of
+    prompts); None with fewer than 2 values per quarter or no noise at all."""
+    values = [v for _, v in points]
+    w = max(1, int(len(values) * fraction))
+    if w < 2:
+        return None
+    start, end = _start_end(points, fraction)
+    spread = _spread(points, fraction)
+    se = ((spread[0] ** 2 + spread[1] ** 2) / (w - 1)) ** 0.5  # sample variances (n - 1), over w values each
+    return (end - start) / se if se > 0 else None
+
+
 def switch_step(log: list[dict]) -> int | None:
     """The first logged step at which the progressive schedule had switched the reasoning reward on."""
     return next((step for step, value in _series(log, "reasoning/active")[1] if value >= 0.5), None)
@@ -211,9 +225,12 @@ def write_report(ctx) -> Path:
     grpo_spread = _spread(grpo_pts)
     switch = grpo.get("reasoning_switch") or {}
     switched = switch_step(grpo["log"])
+    rise_se = rise_in_standard_errors(grpo_pts)
     lines += ["## GRPO", "", f"Mean reward ({grpo_key or 'not logged'}): start {_fmt(grpo_start)} "
               f"(spread {_fmt(grpo_spread[0])}), end {_fmt(grpo_end)} (spread {_fmt(grpo_spread[1])}) over "
-              f"{len(grpo_pts)} logged steps (means and standard deviations of the first and last quarter).", "",
+              f"{len(grpo_pts)} logged steps (means and standard deviations of the first and last quarter); the rise is "
+              f"**{_fmt(rise_se)} standard errors** of the difference of the two means (Welch; 2 or more stands out of "
+              "the step-to-step noise).", "",
               f"Reasoning reward: judge `{switch.get('judge', 'n/a')}`, weighted per group by the trust weight and "
               f"switched on once the moving average of the batch accuracy reached {_fmt(switch.get('threshold'))}: "
               + (f"**switched on at step {switched}**." if switched is not None
