@@ -52,6 +52,17 @@ train runtimes 60-170 s on 2 shared cores, the same as the baseline within the l
 - Utterance-level statistics in the projector (every audio token plus a linear map of the clip's mean and std fused
   frame; a modeling change, tried by patching, not landed) with crop 30 %: 0.771 / 0.146.
 
+Measured again on this code (the recipe as it stands: crop 30 %, the tiny tokenizer; deterministic per seed, so
+reruns repeat clip for clip), seeds 0 / 1 / 2: 0.792 / 0.771 / 0.792 (38 / 37 / 38 of 48; clear 31-32 of 36, blended
+5-7 of 12; swapped 0.146-0.167). Scored with each of the 4 instruction wordings and averaged: 0.750 / 0.745 / 0.760,
+so the gap is 2 clips on the test's own draw and ~0.05 over wordings. Three regularisers on top, seeds 0-2 each, all
+lower (mean audio; clips only the recipe got right vs only the variant, pooled over seeds, two-sided sign test):
+weight decay 0.1 0.715 (15 vs 5, p 0.04); the instruction drawn afresh every batch 0.722 (14 vs 5, p 0.06); attention
+dropout 0.1 in the LM 0.722 (12 vs 3, p 0.035). A corpus with 10 sentences per speaker (64 test clips, 240 training
+clips) scores 0.766 / 0.750 / 0.719: more test clips, no closer to 0.8. The errors on clear clips are mostly
+neutral <-> happy on one voice each way (the male test voice's happy heard as neutral, the female one's neutral as
+happy): the two emotions differ most in pitch level, which the model reads against the training voices' baselines.
+
 None reaches 0.8 (best 0.792, one seed); crops of >= 30 % of the frames gain 0.04-0.06 on all three seeds. What
 would move the figure: more test clips (or scoring each clip with every instruction wording) to measure a few-clip
 difference at all, and encoders whose states carry the prosody (the probes above put random towers at about 0.85 on
