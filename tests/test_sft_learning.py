@@ -59,9 +59,9 @@ so the gap is 2 clips on the test's own draw and ~0.05 over wordings. Three regu
 lower (mean audio; clips only the recipe got right vs only the variant, pooled over seeds, two-sided sign test):
 weight decay 0.1 0.715 (15 vs 5, p 0.04); the instruction drawn afresh every batch 0.722 (14 vs 5, p 0.06); attention
 dropout 0.1 in the LM 0.722 (12 vs 3, p 0.035). A corpus with 10 sentences per speaker (64 test clips, 240 training
-clips) scores 0.766 / 0.750 / 0.719: more test clips, no closer to 0.8. The errors on clear clips are mostly
-neutral <-> happy on one voice each way (the male test voice's happy heard as neutral, the female one's neutral as
-happy): the two emotions differ most in pitch level, which the model reads against the training voices' baselines.
+clips) scores 0.766 / 0.750 / 0.719: more test clips, no closer to 0.8. Of the 13 clear-clip errors over the three
+seeds, 7 are the female test voice's neutral heard as happy and 2 the male one's happy heard as neutral: the two
+emotions differ most in pitch level, which the model judges against the training voices' baselines.
 
 None reaches 0.8 (best 0.792, one seed); crops of >= 30 % of the frames gain 0.04-0.06 on all three seeds. What
 would move the figure: more test clips (or scoring each clip with every instruction wording) to measure a few-clip
