@@ -58,7 +58,8 @@ reruns repeat clip for clip), seeds 0 / 1 / 2: 0.792 / 0.771 / 0.792 (38 / 37 / 
 so the gap is 2 clips on the test's own draw and ~0.05 over wordings. Three regularisers on top, seeds 0-2 each, all
 lower (mean audio; clips only the recipe got right vs only the variant, pooled over seeds, two-sided sign test):
 weight decay 0.1 0.715 (15 vs 5, p 0.04); the instruction drawn afresh every batch 0.722 (14 vs 5, p 0.06); attention
-dropout 0.1 in the LM 0.722 (12 vs 3, p 0.035). A corpus with 10 sentences per speaker (64 test clips, 240 training
+dropout 0.1 in the LM 0.722 (12 vs 3, p 0.035). Pooling (the projector's stack factor, 4 here): 8 frames per audio
+token 0.750 / 0.771 / 0.729 (12 vs 7), 2 frames 0.667 / 0.750 / 0.729 (15 vs 5); blended clips stay at 5-6 of 12. A corpus with 10 sentences per speaker (64 test clips, 240 training
 clips) scores 0.766 / 0.750 / 0.719: more test clips, no closer to 0.8. Of the 13 clear-clip errors over the three
 seeds, 7 are the female test voice's neutral heard as happy and 2 the male one's happy heard as neutral: the two
 emotions differ most in pitch level, which the model judges against the training voices' baselines.
