@@ -161,7 +161,7 @@ class Server:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # the launcher forwards it to vLLM, which shuts down cleanly
             try:
-                self.process.wait(timeout=60)
+                self.process.wait(timeout=120)  # the launcher escalates to SIGKILL within 2 x --stop-timeout
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()

@@ -265,3 +265,53 @@ def test_tensor_parallel_size_must_split_the_heads(tmp_path, capsys, size, ok):
         assert f"--tensor-parallel-size {size} cannot split the language model: it has 28 attention heads and 4 KV " \
                "heads" in err and "valid sizes: 1, 2, 4, 28" in err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("stop_with", ["SIGINT", "SIGTERM"])
+def test_a_vllm_that_ignores_the_stop_signal_is_killed_with_everything_it_started(tiny_checkpoint, tmp_path,
+                                                                                   stop_with):
+    """Ctrl-C or SIGTERM to the launcher stops vLLM within ``--stop-timeout`` steps even when vLLM ignores both
+    signals, and takes its own children with it (an engine core left behind holds GBs of memory and the port)."""
+    import signal
+    import time
+
+    child_pid = tmp_path / "child.pid"
+    # A stand-in vLLM that never becomes healthy, ignores SIGINT/SIGTERM, and starts a child of its own.
+    vllm_bin = fake_vllm(tmp_path, f"trap '' INT TERM\nsleep 300 &\necho $! > {child_pid}\n"
+                                   "while true; do sleep 1; done")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "emoreason.serve.vllm_launcher", "--model", str(tiny_checkpoint), "--port",
+         str(free_port()), "--vllm-bin", str(vllm_bin), "--health-timeout", "120", "--stop-timeout", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not child_pid.exists() or not child_pid.read_text().strip():
+            assert time.monotonic() < deadline and launcher.poll() is None, launcher.stdout.read()
+            time.sleep(0.2)
+        pid = int(child_pid.read_text())
+        os.kill(pid, 0)  # the grandchild runs
+        started = time.monotonic()
+        launcher.send_signal(getattr(signal, stop_with))
+        launcher.wait(timeout=30)
+        assert time.monotonic() - started < 15  # SIGINT/SIGTERM, 2 s each, then SIGKILL: never waits forever
+        assert "escalating" in launcher.stdout.read()
+        deadline = time.monotonic() + 10
+        while _alive(pid):
+            assert time.monotonic() < deadline, f"vLLM's child {pid} outlived the launcher"
+            time.sleep(0.2)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:  # a zombie (exited, not yet reaped by init) counts as gone
+            return fh.read().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -56,6 +56,9 @@ def add_vllm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                        help="Jinja chat template file (default: the checkpoint's chat_template.jinja, if any)")
     group.add_argument("--health-timeout", type=float, default=900.0,
                        help="seconds to wait for /health before giving up (model load + CUDA graph capture)")
+    group.add_argument("--stop-timeout", type=float, default=30.0,
+                       help="seconds vLLM gets to shut down after Ctrl-C / SIGTERM before it is terminated, then "
+                            "killed with every process it started")
     group.add_argument("--dry-run", action="store_true", help="print the vllm serve command and exit")
     group.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
                        help="extra argument passed to `vllm serve` as is (repeatable), e.g. --vllm-arg=--enforce-eager")
@@ -198,15 +201,17 @@ def launch(args: argparse.Namespace) -> int:
     print("emoreason serve --backend vllm: " + shlex.join(command), flush=True)
     if getattr(args, "dry_run", False):
         return 0
-    process = subprocess.Popen(command, env=vllm_environment(args))
+    # Its own process group: vLLM starts an engine core and workers, and stopping must reach all of them (a signal to
+    # the API server alone can leave them running, holding memory and the port).
+    process = subprocess.Popen(command, env=vllm_environment(args), start_new_session=True)
+    grace = float(getattr(args, "stop_timeout", 30.0))
     previous_handler = _stop_on_sigterm()
     try:
         url = _health_url(args)
         if not wait_for_health(url, process, getattr(args, "health_timeout", 900.0)):
             if process.poll() is None:
                 print(f"emoreason serve --backend vllm: no answer from {url} in time; stopping vLLM", file=sys.stderr)
-                process.terminate()
-                process.wait(timeout=30)
+                stop_process_group(process, signal.SIGTERM, grace)
                 return 1
             print(f"emoreason serve --backend vllm: vLLM exited with code {process.returncode} before it was "
                   "healthy (its log is above)", file=sys.stderr)
@@ -214,17 +219,35 @@ def launch(args: argparse.Namespace) -> int:
         print(f"emoreason serve --backend vllm: healthy at {url.removesuffix('/health')}/v1", flush=True)
         return process.wait()
     except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)
-        return process.wait()
+        return stop_process_group(process, signal.SIGINT, grace)
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_process_group(process, signal.SIGTERM, grace)
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def stop_process_group(process: subprocess.Popen, first: int, grace: float) -> int:
+    """Stop a child started with ``start_new_session=True`` and everything in its process group, never waiting
+    forever: ``first`` (SIGINT: vLLM's clean shutdown), then SIGTERM, then SIGKILL, ``grace`` seconds apart. Whatever
+    of the group outlives the child itself (an orphaned engine core) is killed too. Returns the child's exit code."""
+    for sig in (first, signal.SIGTERM, signal.SIGKILL):
+        if process.poll() is not None:
+            break
+        _signal_group(process.pid, sig)
+        try:
+            process.wait(timeout=grace if sig != signal.SIGKILL else None)
+        except subprocess.TimeoutExpired:
+            print(f"emoreason serve --backend vllm: vLLM still running {grace:g} s after signal {sig}; escalating",
+                  file=sys.stderr)
+    _signal_group(process.pid, signal.SIGKILL)  # stragglers of the group, if any
+    return process.returncode
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _stop_on_sigterm():
