@@ -159,7 +159,9 @@ class Server:
         import subprocess
 
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # the launcher forwards it to vLLM, which shuts down cleanly
+            # SIGTERM, as a scheduler stops a job: the launcher stops vLLM's whole process group (SIGINT would be
+            # ignored by a launcher started from a background shell, which inherits SIGINT ignored).
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=120)  # the launcher escalates to SIGKILL within 2 x --stop-timeout
             except subprocess.TimeoutExpired:
