@@ -206,6 +206,7 @@ def launch(args: argparse.Namespace) -> int:
     process = subprocess.Popen(command, env=vllm_environment(args), start_new_session=True)
     grace = float(getattr(args, "stop_timeout", 30.0))
     previous_handler = _stop_on_sigterm()
+    previous_int = _stop_on_sigint()
     try:
         url = _health_url(args)
         if not wait_for_health(url, process, getattr(args, "health_timeout", 900.0)):
@@ -224,6 +225,8 @@ def launch(args: argparse.Namespace) -> int:
         stop_process_group(process, signal.SIGTERM, grace)
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def stop_process_group(process: subprocess.Popen, first: int, grace: float) -> int:
@@ -248,6 +251,16 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _stop_on_sigint():
+    """SIGINT stops vLLM even when this process inherited it ignored (started from a background shell, where Python
+    leaves it ignored): Python's KeyboardInterrupt handler, explicitly. Returns the previous handler (None off the
+    main thread)."""
+    try:
+        return signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:
+        return None
 
 
 def _stop_on_sigterm():
