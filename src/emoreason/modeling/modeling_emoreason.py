@@ -29,6 +29,7 @@ from transformers.utils import logging as hf_logging
 from .audio_tokens import num_encoder_frames_from_mel
 from .configuration_emoreason import EmoReasonConfig
 from .fusion import get_fusion
+from .loading import safe_load_kwargs
 
 
 class AudioPlaceholderError(ValueError):
@@ -558,8 +559,6 @@ class EmoReasonForConditionalGeneration(EmoReasonPreTrainedModel, GenerationMixi
         :func:`emoreason.modeling.build_from_components`, which does both). The projector starts from scratch.
         """
         from transformers import AutoModelForCausalLM, WhisperConfig
-
-        from .loading import safe_load_kwargs
 
         load_kwargs = safe_load_kwargs(**({"dtype": dtype} if dtype is not None else {}))
         if attn_implementation is not None:
