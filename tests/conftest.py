@@ -32,6 +32,17 @@ def synth_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def prosody_tiny_model_dir(tmp_path_factory, tiny_model_dir, synth_corpus) -> Path:
+    """The tiny model with its random paralinguistic tower warmed up on the training clips' prosody (label-free; the
+    stand-in for a pretrained WavLM: emoreason.demo.prosody_tower), for tests that measure what the LLM learns."""
+    from emoreason.demo.prosody_tower import warm_up_model
+
+    out = tmp_path_factory.mktemp("tiny-prosody")
+    warm_up_model(tiny_model_dir, synth_corpus, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
     """(model, processor) loaded from the tiny checkpoint, in eval mode. Do not train this shared instance."""
     from emoreason.modeling import load_pretrained

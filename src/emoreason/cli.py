@@ -11,6 +11,8 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("emoreason.testing.tiny:cli", "build and save a tiny complete model (tests, demo)"),
+    "warmup-tower": ("emoreason.demo.prosody_tower:cli",
+                     "prosody warm-up of a tiny model's random paralinguistic tower (tests, demo)"),
     "synth-corpus": ("emoreason.testing.synth_corpus:cli", "synthesise the espeak-ng emotional corpus"),
     "datagen": ("emoreason.datagen.cli:main", "corpora -> reasoning training records (rationales, filters, pairs)"),
     "train": ("emoreason.train.cli:main", "train: `emoreason train {warmup,sft,grpo,dpo} --config recipe.yaml`"),
