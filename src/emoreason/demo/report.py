@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("Summary", "Corpus", "Data generation", "SFT", "Learning controls", "GRPO", "DPO", "Evaluation",
-            "Ambiguity", "Plots", "Reproduce")
+SECTIONS = ("Summary", "Corpus", "The model's paralinguistic tower", "Data generation", "SFT", "Learning controls",
+            "GRPO", "DPO", "Evaluation", "Ambiguity", "Plots", "Reproduce")
 
 
 def _save(fig, path: Path) -> Path:
@@ -200,6 +200,7 @@ def write_report(ctx) -> Path:
               f"{corpus.get('unseen_sentence_test_clips', 'n/a')} test clips use sentences no training clip uses; "
               f"{corpus['ambiguous']} clips rendered between two emotions with split annotator votes.", ""]
 
+    lines += _tower_warmup_section(stages.get("base"))
     lines += ["## Data generation", ""]
     lines.append(f"- `template` teacher (every clip): `{json.dumps(_compact_summary(data['template']))}`")
     lines += [""] + _self_teacher_section(stages.get("warmup"), stages.get("self-teacher"))
@@ -283,6 +284,21 @@ def write_report(ctx) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _tower_warmup_section(base: dict | None) -> list[str]:
+    """What the tower's prosody warm-up is and why it exists, with its loss."""
+    tower = (base or {}).get("tower_warmup")
+    if not tower:
+        return ["(no tower warm-up in this run: the paralinguistic tower is random)", ""]
+    return ["## The model's paralinguistic tower", "",
+            "Real recipes use a pretrained WavLM, whose frozen states carry pitch, loudness and tempo. The demo's "
+            "WavLM is a random tiny network, which keeps little of that, so before anything else it gets a short, "
+            f"label-free **prosody warm-up** (`emoreason warmup-tower`): {tower.get('epochs')} epochs regressing, "
+            "from its states, the frame-level pitch, voicing and energy and the clip-level measures the data generator "
+            f"describes clips with, on the {tower.get('clips')} training clips only (no emotion labels; held-out "
+            f"voices never heard). Loss {_fmt(tower.get('first_epoch_loss'))} -> {_fmt(tower.get('last_epoch_loss'))} "
+            f"in {_fmt(tower.get('seconds'), 0)} s. The towers are frozen from then on, as a pretrained WavLM is.", ""]
 
 
 def _self_teacher_section(warmup: dict | None, self_teacher: dict | None) -> list[str]:
