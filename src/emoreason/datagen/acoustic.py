@@ -231,9 +231,12 @@ def analyze(
     fmax: float = 500.0,
     pause_min_seconds: float = 0.15,
     active_db: float = 35.0,
+    track: PitchTrack | None = None,
 ) -> AcousticFeatures:
-    """Measure one clip. With a transcript the speaking rate counts its syllables, else energy-peak nuclei."""
-    track = track_pitch(waveform, sampling_rate, fmin=fmin, fmax=fmax)
+    """Measure one clip. With a transcript the speaking rate counts its syllables, else energy-peak nuclei.
+    ``track``: the clip's pitch track when the caller already has it (``fmin``/``fmax`` are then not used)."""
+    if track is None:
+        track = track_pitch(waveform, sampling_rate, fmin=fmin, fmax=fmax)
     duration = len(waveform) / float(sampling_rate)
     f0 = track.f0_hz[track.voiced]
     if len(f0):
