@@ -28,6 +28,11 @@ system-deps:
 	  echo "installing espeak-ng (synthetic speech for the demo and tests)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; }
+	@# The report page's browser tests (tests/test_report_html.py) drive the distribution's Chromium offline.
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { \
+	  echo "installing chromium + chromium-driver (headless browser tests of report.html)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 demo: setup
 	$(VENV)/bin/emoreason demo $(DEMO_ARGS)
