@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import datasets
@@ -289,18 +290,77 @@ def test_grpo_starts_from_an_sft_adapter_with_the_adapter_as_reference(tiny_mode
     assert [h["kl"] for h in trainer.state.log_history if "kl" in h] == [0.0]
 
 
-def test_reasoning_schedule_is_saved_with_checkpoints_and_restored_on_resume(tiny_model_dir, rl_records, tmp_path):
+SCHEDULE_OPTIONS = dict(reward_funcs=("format", "accuracy", "reasoning"), max_steps=1, save_strategy="steps",
+                        save_steps=1, reward_kwargs={"reasoning": {"threshold": 0.9, "min_steps": 5}})
+
+
+class KilledDuringSave(BaseException):
+    """A kill (SIGKILL, preemption) in the middle of a checkpoint save."""
+
+
+def test_a_checkpoint_that_counts_as_complete_holds_the_reasoning_schedule(tiny_model_dir, rl_records, tmp_path,
+                                                                           monkeypatch):
+    """``trainer_state.json`` marks a checkpoint complete, so the schedule must be on disk before it: a save killed
+    just before ``trainer_state.json`` (weights, optimizer, schedule written) does not count, and one killed just after
+    it counts and holds the schedule. (The schedule used to be written after the Trainer's save: a kill in between
+    left a complete checkpoint whose resume started the schedule over.)"""
+    from transformers import TrainerState
+
+    from emoreason.train.common import checkpoint_problem, last_complete_checkpoint
+
     records_file, _, data_root = rl_records
-    options = dict(reward_funcs=("format", "accuracy", "reasoning"), max_steps=1, save_strategy="steps",
-                   save_steps=1, reward_kwargs={"reasoning": {"threshold": 0.9, "min_steps": 5}})
-    trainer, _ = make_trainer(tiny_model_dir, records_file, data_root, tmp_path, **options)
+    trainer, _ = make_trainer(tiny_model_dir, records_file, data_root, tmp_path, **SCHEDULE_OPTIONS)
+    folder = tmp_path / "grpo" / "checkpoint-1"
+    before_state = {}
+    write_state = TrainerState.save_to_json
+
+    def save_then_die(state, json_path):
+        # the moment before trainer_state.json: a kill here leaves this folder as it is now
+        before_state.update(problem=checkpoint_problem(folder), last=last_complete_checkpoint(folder.parent),
+                            weights=(folder / "model.safetensors").is_file(),
+                            schedule=(folder / "reward_schedule.json").is_file())
+        write_state(state, json_path)
+        raise KilledDuringSave  # ... and a kill just after it: nothing the save does later reaches the disk
+
+    monkeypatch.setattr(TrainerState, "save_to_json", save_then_die)
+    with pytest.raises(KilledDuringSave):
+        trainer.train()
+    assert before_state["weights"] and "trainer_state.json" in before_state["problem"] and before_state["last"] is None
+    assert before_state["schedule"], "the schedule must be written before trainer_state.json"
+    assert checkpoint_problem(folder) is None and last_complete_checkpoint(folder.parent) == str(folder)
+    assert json.loads((folder / "reward_schedule.json").read_text())["steps"] == 1
+
+
+@pytest.mark.parametrize("deepspeed", [False, True], ids=["plain", "deepspeed-branch"])
+def test_reasoning_schedule_is_saved_with_checkpoints_and_restored_on_resume(deepspeed, tiny_model_dir, rl_records,
+                                                                             tmp_path):
+    """Resume restores the schedule, also on transformers' DeepSpeed branch of ``Trainer.train``, which never calls
+    ``_load_from_checkpoint`` (the ZeRO engine loads the weights after ``prepare``). That branch is taken here by
+    setting ``is_deepspeed_enabled`` for ``train``'s own checks and clearing it for the training loop (which would
+    otherwise build a ZeRO engine): the spy proves ``_load_from_checkpoint`` was skipped."""
+    records_file, _, data_root = rl_records
+    trainer, _ = make_trainer(tiny_model_dir, records_file, data_root, tmp_path, **SCHEDULE_OPTIONS)
     trainer.train()
     schedule = trainer.reasoning_schedule
     assert schedule.steps == 1 and not schedule.active  # one batch of accuracy seen, not enough to switch on
     saved = tmp_path / "grpo" / "checkpoint-1" / "reward_schedule.json"
     assert saved.is_file()
-    resumed, _ = make_trainer(tiny_model_dir, records_file, data_root, tmp_path, **dict(options, max_steps=2))
+    resumed, _ = make_trainer(tiny_model_dir, records_file, data_root, tmp_path, **dict(SCHEDULE_OPTIONS, max_steps=2))
+    loaded = []
+    load = resumed._load_from_checkpoint
+    resumed._load_from_checkpoint = lambda *args, **kwargs: (loaded.append(args), load(*args, **kwargs))[1]
+    if deepspeed:
+        loop = resumed._inner_training_loop
+        resumed.is_deepspeed_enabled = True
+
+        def loop_without_an_engine(*args, **kwargs):
+            resumed.is_deepspeed_enabled = False
+            return loop(*args, **kwargs)
+
+        resumed._inner_training_loop = loop_without_an_engine
     resumed.train(resume_from_checkpoint=str(tmp_path / "grpo" / "checkpoint-1"))
+    assert bool(loaded) != deepspeed  # the branch taken: DeepSpeed's skips _load_from_checkpoint
+    assert resumed.state.global_step == 2
     assert resumed.reasoning_schedule.steps == 2  # continued from the saved state, not from scratch
 
 

@@ -19,7 +19,9 @@ state loaded into the engine after each optimizer step (:mod:`emoreason.train.vl
 (server mode, tensor-parallel engines, sleep mode) are refused with the reason.
 
 It also applies the reasoning reward's trust weight and progressive schedule (see :mod:`emoreason.train.rewards`) to
-the rewards gathered from all processes, so every rank sees the same weights.
+the rewards gathered from all processes, so every rank sees the same weights. The schedule's state is written into each
+checkpoint before the Trainer's own files (``trainer_state.json``, which marks a checkpoint complete, comes last) and
+restored in ``train`` (transformers skips ``_load_from_checkpoint`` under DeepSpeed and FSDP).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 
@@ -269,17 +272,37 @@ class AudioGRPOTrainer(GRPOTrainer):
         return getattr(self.reward_funcs[self._reasoning_index], "schedule", None)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # Written before the Trainer's save, which writes trainer_state.json last: a checkpoint that counts as complete
+        # (emoreason.train.common.checkpoint_problem) always holds the schedule, and a save killed part-way does not
+        # count whatever it left.
         schedule = self.reasoning_schedule
         if schedule is not None and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, SCHEDULE_FILE), "w") as fh:
                 json.dump(schedule.state_dict(), fh)
+        super()._save_checkpoint(model, trial)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, SCHEDULE_FILE)
-        if self.reasoning_schedule is not None and os.path.isfile(path):
-            with open(path) as fh:
-                self.reasoning_schedule.load_state_dict(json.load(fh))
-            logger.info("reasoning reward schedule restored: %s", self.reasoning_schedule.state_dict())
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        # Restored here, not in _load_from_checkpoint: transformers does not call that with DeepSpeed (nor FSDP), and
+        # every resume passes through train(). ``True`` means the last checkpoint, as the Trainer resolves it.
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer raises
+        if resume_from_checkpoint:
+            self.load_reasoning_schedule(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval)
+
+    def load_reasoning_schedule(self, checkpoint: str | os.PathLike) -> bool:
+        """Restore the reasoning reward's schedule from ``checkpoint``; False when there is nothing to restore (no
+        reasoning reward, or a checkpoint saved without one)."""
+        path = os.path.join(checkpoint, SCHEDULE_FILE)
+        if self.reasoning_schedule is None:
+            return False
+        if not os.path.isfile(path):
+            logger.warning("%s holds no %s: the reasoning reward's schedule starts over", checkpoint, SCHEDULE_FILE)
+            return False
+        with open(path) as fh:
+            self.reasoning_schedule.load_state_dict(json.load(fh))
+        logger.info("reasoning reward schedule restored: %s", self.reasoning_schedule.state_dict())
+        return True
