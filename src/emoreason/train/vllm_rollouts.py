@@ -11,7 +11,8 @@ sync-after-each-step bookkeeping in the trainer) and changes three things:
   the processor. The expanded prompt vLLM reports is checked against the trainer's, so the engine decodes from
   exactly the prompt the loss scores.
 - **weights**: :func:`policy_state` is what the engine receives after each optimizer step: the LoRA merged into the
-  base weights as TRL merges it, the active copy of each ``modules_to_save`` module (the projector; never the frozen
+  base weights out of place (``W + scaling * B @ A`` in float32, cast once to the engine's dtype; TRL's
+  merge/unmerge in place makes a bfloat16 base drift at every sync), the active copy of each ``modules_to_save`` module (the projector; never the frozen
   "ref" copy) *and the persistent buffers* (the projector's feature-normalisation statistics, which TRL's parameter
   walk skips). Names are the checkpoint's; the vLLM model's ``load_weights`` maps them.
 - **engine**: built for the policy's dtype with one clip per prompt; on CPU eager and in-process (vLLM's CPU build),
@@ -122,27 +123,96 @@ def audio_rollout_engine(dtype: torch.dtype | None = None):
         trl_grpo.VLLMGeneration = original
 
 
-def policy_state(model, adapter: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+class UnsupportedAdapterError(ValueError):
+    """An adapter whose merged weights :func:`merged_lora_weights` cannot build."""
+
+
+def merged_lora_weights(layer, adapter: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The base layer's tensors with ``adapter`` merged in, built out of place: ``{"weight": ..., ["bias": ...]}``.
+
+    ``W + scaling * (B @ A)`` is computed in float32 from the stored tensors and cast once to ``dtype`` (default: the
+    base weight's dtype); the layer's own tensors are only read. PEFT's ``merge_adapter`` / ``unmerge_adapter`` instead
+    add the delta into the live weight and subtract it again, which in bfloat16 does not give the weight back: the
+    frozen base drifted at every sync (TRL issue 6688). ``scaling`` is PEFT's own (``lora_alpha / r``, or
+    ``lora_alpha / sqrt(r)`` with rsLoRA); dropout plays no part in a merge. DoRA (linear layers) merges as PEFT
+    merges it: ``m / ||W + scaling * B @ A||`` (the norm of each output row) times ``W + scaling * B @ A``.
+    ``lora_bias`` adds ``scaling * lora_B.bias`` to the base bias. Other layer types and LoRA variants are refused.
+    """
+    from peft.tuners.lora.layer import Embedding, Linear
+    from peft.tuners.lora.variants import DoraLinearVariant
+    from peft.utils.other import transpose
+
+    variant = layer.lora_variant.get(adapter)
+    dora = isinstance(variant, DoraLinearVariant)
+    kind = type(layer).__name__
+    if variant is not None and not (dora and isinstance(layer, Linear)):
+        raise UnsupportedAdapterError(
+            f"the weight sync cannot merge the {type(variant).__name__} variant of adapter {adapter!r} on {kind} "
+            "layers out of place; plain LoRA, rsLoRA and DoRA on linear layers are supported")
+    base = layer.get_base_layer()
+    weight = base.weight
+    if not weight.is_floating_point():
+        raise UnsupportedAdapterError(f"the weight sync merges into floating-point base weights; this {kind} layer "
+                                      f"holds {weight.dtype} (a quantised base): load the base unquantised to sync")
+    out_dtype = dtype or weight.dtype
+    scaling = layer.scaling[adapter]
+    if isinstance(layer, Linear) and adapter in layer.lora_A:
+        fan_in_fan_out = layer.fan_in_fan_out
+        lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+        delta = (lora_b.weight.float() @ lora_a.weight.float()) * scaling  # (out, in)
+        merged = transpose(weight, fan_in_fan_out).float() + delta
+        if dora:
+            magnitude = layer.lora_magnitude_vector[adapter].weight.float()
+            merged = (magnitude / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
+        tensors = {"weight": transpose(merged, fan_in_fan_out).to(out_dtype)}
+        if layer.lora_bias.get(adapter, False):
+            if base.bias is None:
+                raise UnsupportedAdapterError("lora_bias=True on a base layer without a bias")
+            tensors["bias"] = (base.bias.float() + lora_b.bias.float() * scaling).to(base.bias.dtype
+                                                                                     if dtype is None else dtype)
+        return tensors
+    if isinstance(layer, Embedding) and adapter in layer.lora_embedding_A:
+        delta = (layer.lora_embedding_B[adapter].float() @ layer.lora_embedding_A[adapter].float()).T * scaling
+        return {"weight": (weight.float() + delta).to(out_dtype)}
+    raise UnsupportedAdapterError(f"the weight sync cannot merge adapter {adapter!r} on a {kind} layer out of place; "
+                                  "LoRA on linear and embedding layers is supported")
+
+
+def policy_state(model, adapter: str | None = None,
+                 dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) for every tensor a full checkpoint of ``model`` holds, LoRA merged in.
 
-    For a PEFT model the adapter is merged for the walk and unmerged afterwards (as TRL does); only the active
-    adapter's copy of a ``modules_to_save`` module is yielded, under the base module's name. Persistent buffers come
-    with the parameters (``state_dict``), so fitted feature-normalisation statistics reach the engine.
+    For a PEFT model each adapted layer's weight is built out of place (:func:`merged_lora_weights`, in float32, cast
+    once to ``dtype`` or the base weight's dtype), one layer at a time as the caller reads: the model's own tensors are
+    never written, so a sync leaves the frozen base bit-identical. Only the active adapter's copy of a
+    ``modules_to_save`` module is yielded, under the base module's name (never the frozen "ref" copy). Persistent
+    buffers come with the parameters (``state_dict``), so fitted feature-normalisation statistics reach the engine.
     """
     from peft import PeftModel
+    from peft.tuners.lora.layer import LoraLayer
 
     if not isinstance(model, PeftModel):
         for name, tensor in model.state_dict(keep_vars=True).items():
             yield name, tensor.detach()
         return
     active = adapter or model.active_adapter
-    lora_marker = model.prefix  # "lora_" for LoRA: the factors, merged into base_layer for the walk
-    model.merge_adapter()
-    try:
+    lora_marker = model.prefix  # "lora_" for LoRA: the factors, merged into their base layer's tensors below
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    merged_layers = [name for name, layer in layers.items() if layer.merged]
+    if merged_layers:
+        raise RuntimeError(f"{len(merged_layers)} LoRA layers (e.g. {merged_layers[0]}) have an adapter merged into "
+                           "their weights; the sync merges out of place and would add it twice: unmerge first")
+    merged: tuple[str, dict[str, torch.Tensor]] | None = None  # the current layer's merged tensors
+    with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
-            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
             if lora_marker in name or ".original_module." in name:
                 continue
+            owner, marker, local = name.rpartition(".base_layer.")
+            if marker and owner in layers and active in layers[owner].scaling:
+                if merged is None or merged[0] != owner:
+                    merged = owner, merged_lora_weights(layers[owner], active, dtype)
+                tensor = merged[1].get(local, tensor)
+            name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
             if ".modules_to_save." in name:
                 prefix, _, rest = name.partition(".modules_to_save.")
                 owner, _, local = rest.partition(".")
@@ -150,8 +220,6 @@ def policy_state(model, adapter: str | None = None) -> Iterator[tuple[str, torch
                     continue  # another adapter's copy (the frozen reference's)
                 name = f"{prefix}.{local}"
             yield name, tensor.detach()
-    finally:
-        model.unmerge_adapter()
 
 
 class AudioVLLMGeneration(VLLMGeneration):
@@ -209,7 +277,7 @@ class AudioVLLMGeneration(VLLMGeneration):
 
     # -- weights --------------------------------------------------------------------------------------------------
     def _load_into_engine(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-        # The engine runs in this process, so the model reads the tensors while the adapter is merged.
+        # The engine runs in this process, so the model reads the tensors as policy_state builds them.
         def load(model):
             model.load_weights(weights)
 
@@ -219,10 +287,11 @@ class AudioVLLMGeneration(VLLMGeneration):
         """Load the policy's full state (merged LoRA, active projector, buffers) into the engine; reset its caches."""
         model = self.accelerator.unwrap_model(self.model)
         device = self.accelerator.device
+        dtype = self.dtype if isinstance(self.dtype, torch.dtype) else None  # the engine's (it was built for it)
         with self._dist.gather_params(list(model.parameters())):
-            # A generator, consumed by the engine's loaders while the adapter is merged: policy_state unmerges (in
-            # place) only once the last tensor has been read.
-            self._load_into_engine((name, tensor.to(device)) for name, tensor in policy_state(model))
+            # A generator, consumed by the engine's loaders inside the gather: each merged weight is built as it is
+            # read, out of place (the policy's own weights are never written).
+            self._load_into_engine((name, tensor.to(device)) for name, tensor in policy_state(model, dtype=dtype))
         # Cached KV blocks and cached encoder outputs were computed with the old weights (the projector and its
         # normalisation shape every audio embedding): both go.
         self.llm.reset_prefix_cache()
