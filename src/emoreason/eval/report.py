@@ -1,6 +1,10 @@
-"""Reports: ``report.json`` (everything), ``report.md`` (the tables a reader wants) and PNG plots (matplotlib Agg):
-accuracy and JS divergence vs total tokens spent per strategy (prompt + completion, verifier calls and re-sent turns
-included), confusion matrices, reliability diagrams, and metrics by ambiguity bin.
+"""Reports: ``report.json`` (everything), ``report.md`` (the tables a reader wants), ``report.html`` (the run clip by
+clip, :mod:`emoreason.eval.html_report`) and PNG plots (matplotlib Agg): accuracy and JS divergence vs total tokens
+spent per strategy (prompt + completion, verifier calls and re-sent turns included) with their 95% intervals,
+confusion matrices, reliability diagrams, and metrics by ambiguity bin.
+
+Every metric the clip columns cover (:data:`emoreason.eval.clips.STATISTICS`) gets a bootstrap interval and its n
+(``strategies.<name>.intervals``; ``bootstrap`` says how), read from the run's predictions and records.
 
 ``report.json`` is strict JSON: a non-finite number anywhere in it is written as ``null`` (and listed under
 ``non_finite``), never as a bare ``NaN`` that JSON readers refuse."""
@@ -17,6 +21,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from .clips import attach  # noqa: E402
+from .html_report import write_html  # noqa: E402
+from .intervals import DEFAULT_DRAWS  # noqa: E402
 
 
 def _fmt(value: Any) -> str:
@@ -35,18 +43,23 @@ def plot_tradeoff(strategies: dict, out: Path) -> list[Path]:
     paths = []
     for metric, group, key, better in (("accuracy", "classification", "accuracy", "higher"),
                                        ("js_divergence", "distribution", "js_divergence", "lower")):
-        points = [(s["tokens"]["total_per_item"], s["metrics"].get(group, {}).get(key), name)
+        points = [(s["tokens"]["total_per_item"], s["metrics"].get(group, {}).get(key), name,
+                   s.get("intervals", {}).get(f"{group}.{key}"))
                   for name, s in strategies.items() if s["metrics"].get(group, {}).get(key) is not None]
         if not points:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         markers = "osD^vP*X"
-        for i, (x, y, name) in enumerate(points):  # a legend, not annotations: strategies often share a budget
-            ax.scatter(x, y, label=name, marker=markers[i % len(markers)], s=50)
+        for i, (x, y, name, interval) in enumerate(points):  # a legend, not annotations: strategies share budgets
+            yerr = None
+            if interval and interval.get("low") is not None:  # the 95% bootstrap interval, clips resampled
+                yerr = [[max(0.0, y - interval["low"])], [max(0.0, interval["high"] - y)]]
+            ax.errorbar(x, y, yerr=yerr, label=name, marker=markers[i % len(markers)], markersize=7, capsize=4,
+                        linestyle="none")
         ax.legend(fontsize=7)
         ax.set_xlabel("total tokens per item (prompt + completion, verifier calls included)")
         ax.set_ylabel(f"{metric} ({better} is better)")
-        ax.set_title(f"{metric} vs tokens spent")
+        ax.set_title(f"{metric} vs tokens spent (bars: 95% interval)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out / f"{metric}_vs_tokens.png"
@@ -148,6 +161,32 @@ def plot_ambiguity(strategies: dict, out: Path) -> Path | None:
     return path
 
 
+def _with_interval(strategy: dict, name: str, value: Any, digits: int = 3) -> str:
+    """A figure with its 95% interval, "0.781 [0.672, 0.875]", or the figure alone when it has none."""
+    interval = strategy.get("intervals", {}).get(name)
+    text = _fmt(value) if digits == 3 else ("-" if value is None else f"{value:.{digits}f}")
+    if not interval or interval.get("low") is None:
+        return text
+    return f"{text} [{interval['low']:.{digits}f}, {interval['high']:.{digits}f}]"
+
+
+def _interval_cell(strategy: dict, name: str, interval: dict) -> str:
+    text = f"{name} {_with_interval(strategy, name, interval['estimate'], 1 if name.startswith('tokens.') else 3)}"
+    units = interval.get("denominator") or {}
+    return text + "".join(f" ({count} {unit})" for unit, count in units.items())
+
+
+def interval_lines(report: dict) -> list[str]:
+    """What the intervals are, or why there are none."""
+    boot = report.get("bootstrap") or {}
+    if not boot:
+        return []
+    if "skipped" in boot:
+        return [f"No intervals: {boot['skipped']}.", ""]
+    return [f"Brackets: {int(round(boot['level'] * 100))}% intervals ({boot['method']}, {boot['draws']} draws, seed "
+            f"{boot['seed']}), n = {boot['n']} clips.", ""]
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Evaluation: {report['suite']}", "",
              f"Model `{report['model']}` at `{report['endpoint']}`, {report['items']} records "
@@ -164,8 +203,12 @@ def markdown(report: dict) -> str:
         cls, dist, cal = m.get("classification", {}), m.get("distribution", {}), m.get("calibration", {})
         tok = s["tokens"]
         lines.append("| " + " | ".join([
-            name, _fmt(cls.get("accuracy")), _fmt(cls.get("balanced_accuracy")), _fmt(cls.get("macro_f1")),
-            _fmt(dist.get("js_divergence")), _fmt(cal.get("ece")), _fmt(m.get("reasoning", {}).get("format_validity")),
+            name, _with_interval(s, "classification.accuracy", cls.get("accuracy")),
+            _with_interval(s, "classification.balanced_accuracy", cls.get("balanced_accuracy")),
+            _with_interval(s, "classification.macro_f1", cls.get("macro_f1")),
+            _with_interval(s, "distribution.js_divergence", dist.get("js_divergence")),
+            _with_interval(s, "calibration.ece", cal.get("ece")),
+            _with_interval(s, "reasoning.format_validity", m.get("reasoning", {}).get("format_validity")),
             _fmt(tok["answered"]), _fmt(tok["prompt_per_item"]), _fmt(tok["completion_per_item"]),
             _fmt(tok["total_per_item"]), _fmt(tok["requests_per_item"]), str(len(s["failures"])),
         ]) + " |")
@@ -174,6 +217,7 @@ def markdown(report: dict) -> str:
               "of the strategy (verifier calls and re-sent turns included); the judge metric's own calls are in "
               "report.json (`judge_metric_total`)."]
     lines.append("")
+    lines += interval_lines(report)
     for name, s in report["strategies"].items():
         m = s["metrics"]
         lines += [f"## {name}", ""]
@@ -209,6 +253,9 @@ def markdown(report: dict) -> str:
             lines.append(f"- reasoning: format validity {_fmt(r['format_validity'])}, consistency "
                          f"{_fmt(r['consistency'])}, cue hallucination rate {_fmt(r['cue_hallucination_rate'])} "
                          f"({r['cue_claims']} checked claims), sample validity {_fmt(r['sample_validity'])}")
+        if s.get("intervals"):
+            lines.append(f"- 95% intervals (n={next(iter(s['intervals'].values()))['n']} clips): "
+                         + ", ".join(_interval_cell(s, k, v) for k, v in s["intervals"].items()))
         if s.get("notes"):
             lines.append(f"- {len(s['notes'])} item(s) with fallbacks, e.g. `{next(iter(s['notes']))}`: "
                          f"{next(iter(s['notes'].values()))[0]}")
@@ -237,10 +284,14 @@ def finite_json(value: Any, path: str = "", found: list[str] | None = None) -> A
     return value
 
 
-def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
+def write_report(report: dict, out_dir: str | Path, *, embed_audio: bool = False,
+                 draws: int = DEFAULT_DRAWS) -> dict[str, Path]:
+    """Write report.json, report.md, report.html and plots/ under ``out_dir``; the run's clips and intervals come
+    from its ``predictions/`` and records file (:func:`emoreason.eval.clips.attach`)."""
     out = Path(out_dir)
     plots_dir = out / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
+    attach(report, out, draws=draws)
     plots = plot_tradeoff(report["strategies"], plots_dir)
     for name, s in report["strategies"].items():
         if "classification" in s["metrics"]:
@@ -257,4 +308,5 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     json_path.write_text(json.dumps(clean, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
     md_path = out / "report.md"
     md_path.write_text(markdown(report), encoding="utf-8")
-    return {"json": json_path, "markdown": md_path, "plots": plots_dir}
+    html_path = write_html(clean, out, embed_audio=embed_audio)
+    return {"json": json_path, "markdown": md_path, "html": html_path, "plots": plots_dir}
