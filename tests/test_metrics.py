@@ -276,3 +276,41 @@ def test_metric_modules_are_found_in_the_installed_package_from_any_directory(tm
     assert {p.parent.name for p in folder.glob("*/*.py") if p.stem == p.parent.name} == shipped
     out = load_metric.__wrapped__("group_gap").compute(predictions=["sad"], references=["sad"], groups=["a"])
     assert out["by_group"]["a"]["accuracy"] == 1.0
+
+
+# -- issue 25: consistency read like everything else; R^2 undefined on constant references ---------------------------
+@pytest.mark.parametrize("think,answer,consistent", [
+    ("The pitch is low and the pace slow: she sounds sad, not angry.", "sad", True),
+    ("It is sadness rather than anger.", "sad", True),
+    ("She sounds angry rather than sad.", "sad", False),
+    ("The voice is loud, so angry... no, it is sad.", "angry", False),
+    ("The pitch is high; the other cues are unremarkable, so happy.", "happy", True),
+    ("Is she angry? The voice is soft and slow, so sad.", "sad", True),
+    ("She sounds sad; the other cues are unremarkable.", "sad", True),  # "other" is not an emotion here
+    ('She says "I am so happy" but her voice is low and slow: sad.', "sad", True),
+])
+def test_consistency_reads_the_emotion_the_rationale_argues_for(think, answer, consistent):
+    text = f"<think>{think}</think><answer>{answer}</answer>"
+    out = load_metric("reasoning_quality").compute(predictions=[text], references=[answer], labels=LABELS)
+    assert out["format_validity"] == 1.0 and out["consistency"] == float(consistent)
+
+
+def test_consistency_and_the_cue_reader_are_one_reader():
+    from emoreason.data.cues import argued_emotion
+
+    module = load_metric("reasoning_quality")
+    text = "<think>Quiet and slow, sad, not angry.</think><answer>sad</answer>"
+    assert argued_emotion("Quiet and slow, sad, not angry.") == "sad"
+    assert module.compute(predictions=[text], references=["sad"], labels=LABELS)["consistency"] == 1.0
+
+
+@pytest.mark.parametrize("reference", [[1.0, 1.0, 1.0], [1 / 3, 1 / 3, 1 / 3], [0.1, 0.1, 0.1], [2, 2, 2]])
+def test_r2_is_undefined_with_its_reason_when_the_references_do_not_vary(reference):
+    out = load_metric("distribution_agreement").compute(predictions=[[0.2, 0.5, 0.3], [0.6, 0.2, 0.2]] * 3,
+                                                        references=[reference] * 6)
+    assert out["r2"] is None and "same share" in out["r2_undefined"]
+    assert np.isfinite(out["js_divergence"])
+    varied = load_metric("distribution_agreement").compute(predictions=[[0.2, 0.5, 0.3], [0.6, 0.2, 0.2]],
+                                                           references=[[0.1, 0.8, 0.1], [0.7, 0.2, 0.1]])
+    assert varied["r2"] == pytest.approx(r2_score([0.1, 0.8, 0.1, 0.7, 0.2, 0.1], [0.2, 0.5, 0.3, 0.6, 0.2, 0.2]))
+    assert "r2_undefined" not in varied

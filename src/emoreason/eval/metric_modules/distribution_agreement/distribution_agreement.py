@@ -6,6 +6,10 @@ negative for nearly identical rows, which gives NaN), KL divergence
 KL(annotators || prediction) in nats with ``epsilon`` added to the prediction before renormalising (so that a
 prediction that gives zero to a voted emotion is penalised, not infinite), Bhattacharyya coefficient (1 = identical),
 and R^2 of the predicted shares against the annotator shares (sklearn ``r2_score`` over all item x class cells).
+
+R^2 divides by the variance of the reference cells. When every cell holds the same share (every reference row the
+same uniform distribution) that variance is zero up to float noise, and dividing by the noise gave about -3e31:
+then ``r2`` is None and ``r2_undefined`` says why.
 """
 
 import datasets
@@ -21,8 +25,10 @@ Args:
     references: annotator distributions in the same label order.
     epsilon: smoothing added to predictions for KL (default 1e-6).
 Returns:
-    js_divergence, kl_divergence, bhattacharyya, r2 (means over items; r2 over all cells).
+    js_divergence, kl_divergence, bhattacharyya, r2 (means over items; r2 over all cells; None when the reference
+    cells do not vary, with the reason in r2_undefined).
 """
+CONSTANT_TOLERANCE = 1e-9  # reference cells closer than this to each other are one value: R^2 is undefined
 
 
 def _normalise(rows):
@@ -55,9 +61,15 @@ class DistributionAgreement(evaluate.Metric):
         smoothed = _normalise(pred + epsilon)
         kl = np.array([entropy(q, p) for p, q in zip(smoothed, ref)])
         bc = np.sqrt(pred * ref).sum(axis=1)
-        return {
+        result = {
             "js_divergence": float(js.mean()),
             "kl_divergence": float(kl.mean()),
             "bhattacharyya": float(bc.mean()),
-            "r2": float(r2_score(ref.ravel(), pred.ravel())),
         }
+        if ref.size == 0 or np.ptp(ref) <= CONSTANT_TOLERANCE:
+            result["r2"] = None
+            result["r2_undefined"] = ("every reference cell holds the same share: R^2 divides by their variance, "
+                                      "which is zero")
+        else:
+            result["r2"] = float(r2_score(ref.ravel(), pred.ravel()))
+        return result

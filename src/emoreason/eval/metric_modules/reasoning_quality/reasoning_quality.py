@@ -1,9 +1,10 @@
 """Reasoning quality of completions in the shared answer format (``<think>`` + ``<answer>``), without a judge:
 
 - format validity: share of completions that parse strictly (one think block, then one known answer);
-- answer-rationale consistency: share of valid completions whose rationale, read in order, names the answer as the
-  last emotion it mentions (a rationale that argues for "sad" and answers "angry" is inconsistent; one that names
-  no emotion does not support its answer);
+- answer-rationale consistency: share of valid completions whose rationale argues for the answer: the last emotion
+  it states without denying it, read by :func:`emoreason.data.cues.argued_emotion` (the cue reader's clauses,
+  quoting, questions and negation: "sad, not angry" argues for sad; "other" is not read as an emotion). A rationale
+  that argues for "sad" and answers "angry" is inconsistent; one that names no emotion does not support its answer;
 - cue hallucination rate: among rationale claims about a measured cue ("the pitch is high", "speaks slowly", "the
   pitch is not high"), the share that contradict the measured level. Claims are read and checked by
   :func:`emoreason.data.cues.ground`, the reader the datagen filter and the GRPO ``cue_grounding`` reward use, so the
@@ -11,14 +12,11 @@
 """
 
 import json
-import re
 
 import datasets
 import evaluate
+from emoreason.data.cues import argued_emotion
 from emoreason.data.cues import ground
-from emoreason.data.labels import EMOTIONS
-from emoreason.data.labels import LabelError
-from emoreason.data.labels import normalize_emotion
 from emoreason.data.response_format import parse_response
 
 _KWARGS = """
@@ -33,19 +31,9 @@ Returns:
     invalid_reasons: {reason: count}.
 """
 
-_EMOTION_WORDS = sorted(set(EMOTIONS) | {"happiness", "joy", "joyful", "sadness", "anger", "fear", "afraid",
-                                         "disgust", "surprise", "frustration", "excited"}, key=len, reverse=True)
-_EMOTION_RE = re.compile(r"\b(" + "|".join(_EMOTION_WORDS) + r")\b", re.I)
-
-
 def last_emotion(text):
-    found = None
-    for match in _EMOTION_RE.finditer(text or ""):
-        try:
-            found = normalize_emotion(match.group(1)) or found
-        except LabelError:
-            continue
-    return found
+    """The emotion a rationale argues for (kept under this name for callers of the module)."""
+    return argued_emotion(text)
 
 
 class ReasoningQuality(evaluate.Metric):
@@ -70,7 +58,7 @@ class ReasoningQuality(evaluate.Metric):
             if not parsed.valid:
                 continue
             valid += 1
-            consistent += int(last_emotion(parsed.think) == parsed.answer)
+            consistent += int(argued_emotion(parsed.think) == parsed.answer)
             measured = json.loads(item_cues) if isinstance(item_cues, str) else dict(item_cues or {})
             checked = ground(parsed.think, measured)
             claims += checked.checked
