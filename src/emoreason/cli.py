@@ -20,6 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("emoreason.train.export:cli", "merge adapters into a standalone checkpoint"),
     "serve": ("emoreason.serve.cli:main", "OpenAI-compatible server (transformers or vLLM backend)"),
     "eval": ("emoreason.eval.cli:main", "evaluate an endpoint on a suite with test-time-scaling strategies"),
+    "report": ("emoreason.eval.cli:report_main", "report pages: `emoreason report compare RUN_A RUN_B` (flips, "
+               "paired differences), `emoreason report html RUN`"),
     "demo": ("emoreason.demo.cli:main", "the whole pipeline end to end on CPU"),
 }
 
