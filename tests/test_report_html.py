@@ -360,3 +360,21 @@ def test_a_2000_clip_page_is_interactive_in_under_2_seconds(browser, runs, tmp_p
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     (SCREENSHOTS / "load_time_2000_clips.txt").write_text(figure + "\n")
     assert load_s + filter_s < 2.0, figure
+
+
+def test_demo_report_compares_sft_grpo_dpo_with_intervals(runs, tmp_path):
+    """The demo report's chain section (emoreason.demo.report.checkpoint_comparison) over three evaluated runs: each
+    pair's page exists, and each row's figures are the comparison's own."""
+    from emoreason.demo.report import CHAIN, checkpoint_comparison
+
+    lines = checkpoint_comparison({name: runs[name] for name in ("sft", "grpo", "dpo")}, tmp_path / "compare",
+                                  relative_to=tmp_path)
+    text = "\n".join(lines)
+    for a, b in CHAIN:
+        result = load(tmp_path / "compare" / f"{a}-{b}" / "compare.json")
+        acc = result["strategies"]["cot_greedy"]["differences"]["classification.accuracy"]
+        assert (f"| {a} -> {b} | classification.accuracy | {acc['a']:.3f} | {acc['b']:.3f} | "
+                f"{acc['difference']:+.3f} | [{acc['low']:+.3f}, {acc['high']:+.3f}] | {acc['p_value']:.3f} | "
+                "McNemar |") in text
+        assert f"compare/{a}-{b}/report.html" in text
+    print("\n" + text)

@@ -247,16 +247,19 @@ def write_report(ctx) -> Path:
               f"{len(dpo_pts)} logged steps.", ""]
 
     lines += ["## Evaluation", "", "What each training stage changed (served checkpoint, greedy chain of thought, "
-              "held-out speakers):", ""]
+              "held-out speakers; brackets: 95% bootstrap intervals over the clips):", ""]
     rows = []
     for name in ("sft", "grpo", "dpo"):
-        m = cot(name)["metrics"]
-        rows.append([name, _fmt(m.get("classification", {}).get("accuracy")),
-                     _fmt(m.get("classification", {}).get("balanced_accuracy")),
-                     _fmt(m.get("distribution", {}).get("js_divergence")),
-                     _fmt(m.get("reasoning", {}).get("format_validity")),
-                     _fmt(m.get("reasoning", {}).get("cue_hallucination_rate"))])
-    lines += _table(["checkpoint", "WA", "UA", "JS div", "format validity", "cue hallucination"], rows) + [""]
+        s = cot(name)
+        rows.append([name, _with_interval(s, "classification", "accuracy"),
+                     _with_interval(s, "classification", "balanced_accuracy"),
+                     _with_interval(s, "distribution", "js_divergence"),
+                     _with_interval(s, "reasoning", "format_validity"),
+                     _with_interval(s, "reasoning", "cue_hallucination_rate"),
+                     str(next(iter(s.get("intervals", {}).values()), {}).get("n", evals[name].get("items")))])
+    lines += _table(["checkpoint", "WA", "UA", "JS div", "format validity", "cue hallucination", "n"], rows) + [""]
+    lines += checkpoint_comparison({name: Path(stages["evaluate"][name]).parent for name in ("sft", "grpo", "dpo")},
+                                   out / "compare", relative_to=out)
     lines += ["Test-time-scaling strategies on the final checkpoint, against tokens spent:", ""]
     lines += _table(["strategy", "WA", "UA", "macro F1", "JS div", "format validity", "tokens/item",
                      "requests/item", "failed"], _strategy_rows(final)) + [""]
@@ -284,6 +287,52 @@ def write_report(ctx) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _with_interval(strategy: dict, group: str, key: str) -> str:
+    value = strategy["metrics"].get(group, {}).get(key)
+    interval = strategy.get("intervals", {}).get(f"{group}.{key}")
+    if interval is None or interval.get("low") is None:
+        return _fmt(value)
+    return f"{_fmt(value)} [{interval['low']:.3f}, {interval['high']:.3f}]"
+
+
+# The checkpoint chain the demo trains, and the metrics its comparison reports.
+CHAIN = (("sft", "grpo"), ("grpo", "dpo"), ("sft", "dpo"))
+COMPARED = ("classification.accuracy", "classification.balanced_accuracy", "distribution.js_divergence",
+            "reasoning.format_validity", "reasoning.cue_hallucination_rate")
+
+
+def checkpoint_comparison(eval_dirs: dict[str, Path], out: Path, relative_to: Path | None = None,
+                          strategy: str = "cot_greedy") -> list[str]:
+    """`emoreason report compare` along SFT -> GRPO -> DPO (and SFT -> DPO): each pair's page under ``out`` and
+    report lines with the paired differences, their 95% intervals and tests, and the flipped clips."""
+    from ..eval.compare import CompareError, difference_rows, write_compare
+
+    lines = [f"Paired differences along the chain ({strategy}, the same clips; B - A with a 95% paired-bootstrap "
+             "interval; p: McNemar for accuracy, the paired bootstrap otherwise). A difference whose interval "
+             "holds 0 is not shown to be one by these clips:", ""]
+    rows, pages = [], []
+    for a, b in CHAIN:
+        try:
+            result = write_compare(eval_dirs[a], eval_dirs[b], out / f"{a}-{b}", labels=(a.upper(), b.upper()))
+        except CompareError as err:
+            lines += [f"- {a} -> {b}: no comparison ({err})"]
+            continue
+        if strategy not in result["strategies"]:
+            continue
+        flips = result["strategies"][strategy]["flips"]
+        for row in difference_rows({"strategies": {strategy: result["strategies"][strategy]}}, COMPARED):
+            rows.append([f"{a} -> {b}"] + row[1:])
+        page = Path(result["files"]["html"])
+        pages.append(f"- {a} -> {b}: {len(flips['right_to_wrong'])} clip(s) right -> wrong, "
+                     f"{len(flips['wrong_to_right'])} wrong -> right; browse them: "
+                     f"`{page.relative_to(relative_to) if relative_to else page}`")
+    if rows:
+        lines += _table(["pair", "metric", "A", "B", "B - A", "95% interval", "p", "test"], rows) + [""]
+    return lines + pages + ["", "Each run's clips, one row each (audio, annotators' and model's distributions, the "
+                                "rationale's cue claims checked against the measurements): `eval/<checkpoint>/"
+                                "report.html`.", ""]
 
 
 def _tower_warmup_section(base: dict | None) -> list[str]:

@@ -285,5 +285,5 @@ STAGES = [
     Stage("dpo", "DPO from the GRPO checkpoint (accelerate launch)", dpo, ("dpo",)),
     Stage("export", "export merged checkpoints", export, ("export",)),
     Stage("evaluate", "serve on loopback and evaluate with test-time-scaling strategies", evaluate, ("eval",)),
-    Stage("report", "write the report", report, ("plots",)),
+    Stage("report", "write the report (and the SFT -> GRPO -> DPO compare pages)", report, ("plots", "compare")),
 ]
