@@ -268,22 +268,31 @@ def test_page_loads_from_file_without_errors_and_filters_count_what_report_json_
     assert console_errors(browser) == []
 
 
+LOAD_FIRST_AUDIO = """
+    const done = arguments[arguments.length - 1];
+    const audio = document.querySelector('#clips tbody tr audio');
+    audio.preload = 'auto';
+    audio.addEventListener('error', () => done({error: audio.error && audio.error.code}));
+    audio.addEventListener('canplay', () => done({readyState: audio.readyState, duration: audio.duration}));
+    audio.load();
+    setTimeout(() => done({timeout: true, readyState: audio.readyState}), 20000);
+"""
+
+
 def test_audio_element_plays_the_clip(browser, runs):
     report = load(runs["sft"] / "report.json")
     clip = report["clips"][0]
     open_page(browser, runs["sft"] / "report.html")
-    state = browser.execute_async_script("""
-        const done = arguments[arguments.length - 1];
-        const audio = document.querySelector('#clips tbody tr audio');
-        audio.preload = 'auto';
-        audio.addEventListener('error', () => done({error: audio.error && audio.error.code}));
-        audio.addEventListener('canplay', () => done({readyState: audio.readyState, duration: audio.duration}));
-        audio.load();
-        setTimeout(() => done({timeout: true, readyState: audio.readyState}), 20000);
-    """)
+    state = browser.execute_async_script(LOAD_FIRST_AUDIO)
     assert state.get("readyState", 0) >= 2, state
     assert state["duration"] == pytest.approx(clip["duration"], abs=0.05)
     assert console_errors(browser) == []
+    # --embed-audio: the same clip from a data URI inside the page
+    embedded = write_html(report, runs["sft"], embed_audio=True, name="report-embedded.html")
+    assert "data:audio/wav;base64," in embedded.read_text()
+    open_page(browser, embedded)
+    state = browser.execute_async_script(LOAD_FIRST_AUDIO)
+    assert state.get("readyState", 0) >= 2 and state["duration"] == pytest.approx(clip["duration"], abs=0.05), state
 
 
 def test_hostile_transcript_and_rationale_render_as_text(browser, runs):
