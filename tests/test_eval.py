@@ -425,3 +425,76 @@ def test_tokens_count_prompts_refine_turns_and_a_separate_audio_verifier(tmp_pat
                                   "rubric": "audio_verifier"}
     assert report["strategies"]["alm_verifier"]["metrics"]["classification"]["accuracy"] == 1.0
     assert "total tok/item" in (tmp_path / "out" / "report.md").read_text()
+
+
+# -- issue 25: null replies are failures; unreadable verdicts are asked again ------------------------------------------
+@pytest.mark.parametrize("choice", [{"index": 0, "message": None, "finish_reason": "stop"},
+                                    {"index": 0, "message": {"role": "assistant", "content": None},
+                                     "finish_reason": "stop"}], ids=["message-null", "content-null"])
+def test_a_null_reply_is_retried_then_recorded_as_failed_never_a_wrong_answer(tmp_path, corpus, choice):
+    from fastapi.responses import JSONResponse
+
+    synth, records, by_audio, id_by_audio = corpus
+    labels = label_script(by_audio)
+    chosen = sorted(records[:4], key=lambda r: r.id)
+    always_null, null_once = chosen[1].id, chosen[2].id
+    seen: set[str] = set()
+
+    def script(body):
+        record_id = id_by_audio[audio_b64(body)]
+        if record_id == always_null or (record_id == null_once and record_id not in seen):
+            seen.add(record_id)
+            return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                 "choices": [choice]})
+        return labels(body)
+
+    app = create_scripted_app(script, model="m")
+    with BackgroundServer(app) as server:
+        report = run_suite(write_suite(tmp_path, synth, ["direct"]), server.url + "/v1", "m", tmp_path / "out",
+                           progress=False, limit=4, backoff=0.01)
+    direct = report["strategies"]["direct"]
+    assert {f["record_id"] for f in direct["failures"]} == {always_null}
+    assert "no message content" in direct["failures"][0]["failure"]
+    assert report["client"]["malformed"] == 3 + 1 and report["client"]["retries"] >= 3
+    assert direct["metrics"]["classification"]["accuracy"] == pytest.approx(0.75)  # the failed one counts wrong,
+    assert report["cache_entries"] == 3  # as a reported failure; nothing null is cached
+
+
+class _VerdictClient:
+    """An endpoint whose judge replies come from ``replies`` in turn, with the response cache the runner gives."""
+
+    model, base_url = "judge", "http://judge/v1"
+
+    def __init__(self, cache, replies):
+        self.cache, self.replies, self.calls = cache, replies, 0
+        self.stats = {"cache_hits": 0}
+
+    async def chat(self, **request):
+        self.calls += 1
+        return {"choices": [{"message": {"content": self.replies[min(self.calls, len(self.replies)) - 1]}}],
+                "usage": {}}
+
+
+@pytest.mark.parametrize("kind", ["judge", "verifier"])
+def test_an_unreadable_verdict_is_not_cached_and_a_rerun_asks_again(tmp_path, kind):
+    import asyncio
+
+    from emoreason.data.schema import EmotionRecord
+    from emoreason.eval.client import ResponseCache
+    from emoreason.eval.judge import Judge
+    from emoreason.eval.verifier import AudioVerifier
+
+    record = EmotionRecord(id="r", audio="r.wav", duration=1.0, corpus="c", transcript="hello")
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+
+    def score(client):
+        if kind == "judge":
+            return asyncio.run(Judge(client, "groundedness").score(record, "The pitch is high.", "happy"))
+        return asyncio.run(AudioVerifier(client).score(record, audio, "The pitch is high.", "happy"))
+
+    first = _VerdictClient(ResponseCache(tmp_path / "cache.sqlite"), ["I cannot grade this."])
+    assert score(first).normalized is None and first.calls == 1
+    rerun = _VerdictClient(ResponseCache(tmp_path / "cache.sqlite"), ['{"score": 4, "reason": "grounded"}'])
+    assert score(rerun).normalized == pytest.approx(0.75) and rerun.calls == 1  # asked again, not 0 forever
+    resumed = _VerdictClient(ResponseCache(tmp_path / "cache.sqlite"), ["never asked"])
+    assert score(resumed).normalized == pytest.approx(0.75) and resumed.calls == 0  # a readable one is cached

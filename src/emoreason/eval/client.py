@@ -5,7 +5,8 @@ and a run against another endpoint or model never answers from this one's cache.
 The cache is SQLite (one row per answered request, committed as soon as the answer arrives): a run killed at any
 moment loses at most the requests in flight. Only successful, non-empty answers are cached; failures and empty
 answers are asked again on the next run. A reply that is not a chat completion (an HTML page from a gateway,
-truncated JSON, JSON without choices) is retried like a network error. Requests that still fail after the retries
+truncated JSON, JSON without choices, a choice whose ``message`` or ``content`` is null) is retried like a network
+error. Requests that still fail after the retries
 raise :class:`RequestFailed`, which the runner records per item (the report is still written).
 
 Requests name the generation budget ``max_completion_tokens`` (the current OpenAI field); a server that refuses it
@@ -168,6 +169,11 @@ class EndpointClient:
                 response = completion.model_dump(mode="json")
                 if not isinstance(response.get("choices"), list) or not response["choices"]:
                     raise MalformedReply("the reply has no choices")
+                missing = [i for i, c in enumerate(response["choices"])
+                           if not isinstance(c, dict) or not isinstance(c.get("message"), dict)
+                           or not isinstance(c["message"].get("content"), str)]
+                if missing:  # a 200 without text is the server's failure, not the model's wrong answer
+                    raise MalformedReply(f"choice(s) {missing} of the reply have no message content (null)")
                 break
             except RETRYABLE as err:
                 if isinstance(err, MalformedReply):

@@ -5,7 +5,8 @@ The rubric, the fencing of untrusted text (transcript, cues, rationale, answer: 
 per request) and the reading of the verdict all live in :mod:`emoreason.data.judging`. Because the fence id is
 random, the endpoint client's request cache cannot recognise a repeated judgement; this judge therefore keys its
 own cache on what is judged (rubric, judge model, cues, transcript, rationale, answer), in the same response cache
-file, and asks identical judgements in flight once.
+file, and asks identical judgements in flight once. Only readable verdicts are cached: a reply without one is asked
+again on the next run instead of scoring that rationale 0 forever.
 """
 
 from __future__ import annotations
@@ -85,6 +86,6 @@ class Judge:
         normalized = self.rubric.normalise(verdict.score)
         result = JudgeScore(verdict.score if normalized is not None else None, normalized, verdict.reason,
                             int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-        if cache is not None:
+        if cache is not None and normalized is not None:  # an unreadable verdict is asked again on a rerun
             cache.put(key, result.__dict__)
         return result

@@ -5,7 +5,8 @@ The rubric (``audio_verifier``, or any rubric the suite names), the fencing of t
 the verdict are :mod:`emoreason.data.judging`'s; this module only puts the clip in front of the rubric's text. The
 fence id is random per request, so the endpoint's request cache cannot recognise a repeated verification: verdicts
 are cached here under a key of what is verified (endpoint, model, rubric, record and its audio, candidate text and
-answer), in the same response cache file.
+answer), in the same response cache file. Only readable verdicts are cached: a reply without one is asked again on
+the next run.
 """
 
 from __future__ import annotations
@@ -70,6 +71,6 @@ class AudioVerifier:
         usage = response.get("usage") or {}
         result = VerifierScore(verdict.score if normalized is not None else None, normalized, verdict.reason,
                                int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-        if cache is not None:
+        if cache is not None and normalized is not None:  # an unreadable verdict is asked again on a rerun
             cache.put(key, asdict(result))
         return result
