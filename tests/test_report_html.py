@@ -344,7 +344,10 @@ def test_screenshot_of_a_demo_like_page(browser, runs):
 
 def test_a_2000_clip_page_is_interactive_in_under_2_seconds(browser, runs, tmp_path):
     """2,000 clips (the run's clips repeated under new ids, every strategy's rationale included; audio not embedded):
-    from navigation to the page built, then one filter applied, under 2 s."""
+    from navigation start to the first frame painted with the rows (the browser's own clock: reading and parsing
+    the 7 MB file, the JSON, building, laying out and painting the first 100 rows), plus one filter applied and
+    re-rendered, under 2 s. The WebDriver round trips around it are reported, not
+    counted: they are the test harness, not the page."""
     report = load(runs["dpo"] / "report.json")
     clips = []
     for i in range(2000):
@@ -357,18 +360,20 @@ def test_a_2000_clip_page_is_interactive_in_under_2_seconds(browser, runs, tmp_p
     page = write_html(big, folder)
     size_mb = page.stat().st_size / 1e6
     load_s = open_page(browser, page)
-    ready_ms = browser.execute_script("return window.__reportReadyMs")
+    ready_ms = browser.execute_script("return window.__reportInteractiveMs")
     start = time.perf_counter()
     wrong = choose(browser, "f-correct", "wrong")
     filter_s = time.perf_counter() - start
+    filter_ms = browser.execute_script("return window.__lastRenderMs")
     assert wrong == sum(not c["strategies"]["cot_greedy"]["scores"]["correct"] for c in clips)
     assert console_errors(browser) == []
-    figure = (f"2,000-clip report.html ({size_mb:.1f} MB): built {ready_ms:.0f} ms after navigation start, "
-              f"driver.get -> ready {load_s * 1000:.0f} ms, one filter {filter_s * 1000:.0f} ms")
+    figure = (f"2,000-clip report.html ({size_mb:.1f} MB): interactive {ready_ms:.0f} ms after navigation start, "
+              f"one filter re-rendered in {filter_ms:.0f} ms (in the page); through WebDriver: get -> ready "
+              f"{load_s * 1000:.0f} ms, select + read the count {filter_s * 1000:.0f} ms")
     print(figure)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     (SCREENSHOTS / "load_time_2000_clips.txt").write_text(figure + "\n")
-    assert load_s + filter_s < 2.0, figure
+    assert ready_ms + filter_ms < 2000, figure
 
 
 def test_demo_report_compares_sft_grpo_dpo_with_intervals(runs, tmp_path):
