@@ -32,7 +32,8 @@ from emoreason.serve.background import BackgroundServer
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["neutral", "happy", "sad", "angry"]
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMIUM = os.environ.get("EMOREASON_CHROMIUM", "/usr/bin/chromium")  # Debian's packages by default
+CHROMEDRIVER = os.environ.get("EMOREASON_CHROMEDRIVER", "/usr/bin/chromedriver")
 HOSTILE = "</td><script>window.__pwned = 1</script><b>bold?</b>"
 SCREENSHOTS = Path(os.environ.get("EMOREASON_SCREENSHOTS", "/tmp/emoreason-report-screenshots"))
 CUES = {"neutral": {"pitch_level": "normal", "energy_level": "normal", "rate_level": "normal"},
@@ -327,6 +328,8 @@ def test_compare_page_lists_exactly_the_flipped_clips(browser, runs):
         assert choose(browser, "f-flip", "flipped") == len(flips["right_to_wrong"]) + len(flips["wrong_to_right"])
         rows = browser.find_elements("css selector", "#differences tr")
         assert any("McNemar" in r.text for r in rows)
+        state = browser.execute_async_script(LOAD_FIRST_AUDIO)  # audio paths rebased onto the compare folder
+        assert state.get("readyState", 0) >= 2, state
         if pair == "sft-grpo":
             browser.save_screenshot(str(SCREENSHOTS / "compare_sft_grpo.png"))
             browser.execute_script("document.getElementById('controls').scrollIntoView()")
