@@ -91,3 +91,44 @@ def test_the_warmed_up_model_is_saved_loadable_with_its_summary(prosody_tiny_mod
     assert summary["clips"] > 0 and summary["last_epoch_loss"] < 0.5 * summary["first_epoch_loss"], summary
     model, _ = load_pretrained(prosody_tiny_model_dir)
     assert not model.model.projector.feature_norm_fitted
+
+
+class _FirstLoss(Exception):
+    """Stops the warm-up at its first loss: the placement is then known and the meta device cannot go further."""
+
+
+def test_head_targets_and_batches_follow_the_towers_device(tiny_model_dir, tmp_path, monkeypatch):
+    """A tower on an accelerator trains there: every tensor the loop builds is put on the tower's device.
+
+    No GPU is needed to check the placement: the tower is moved to PyTorch's "meta" device (tensors with shapes and
+    no data), which, like CUDA, refuses to mix with CPU tensors, so a head, target or batch left on the CPU would show.
+    Meta tensors cannot be read back (frame counts, the loss value), so the tower's forward is replaced by a stand-in
+    that checks its inputs and returns meta states, and the run stops at the first loss, whose inputs are checked.
+    That the CPU path still trains is test_only_the_tower_changes_and_only_training_clips_are_read."""
+    from emoreason.demo import prosody_tower
+    from emoreason.modeling import load_pretrained
+
+    records = _manifest(tmp_path, test_audio="wav/missing-test-clip.wav")
+    model, processor = load_pretrained(tiny_model_dir)
+    inner = model.model
+    inner.paralinguistic_encoder.to("meta")
+    hidden = inner.paralinguistic_encoder.config.hidden_size
+    seen = {}
+
+    def encode(input_values, input_values_mask):
+        seen["input_values"], seen["input_values_mask"] = input_values.device, input_values_mask.device
+        frames = input_values.shape[1] // 320
+        return torch.zeros(input_values.shape[0], frames, hidden, device="meta"), None  # where the tower is
+
+    def first_loss(predicted, lengths, targets, voiced, clip_z, clip_mask):
+        seen.update(predicted=predicted.device, clip_z=clip_z.device, clip_mask=clip_mask.device,
+                    targets={t.device for t in targets}, voiced={v.device for v in voiced})
+        raise _FirstLoss
+
+    monkeypatch.setattr(inner, "encode_paralinguistic", encode)
+    monkeypatch.setattr(prosody_tower, "_prosody_loss", first_loss)
+    with pytest.raises(_FirstLoss):
+        warm_up_paralinguistic_tower(model, processor, records, tmp_path, epochs=1, clips_per_step=2, progress=False)
+    meta = torch.device("meta")
+    assert seen == {"input_values": meta, "input_values_mask": meta, "predicted": meta, "clip_z": meta,
+                    "clip_mask": meta, "targets": {meta}, "voiced": {meta}}

@@ -83,7 +83,11 @@ def warm_up_paralinguistic_tower(model, processor, records: Sequence, data_root:
                                  progress: bool = True) -> dict[str, Any]:
     """Train ``model``'s paralinguistic tower in place on the prosody of the ``split == "train"`` records (see the
     module docstring), the learning rate decaying to a tenth on a cosine. Returns a summary: clips, epochs, steps, the
-    mean loss of every epoch, seconds."""
+    mean loss of every epoch, seconds.
+
+    Runs where the tower is: the regression head, the targets and every batch are put on the tower's device (the head
+    is initialised on the CPU first and then moved, so a seed gives the same head everywhere, and on the CPU the same
+    numbers as before the placement was added)."""
     if epochs < 1 or clips_per_step < 1 or learning_rate <= 0:
         raise ValueError("warm_up_paralinguistic_tower: epochs and clips_per_step must be >= 1, learning_rate > 0")
     projector = model.model.projector
@@ -94,13 +98,16 @@ def warm_up_paralinguistic_tower(model, processor, records: Sequence, data_root:
     if not train:
         raise ValueError("no training-split clips to warm the tower up on")
     frame_seconds = _tower_frame_seconds(model)
+    inner = model.model
+    tower = inner.paralinguistic_encoder
+    device = next(tower.parameters()).device
     clips, measures, present = [], [], []
     for record in train:
         waveform = load_audio(record.audio_path(data_root))
         track = track_pitch(waveform)
         targets, voiced = prosody_targets(waveform, frame_seconds, track)
         values, exists = clip_targets(waveform, record.transcript, track)
-        clips.append((waveform, targets, voiced))
+        clips.append((waveform, targets.to(device), voiced.to(device)))
         measures.append(values)
         present.append(exists)
     # clip measures standardised over the training clips (where they exist)
@@ -108,13 +115,11 @@ def warm_up_paralinguistic_tower(model, processor, records: Sequence, data_root:
     masked = np.where(present, measures, np.nan)
     mean, std = np.nanmean(masked, 0), np.nanstd(masked, 0)
     mean, std = np.nan_to_num(mean), np.where(np.isfinite(std) & (std > 1e-6), std, 1.0)
-    clip_z = torch.from_numpy(((np.nan_to_num(masked) - mean) / std).astype(np.float32))
-    clip_mask = torch.from_numpy(present)
+    clip_z = torch.from_numpy(((np.nan_to_num(masked) - mean) / std).astype(np.float32)).to(device)
+    clip_mask = torch.from_numpy(present).to(device)
 
-    inner = model.model
-    tower = inner.paralinguistic_encoder
     torch.manual_seed(seed)
-    head = nn.Linear(tower.config.hidden_size, len(TARGETS) + len(CLIP_TARGETS))
+    head = nn.Linear(tower.config.hidden_size, len(TARGETS) + len(CLIP_TARGETS)).to(device)
     generator = torch.Generator().manual_seed(seed)
     params = list(tower.parameters()) + list(head.parameters())
     was_training, flags = tower.training, [p.requires_grad for p in tower.parameters()]
@@ -141,7 +146,8 @@ def warm_up_paralinguistic_tower(model, processor, records: Sequence, data_root:
                 index = order[first : first + clips_per_step]
                 batch = [clips[i] for i in index]
                 feats = processor.audio_features([b[0] for b in batch])
-                states, lengths = inner.encode_paralinguistic(feats["input_values"], feats["input_values_mask"])
+                states, lengths = inner.encode_paralinguistic(feats["input_values"].to(device),
+                                                              feats["input_values_mask"].to(device))
                 if states.dim() == 4:  # layer-weighted towers return every layer: train the last
                     states = states[-1]
                 loss = _prosody_loss(head(states.float()), lengths, [b[1] for b in batch], [b[2] for b in batch],
@@ -190,15 +196,17 @@ def _prosody_loss(predicted: torch.Tensor, lengths: torch.Tensor, targets: list[
 
 
 def warm_up_model(model_dir: str | Path, manifest: str | Path, out_dir: str | Path, data_root: str | Path | None = None,
-                  epochs: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Load ``model_dir``, warm its paralinguistic tower up on ``manifest``'s training clips, save model, processor and
-    ``prosody_warmup.json`` (the summary) to ``out_dir``."""
+                  epochs: int = 8, seed: int = 0, progress: bool = True, device: str | None = None) -> dict[str, Any]:
+    """Load ``model_dir``, warm its paralinguistic tower up on ``manifest``'s training clips (on ``device``; default
+    the CPU), save model, processor and ``prosody_warmup.json`` (the summary) to ``out_dir``."""
     from ..modeling import load_pretrained
 
     manifest = Path(manifest)
     data_root = Path(data_root) if data_root is not None else manifest.parent
     records = read_records(manifest)
     model, processor = load_pretrained(model_dir)
+    if device is not None:
+        model.to(device)
     summary = warm_up_paralinguistic_tower(model, processor, records, data_root, epochs=epochs, seed=seed,
                                            progress=progress)
     out = Path(out_dir)
@@ -217,9 +225,10 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the warmed-up model")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="where to train the tower, e.g. cuda (default: the CPU)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     summary = warm_up_model(args.model, args.manifest, args.out, data_root=args.data_root, epochs=args.epochs,
-                            seed=args.seed, progress=not args.no_progress)
+                            seed=args.seed, progress=not args.no_progress, device=args.device)
     print(json.dumps(summary))
     return 0
