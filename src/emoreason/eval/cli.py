@@ -1,8 +1,9 @@
 """`emoreason eval --suite eval/suites/<name>.yaml --endpoint URL --model NAME`: evaluate an endpoint on a suite.
 
 Writes ``report.json``, ``report.md``, ``report.html`` (the run clip by clip), ``plots/``,
-``predictions/<strategy>.jsonl`` and the response cache (``responses.sqlite``) under ``--out``. Rerunning with the same ``--out`` resumes: cached answers are not asked
-again. Exit status 1 when items failed after retries (they are in the report, counted as invalid).
+``predictions/<strategy>.jsonl`` and the response cache (``responses.sqlite``) under ``--out``. Rerunning with the
+same ``--out`` resumes: cached answers are not asked again. Exit status 1 when items failed after retries (they are
+in the report, counted as invalid).
 """
 
 from __future__ import annotations

@@ -57,9 +57,9 @@ def compare_runs(report_a: dict, report_b: dict, *, labels: tuple[str, str] = ("
         sa, sb = report_a["strategies"][name], report_b["strategies"][name]
         cols_a = clip_columns(report_a["clips"], name, n_labels)
         cols_b = clip_columns(clips_b, name, n_labels)
+        both = [m for m in STATISTICS if m in sa.get("intervals", {}) and m in sb.get("intervals", {})]
         differences = {metric: paired_difference(STATISTICS[metric], cols_a, cols_b, n, draws=draws, seed=seed,
-                                                 level=level)
-                       for metric in STATISTICS if metric in sa.get("intervals", {}) and metric in sb.get("intervals", {})}
+                                                 level=level) for metric in both}
         test = mcnemar(cols_a["correct"].astype(bool), cols_b["correct"].astype(bool))
         if "classification.accuracy" in differences:
             differences["classification.accuracy"].update(test="McNemar", p_value=test["p_value"],

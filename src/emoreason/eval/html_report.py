@@ -18,7 +18,8 @@ from typing import Any
 HEADLINE = (("classification.accuracy", "WA", "higher"), ("classification.balanced_accuracy", "UA", "higher"),
             ("classification.macro_f1", "macro F1", "higher"), ("distribution.js_divergence", "JS div", "lower"),
             ("calibration.ece", "ECE", "lower"), ("reasoning.format_validity", "format valid", "higher"),
-            ("reasoning.cue_hallucination_rate", "cue halluc.", "lower"), ("tokens.total_per_item", "tok/item", "lower"))
+            ("reasoning.cue_hallucination_rate", "cue halluc.", "lower"),
+            ("tokens.total_per_item", "tok/item", "lower"))
 
 
 def _page_data(report: dict, out: Path, embed_audio: bool) -> dict[str, Any]:
@@ -158,7 +159,8 @@ function header() {
   const b = D.bootstrap || {};
   h.append(el("div", {cls: "meta", text: b.skipped ? ("No intervals: " + b.skipped) :
     (((b.level || 0.95) * 100).toFixed(0) + "% intervals: " + (b.method || "bootstrap") + ", " + b.draws +
-     " draws, seed " + b.seed + ", n = " + b.n + " clips" + (COMPARE ? "; differences are B - A on the same clips" : ""))}));
+     " draws, seed " + b.seed + ", n = " + b.n + " clips" +
+     (COMPARE ? "; differences are B - A on the same clips" : ""))}));
   return h;
 }
 
@@ -192,7 +194,8 @@ function compareTable() {
       const good = (better === "higher") === (d.difference > 0);
       t.append(el("tr", null, el("td", {text: name}), el("td", {text: title}), el("td", {text: fmt(d.a, digits)}),
         el("td", {text: fmt(d.b, digits)}),
-        el("td", {cls: sig ? (good ? "sig" : "sigbad") : null, text: (d.difference > 0 ? "+" : "") + fmt(d.difference, digits)}),
+        el("td", {cls: sig ? (good ? "sig" : "sigbad") : null,
+                  text: (d.difference > 0 ? "+" : "") + fmt(d.difference, digits)}),
         el("td", {text: "[" + fmt(d.low, digits) + ", " + fmt(d.high, digits) + "]"}),
         el("td", {text: fmt(d.p_value, 3)}), el("td", {text: d.test}), el("td", {text: String(d.n)})));
     }
@@ -209,7 +212,11 @@ const state = {strategy: strategyNames.includes("cot_greedy") ? "cot_greedy" : s
 
 function select(id, label, options, value, onchange) {
   const s = el("select", {id});
-  for (const [v, text] of options) { const o = el("option", {value: v, text}); if (v === value) o.selected = true; s.append(o); }
+  for (const [v, text] of options) {
+    const o = el("option", {value: v, text});
+    if (v === value) o.selected = true;
+    s.append(o);
+  }
   s.addEventListener("change", () => onchange(s.value));
   return el("label", null, label + " ", s);
 }
@@ -252,12 +259,13 @@ function matches(clip) {
   if (state.q && !haystack(clip).includes(state.q.toLowerCase())) return false;
   return true;
 }
+function score(clip, key) { return answerOf(clip, 0, state.strategy).scores[key]; }
 const SORTS = {
   order: null,
   ambiguity: (a, b) => b.ambiguity - a.ambiguity,
-  js: (a, b) => (answerOf(b, 0, state.strategy).scores.js - answerOf(a, 0, state.strategy).scores.js),
-  confidence: (a, b) => (answerOf(b, 0, state.strategy).scores.confidence - answerOf(a, 0, state.strategy).scores.confidence),
-  tokens: (a, b) => (answerOf(b, 0, state.strategy).scores.tokens - answerOf(a, 0, state.strategy).scores.tokens),
+  js: (a, b) => score(b, "js") - score(a, "js"),
+  confidence: (a, b) => score(b, "confidence") - score(a, "confidence"),
+  tokens: (a, b) => score(b, "tokens") - score(a, "tokens"),
   id: (a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0),
 };
 
@@ -266,20 +274,26 @@ function controls() {
   const refresh = () => { state.shown = PAGE; renderRows(); };
   c.append(select("f-strategy", COMPARE ? "strategy (flips, correct in B)" : "strategy", strategyNames.map(n => [n, n]),
     state.strategy, v => { state.strategy = v; refresh(); }));
-  c.append(select("f-emotion", "emotion", [["", "all"], ...(D.labels || []).map(l => [l, l])], "", v => { state.emotion = v; refresh(); }));
-  c.append(select("f-correct", "answer", [["", "all"], ["correct", "correct"], ["wrong", "wrong"]], "", v => { state.correct = v; refresh(); }));
+  c.append(select("f-emotion", "emotion", [["", "all"], ...(D.labels || []).map(l => [l, l])], "",
+                  v => { state.emotion = v; refresh(); }));
+  c.append(select("f-correct", "answer", [["", "all"], ["correct", "correct"], ["wrong", "wrong"]], "",
+                  v => { state.correct = v; refresh(); }));
   const bins = uniq(clips.map(x => x.ambiguity_bin));
-  if (bins.length) c.append(select("f-bin", "ambiguity", [["", "all"], ...bins.map(b => [b, b])], "", v => { state.bin = v; refresh(); }));
+  if (bins.length) c.append(select("f-bin", "ambiguity", [["", "all"], ...bins.map(b => [b, b])], "",
+                                   v => { state.bin = v; refresh(); }));
   const fields = uniq(clips.flatMap(x => Object.keys(x.groups || {})));
-  for (const f of fields) c.append(select("f-group-" + f, f, [["", "all"], ...uniq(clips.map(x => (x.groups || {})[f])).map(v => [v, v])],
-    "", v => { state.groups[f] = v; refresh(); }));
+  for (const f of fields) {
+    const values = uniq(clips.map(x => (x.groups || {})[f])).map(v => [v, v]);
+    c.append(select("f-group-" + f, f, [["", "all"], ...values], "", v => { state.groups[f] = v; refresh(); }));
+  }
   if (strategyNames.length > 1) {
     const box = el("input", {type: "checkbox", id: "f-disagree"});
     box.addEventListener("change", () => { state.disagree = box.checked; refresh(); });
     c.append(el("label", null, box, " strategies disagree"));
   }
-  if (COMPARE) c.append(select("f-flip", "flip", [["", "all"], ["flipped", "any flip"], ["right_to_wrong", "right -> wrong"],
-    ["wrong_to_right", "wrong -> right"], ["same", "unchanged"]], "", v => { state.flip = v; refresh(); }));
+  if (COMPARE) c.append(select("f-flip", "flip", [["", "all"], ["flipped", "any flip"],
+    ["right_to_wrong", "right -> wrong"], ["wrong_to_right", "wrong -> right"], ["same", "unchanged"]], "",
+    v => { state.flip = v; refresh(); }));
   const q = el("input", {type: "search", id: "f-search", placeholder: "search transcript, rationale, id"});
   q.addEventListener("input", () => { state.q = q.value; refresh(); });
   c.append(q);
@@ -311,14 +325,15 @@ function markRationale(text, claims) {
   for (const c of claims || []) {
     if (!c.clause) continue;
     const at = folded.indexOf(folded === text ? c.clause : c.clause.toLowerCase());
-    if (at >= 0 && !spans.some(s => at < s[1] && at + c.clause.length > s[0])) spans.push([at, at + c.clause.length, c]);
+    const end = at + c.clause.length;
+    if (at >= 0 && !spans.some(s => at < s[1] && end > s[0])) spans.push([at, end, c]);
   }
   spans.sort((a, b) => a[0] - b[0]);
   let pos = 0;
   for (const [start, end, c] of spans) {
     box.append(text.slice(pos, start));
-    box.append(el("mark", {cls: c.verdict, title: c.cue + ": " + (c.negated ? "not " : "") + c.level + " -> " + c.verdict,
-      text: text.slice(start, end)}));
+    box.append(el("mark", {cls: c.verdict, text: text.slice(start, end),
+      title: c.cue + ": " + (c.negated ? "not " : "") + c.level + " -> " + c.verdict}));
     pos = end;
   }
   box.append(text.slice(pos));
@@ -349,14 +364,19 @@ function answers(clip, run, title) {
 
 function row(clip) {
   const tr = el("tr", {"data-id": clip.id});
-  if (COMPARE) { const f = flipOf(clip); if (f === "right_to_wrong") tr.className = "flip-rw"; if (f === "wrong_to_right") tr.className = "flip-wr"; }
+  if (COMPARE) {
+    const f = flipOf(clip);
+    if (f !== "same") tr.className = f === "right_to_wrong" ? "flip-rw" : "flip-wr";
+  }
   const audio = el("audio", {controls: "", preload: "none", src: clip.audio});
   tr.append(el("td", {cls: "clip"}, el("div", {cls: "id", text: clip.id}), audio,
-    el("div", {cls: "meta", text: fmt(clip.duration, 2) + " s; speaker " + (clip.speaker || "-") + ", " + (clip.gender || "-")}),
+    el("div", {cls: "meta",
+               text: fmt(clip.duration, 2) + " s; speaker " + (clip.speaker || "-") + ", " + (clip.gender || "-")}),
     el("div", {cls: "meta", text: "label " + clip.label + "; ambiguity " + fmt(clip.ambiguity, 2) + " bits" +
       (clip.ambiguity_bin ? " (" + clip.ambiguity_bin + ")" : "")})));
   const cues = el("div");
-  for (const [k, v] of Object.entries(clip.cues || {})) cues.append(el("span", {cls: "chip", text: k.replace("_level", "") + ": " + v}));
+  for (const [k, v] of Object.entries(clip.cues || {}))
+    cues.append(el("span", {cls: "chip", text: k.replace("_level", "") + ": " + v}));
   tr.append(el("td", null, el("div", {cls: "transcript", text: clip.transcript || ""}), cues));
   const sa = answerOf(clip, 0, state.strategy);
   const barCell = el("td", null, bars(clip, sa, COMPARE ? D.runs[0].label : state.strategy));
