@@ -1,4 +1,4 @@
-"""The vLLM weight sync (emoreason.train.vllm_rollouts.policy_state): what the engine receives after each optimizer step.
+"""The vLLM weight sync (emoreason.train.vllm_rollouts.policy_state): what the engine gets after each optimizer step.
 
 No vLLM here: the sync's tensors come from ``policy_state``, and ``sync_weights`` is driven with a stand-in engine that
 records what ``load_weights`` was given (tests_vllm/test_grpo_vllm.py runs the real engine in the vLLM environment).
@@ -47,7 +47,8 @@ def lora_policy(model_dir, dtype: torch.dtype, **lora):
 def fp32_merged_reference(policy) -> dict[str, torch.Tensor]:
     """PEFT's own merge, in float32, of a copy of ``policy``: ``merge_and_unload`` gives the base model with the
     adapter merged and the active projector copy in place, under the checkpoint's names."""
-    return {name: tensor.clone() for name, tensor in copy.deepcopy(policy).float().merge_and_unload().state_dict().items()}
+    merged = copy.deepcopy(policy).float().merge_and_unload()
+    return {name: tensor.clone() for name, tensor in merged.state_dict().items()}
 
 
 @pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])

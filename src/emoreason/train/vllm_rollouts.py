@@ -11,10 +11,11 @@ sync-after-each-step bookkeeping in the trainer) and changes three things:
   the processor. The expanded prompt vLLM reports is checked against the trainer's, so the engine decodes from
   exactly the prompt the loss scores.
 - **weights**: :func:`policy_state` is what the engine receives after each optimizer step: the LoRA merged into the
-  base weights out of place (``W + scaling * B @ A`` in float32, cast once to the engine's dtype; TRL's
-  merge/unmerge in place makes a bfloat16 base drift at every sync), the active copy of each ``modules_to_save`` module (the projector; never the frozen
-  "ref" copy) *and the persistent buffers* (the projector's feature-normalisation statistics, which TRL's parameter
-  walk skips). Names are the checkpoint's; the vLLM model's ``load_weights`` maps them.
+  base weights out of place (``W + scaling * B @ A`` in float32, cast once to the engine's dtype; TRL's in-place
+  merge/unmerge makes a bfloat16 base drift at every sync), the active copy of each ``modules_to_save`` module (the
+  projector; never the frozen "ref" copy) *and the persistent buffers* (the projector's feature-normalisation
+  statistics, which TRL's parameter walk skips). Names are the checkpoint's; the vLLM model's ``load_weights`` maps
+  them.
 - **engine**: built for the policy's dtype with one clip per prompt; on CPU eager and in-process (vLLM's CPU build),
   with a small KV cache unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise, and with its packed linear kernels
   replaced by plain weights (:func:`unpack_cpu_linears`), since packed weights cannot be updated in place.
