@@ -323,3 +323,89 @@ def test_a_failing_request_does_not_fail_its_batch(server, clips, monkeypatch):
     good, bad, also_good = asyncio.run(run())
     assert isinstance(bad, openai.InternalServerError) and "cannot generate this one" in str(bad)
     assert good.choices and also_good.choices
+
+
+# -- issue 25: seeded rows batch; one rule for silent and too-short clips; non-ASCII keys are 401s ---------------------
+def _concurrently(server, requests: list[dict]):
+    async def run():
+        async_client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        try:
+            return await asyncio.gather(*(async_client.chat.completions.create(**r) for r in requests))
+        finally:
+            await async_client.close()
+
+    return asyncio.run(run())
+
+
+def test_seeded_requests_batch_and_keep_their_samples(server, clips):
+    """The evaluator always sends a seed: 8 concurrent seeded requests must not cost 8 generate calls, and a seeded
+    request samples the same completions alone and inside a batch of other requests."""
+    engine = server.engine
+
+    def request(clip, seed, n=1):
+        return dict(model=MODEL, messages=audio_message(input_audio_part(clip)), max_tokens=6, temperature=1.0,
+                    n=n, seed=seed)
+
+    alone = _concurrently(server, [request(clips[0], 11, n=2)])[0]
+    before = engine.batches_run
+    crowd = _concurrently(server, [request(clips[0], 11, n=2)] + [request(clips[i % 3], 100 + i) for i in range(7)])
+    assert engine.batches_run - before < 8  # one generate call for the lot (two if they arrive apart), not eight
+    assert [c.message.content for c in crowd[0].choices] == [c.message.content for c in alone.choices]
+    others = [crowd[i].choices[0].message.content for i in range(1, 8)]
+    assert len(set(others)) > 1  # each row samples from its own generator
+
+
+def _wav(samples: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples.astype(np.float32), 16_000, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+NO_SPEECH = {
+    "silent_2s": (_wav(np.zeros(32_000)), "no speech"),
+    "one_sample": (_wav(np.array([0.5])), "too short"),
+    "dither_2s": (_wav(np.random.default_rng(0).normal(0, 10 ** (-75 / 20), 32_000)), "no speech"),
+}
+
+
+@pytest.mark.parametrize("name", list(NO_SPEECH))
+def test_silent_and_too_short_clips_are_refused_by_the_rule_datagen_uses(client, tmp_path, name):
+    from emoreason.data.schema import EmotionRecord
+    from emoreason.datagen.acoustic import MIN_VOICED_SECONDS, SILENCE_FLOOR_DBFS
+    from emoreason.datagen.pipeline import _AnalysisLimits, _analyze_one
+
+    data, reason = NO_SPEECH[name]
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": "wav"}}
+    with pytest.raises(openai.BadRequestError, match=reason) as refused:
+        client.chat.completions.create(model=MODEL, messages=audio_message(part), max_tokens=2)
+    (tmp_path / "clip.wav").write_bytes(data)
+    record = EmotionRecord(id=name, audio="clip.wav", duration=1.0, corpus="c", label="happy")
+    limits = _AnalysisLimits(60.0, 500.0, 30.0, MIN_VOICED_SECONDS, SILENCE_FLOOR_DBFS)
+    datagen_reason = _analyze_one(record, str(tmp_path), limits)["reason"]
+    assert datagen_reason.split(": ", 1)[1] in str(refused.value)  # one rule, one reason, both stages
+
+
+def test_a_speech_clip_passes_the_no_speech_rule(clips):
+    from emoreason.data.audio import load_audio, silent_or_too_short
+
+    assert all(silent_or_too_short(load_audio(c)) is None for c in clips)  # control: real speech is answered
+
+
+@pytest.mark.parametrize("header", ["Bearer t\u00e9st-key", "Bearer \u2603", "B\u00e9arer test-key"])
+def test_a_non_ascii_authorization_header_is_a_401(server, header):
+    import httpx
+
+    response = httpx.get(server.url + "/v1/models", headers={"Authorization": header.encode("utf-8")})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_non_ascii_api_key_is_checked_not_a_500(tiny):
+    import httpx
+
+    model, processor = tiny
+    app = create_app(TransformersEngine(model, processor), MODEL, api_key="cl\u00e9-\u2603")
+    with BackgroundServer(app) as background:
+        wrong = httpx.get(background.url + "/v1/models", headers={"Authorization": "Bearer other"})
+        right = httpx.get(background.url + "/v1/models",
+                          headers={"Authorization": "Bearer cl\u00e9-\u2603".encode("utf-8")})
+    assert wrong.status_code == 401 and right.status_code == 200

@@ -1,8 +1,10 @@
 """The transformers backend: a batching queue in front of ``model.generate``.
 
 Concurrent requests that share their decoding settings are stacked into one left-padded batch (each request
-contributes ``n`` rows), so eight clients cost about one ``generate`` call, not eight. Requests with a ``seed`` run
-alone, right after seeding torch: a seeded request gives the same completions whatever else the server is doing.
+contributes ``n`` rows), so eight clients cost about one ``generate`` call, not eight, seeded or not. Sampling draws
+from one generator per row (Gumbel-max: the argmax of the warped scores plus Gumbel noise from the row's generator is
+a draw from the softmax), seeded from the request's ``seed`` and the row's index, so a seeded request gives the same
+completions whatever else is in its batch (up to the float effects of padding), and no request reseeds torch.
 ``generate`` runs in one worker thread, so the event loop keeps accepting (and validating) requests meanwhile.
 
 A request whose client goes away is cancelled: its rows stop at the next decoding step (a stopping criterion reads
@@ -12,15 +14,23 @@ each row's cancel flag), so one abandoned long request cannot hold the generatio
 from __future__ import annotations
 
 import asyncio
-import itertools
+import hashlib
 import logging
+import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +84,6 @@ class _Job:
     key: tuple = field(default=())
 
 
-_unique = itertools.count()
-
-
 class _CancelledRows(StoppingCriteria):
     """Stops the rows whose request was cancelled (the others in the batch go on)."""
 
@@ -88,10 +95,32 @@ class _CancelledRows(StoppingCriteria):
         return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
+class _RowSampler(LogitsProcessor):
+    """Adds Gumbel noise drawn from each row's own generator: greedy decoding over the result samples every row from
+    its warped distribution, independently of the other rows of the batch."""
+
+    def __init__(self, seeds: list[int]):
+        self.seeds = seeds
+        self.generators: list[torch.Generator] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
+        return scores.float() + gumbel
+
+
+def row_seed(seed: int | None, row: int) -> int:
+    """The generator seed of row ``row`` of a request: derived from its ``seed`` (random without one)."""
+    if seed is None:
+        return secrets.randbits(63)
+    return int.from_bytes(hashlib.sha256(f"{seed}:{row}".encode()).digest()[:8], "little") >> 1
+
+
 def batch_key(params: SamplingParams) -> tuple:
-    """Requests batch together only when one ``generate`` call can serve them all exactly."""
-    if params.seed is not None:
-        return ("seeded", next(_unique))
+    """Requests batch together only when one ``generate`` call can serve them all exactly (seeds need not match:
+    every row samples from its own generator)."""
     sampling = () if params.greedy else (params.temperature, params.top_p)
     return (params.greedy, sampling, params.max_tokens, params.stop)
 
@@ -219,12 +248,13 @@ class TransformersEngine:
     def generate(self, requests: list[PreparedRequest]) -> list[GenerationResult]:
         """Run one left-padded ``generate`` call for requests that share their decoding settings."""
         params = requests[0].params
-        texts, clips, cancel_flags = [], [], []
+        texts, clips, cancel_flags, seeds = [], [], [], []
         for req in requests:
-            for _ in range(req.n):
+            for row in range(req.n):
                 texts.append(req.prompt)
                 clips.extend(req.clips)
                 cancel_flags.append(req.cancelled)
+                seeds.append(row_seed(req.params.seed, row))
         inputs = self.processor(text=texts, audio=clips or None, padding_side="left")
         inputs = inputs.to(self.model.device)
         if "input_features" in inputs:
@@ -235,13 +265,15 @@ class TransformersEngine:
                       pad_token_id=self.pad_id, stopping_criteria=StoppingCriteriaList([_CancelledRows(cancel_flags)]))
         if params.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
+        else:  # sampled through greedy decoding over per-row Gumbel-perturbed scores (see _RowSampler)
+            warpers = [TemperatureLogitsWarper(params.temperature)]
+            if params.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(params.top_p))
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                          logits_processor=LogitsProcessorList([*warpers, _RowSampler(seeds)]))
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         with self._lock:
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
             out = self.model.generate(**inputs, **kwargs)
         self.batches_run += 1
         self.rows_run += len(texts)
