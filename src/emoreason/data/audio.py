@@ -5,6 +5,10 @@ decoded here. Callers catch :class:`AudioError`, record the reason and carry on.
 
 A WAV file cut off in transfer still opens in libsndfile, which quietly returns the frames that are there; its header
 still declares the full length, so :func:`check_wav_complete` compares the two and such a file is refused as truncated.
+
+:func:`silent_or_too_short` is the one rule for a clip that decodes but cannot hold speech (shorter than
+:data:`MIN_SPEECH_SECONDS`, or its loudest 10 ms frame below :data:`SILENCE_FLOOR_DBFS`): datagen refuses to describe
+such a clip and the built-in server refuses to answer about it (400), by the same code.
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ from pathlib import Path
 import numpy as np
 
 TARGET_SAMPLE_RATE = 16_000
+# A clip holds speech only if it lasts MIN_SPEECH_SECONDS (datagen's analysis needs 0.1 s of voiced frames) and its
+# loudest 10 ms frame reaches SILENCE_FLOOR_DBFS (measured: the synthetic corpus's quietest clip peaks above -23 dBFS;
+# digital silence and dither sit far below -60).
+MIN_SPEECH_SECONDS = 0.1
+SILENCE_FLOOR_DBFS = -60.0
+FRAME_SECONDS = 0.01
 
 
 class AudioError(ValueError):
@@ -128,6 +138,25 @@ def prepare_waveform(
     if data.size == 0:
         raise AudioError(source, "zero-length audio after resampling")
     return data
+
+
+def silent_or_too_short(waveform: np.ndarray, sampling_rate: int = TARGET_SAMPLE_RATE,
+                        min_seconds: float = MIN_SPEECH_SECONDS,
+                        silence_floor_dbfs: float = SILENCE_FLOOR_DBFS) -> str | None:
+    """Why a decoded mono clip cannot hold speech, or None when it can: shorter than ``min_seconds``, or its loudest
+    10 ms frame (mean power, dBFS) below ``silence_floor_dbfs``."""
+    data = np.asarray(waveform, dtype=np.float64).ravel()
+    seconds = data.size / sampling_rate
+    if seconds < min_seconds:
+        return (f"too short: the clip is {seconds:.3f} s ({data.size} samples), shorter than the {min_seconds:g} s "
+                "speech needs")
+    frame = max(1, int(round(FRAME_SECONDS * sampling_rate)))
+    usable = data[: data.size - data.size % frame].reshape(-1, frame) if data.size >= frame else data[None, :]
+    peak = float(10.0 * np.log10(max(float((usable ** 2).mean(axis=1).max()), 1e-12)))
+    if peak < silence_floor_dbfs:
+        return (f"no speech: the loudest 10 ms frame is {peak:.1f} dBFS, below the silence floor of "
+                f"{silence_floor_dbfs:g} dBFS")
+    return None
 
 
 def write_wav(path: str | os.PathLike, waveform: np.ndarray, sampling_rate: int = TARGET_SAMPLE_RATE) -> Path:

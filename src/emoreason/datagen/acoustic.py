@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy import fft as scipy_fft
 
+from ..data.audio import MIN_SPEECH_SECONDS, SILENCE_FLOOR_DBFS
 from ..data.cues import CUES
 
 ANALYSIS_RATE = 8_000  # Hz; pitch, energy and activity are all measured at this rate
@@ -54,8 +55,7 @@ MIN_CLIPS_FOR_TERTILES = 6
 # A clip "has speech" when its loudest 10 ms frame reaches SILENCE_FLOOR_DBFS and YIN finds at least
 # MIN_VOICED_SECONDS of voiced frames. Measured: every espeak clip of the synthetic corpus has >= 0.45 s voiced and a
 # peak above -23 dBFS; digital silence, dither, white noise (-60 and -30 dBFS) and a -63 dBFS mains hum have 0 s.
-SILENCE_FLOOR_DBFS = -60.0
-MIN_VOICED_SECONDS = 0.1
+MIN_VOICED_SECONDS = MIN_SPEECH_SECONDS
 
 
 @dataclass

@@ -49,7 +49,7 @@ from typing import Any
 import yaml
 
 from .. import __version__
-from ..data.audio import TARGET_SAMPLE_RATE, AudioError, duration_of, load_audio
+from ..data.audio import TARGET_SAMPLE_RATE, AudioError, duration_of, load_audio, silent_or_too_short
 from ..data.corpora import CorpusError, load_corpus
 from ..data.labels import cooccurrence_matrix, entropy, multi_label
 from ..data.schema import EmotionRecord, RecordError, read_records, write_records
@@ -300,8 +300,9 @@ def _analyze_one(record: EmotionRecord, root: str, limits: _AnalysisLimits) -> d
         long_reason = _too_long(len(waveform) / TARGET_SAMPLE_RATE, limits)
         if long_reason:
             return error(f"bad audio {record.audio}: {long_reason}")
-        if len(waveform) < 160:
-            raise AudioError(record.audio, f"too short to analyse ({len(waveform)} samples)")
+        refused = silent_or_too_short(waveform, TARGET_SAMPLE_RATE, silence_floor_dbfs=limits.silence_floor_dbfs)
+        if refused:  # the rule the built-in server applies to the clips it is sent
+            return error(f"bad audio {record.audio}: {refused}")
         features = analyze(waveform, TARGET_SAMPLE_RATE, transcript=record.transcript, fmin=limits.fmin,
                            fmax=limits.fmax)
     except (AudioError, RecordError) as err:

@@ -8,11 +8,14 @@ Limits, each a clear error rather than a silent cut or an exhausted server:
   body size      ``max_body_bytes``: the declared Content-Length is checked before a byte is read, and the stream is
                  counted as it arrives (chunked bodies); 413 above it.
   audio length   ``max_audio_seconds`` (default and ceiling: the encoder window, 30 s): 400 naming the clip's length.
+  no speech      a clip shorter than 0.1 s or silent (its loudest 10 ms frame below -60 dBFS): 400 with the reason,
+                 by :func:`emoreason.data.audio.silent_or_too_short`, the rule datagen refuses such clips by.
   tokens         prompt + ``max_tokens`` must fit the model's context (400 otherwise, as vLLM does); without
                  ``max_tokens`` the default is lowered to what fits.
   parameters     out-of-range values (seed outside [0, 2**63-1], temperature, top_p, n, top_logprobs...) are 400s.
 A client that disconnects cancels its request (its rows stop at the next decoding step). With an API key set, every
-path but ``/health`` needs it, the OpenAPI schema and ``/docs`` included.
+path but ``/health`` needs it, the OpenAPI schema and ``/docs`` included; the key is compared as bytes, so a non-ASCII
+key or header is a 401 when it does not match, never a 500.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..data.audio import silent_or_too_short
 from .audio_inputs import AUDIO_PART_TYPES, AudioInputError, decode_audio_part
 from .engine import PreparedRequest, SamplingParams, TransformersEngine
 
@@ -93,13 +97,14 @@ class _ApiKeyMiddleware:
     """Pure ASGI (no response buffering, the client's disconnect stays visible to the endpoint)."""
 
     def __init__(self, app, api_key: str):
-        self.app, self.api_key = app, api_key
+        # Compared as bytes: compare_digest refuses str with non-ASCII characters (a 500, not a 401).
+        self.app, self.api_key = app, api_key.encode("utf-8")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             headers = dict(scope.get("headers") or [])
-            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), self.api_key):
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.api_key):
                 response = error_response("invalid or missing API key (Authorization: Bearer ...)", 401,
                                           code="invalid_api_key")
                 await response(scope, receive, send)
@@ -256,10 +261,14 @@ def prepare_request(req: ChatCompletionRequest, engine: TransformersEngine, limi
                 kind = part.get("type")
                 if kind in AUDIO_PART_TYPES:
                     try:
-                        clips.append(decode_audio_part(part, limits.allowed_audio_root, where=where,
-                                                       max_seconds=limits.max_audio_seconds))
+                        clip = decode_audio_part(part, limits.allowed_audio_root, where=where,
+                                                 max_seconds=limits.max_audio_seconds)
                     except AudioInputError as err:
                         raise RequestError(str(err), param=where) from None
+                    refused = silent_or_too_short(clip)  # the rule datagen applies to the clips it describes
+                    if refused:
+                        raise RequestError(f"{where}: {refused}", param=where)
+                    clips.append(clip)
                     parts.append({"type": "audio"})
                 elif kind == "text":
                     parts.append({"type": "text", "text": str(part.get("text", ""))})
