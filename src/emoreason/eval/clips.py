@@ -1,7 +1,8 @@
 """The run clip by clip: what report.json's ``clips`` holds, and the per-clip score columns the intervals resample.
 
 Built from the run's own files (``predictions/<strategy>.jsonl`` and the records file) through the metrics' own
-inputs (:class:`emoreason.eval.metrics.MetricInputs`) and the metric modules' own row functions, so a clip's
+inputs (:class:`emoreason.eval.metrics.MetricInputs`), the metric modules' own row functions and the data layer's
+readers (``ground``, ``argued_emotion``: what the reasoning metric calls), so a clip's
 "correct", its JS divergence or its ambiguity bin are the values the metrics averaged. Each clip's rationale is read
 by :func:`emoreason.data.cues.ground`, the reader the datagen filter, the ``cue_grounding`` reward and the reasoning
 metric use: a claim marked "contradicted" in the page is one those three count as contradicted.
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.cues import ground, measured_levels
+from ..data.cues import argued_emotion, ground, measured_levels
 from ..data.labels import entropy
 from ..data.response_format import parse_response
 from ..data.schema import EmotionRecord, RecordError, iter_records
@@ -45,7 +46,6 @@ def _module(name: str):
 def item_scores(x: MetricInputs) -> list[dict[str, Any]]:
     """One dict of scalars per item: every per-clip quantity a reported metric averages or sums."""
     distribution, calibration = _module("distribution_agreement"), _module("calibration")
-    last_emotion = _module("reasoning_quality").last_emotion
     from scipy.stats import entropy as relative_entropy
 
     labels = x.labels
@@ -76,7 +76,7 @@ def item_scores(x: MetricInputs) -> list[dict[str, Any]]:
             row["reasoned"] = True
             if parsed.valid:
                 checked = ground(parsed.think, dict(record.cues or {}))
-                row.update(reasoned_valid=True, consistent=last_emotion(parsed.think) == parsed.answer,
+                row.update(reasoned_valid=True, consistent=argued_emotion(parsed.think) == parsed.answer,
                            cue_claims=checked.checked, cue_contradicted=len(checked.contradicted))
         rows.append(row)
     return rows
