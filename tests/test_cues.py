@@ -210,6 +210,17 @@ TABLE: list[tuple[str, set[str]]] = [
     ('In other words, the pitch is high.', {f"{P}=high"}),
     ('The other speaker is loud.', {f"{E}=loud"}),
     ('The answer is happy because the voice is loud.', {f"{E}=loud"}),
+    # manner adverbs after a content word are still the voice; "about" as "roughly" is no content word
+    ('She says it loudly.', {f"{E}=loud"}),
+    ('Does she speak loudly? Yes.', set()),
+    ('The speaking rate is about normal.', {f"{R}=normal"}),
+    ('The pitch is about 200 Hz, which is high.', {f"{P}=high"}),
+    # a negation's scope ends at "except" and after the noun a "no" / "without" heads
+    ('Nothing stands out except the high pitch.', {f"{P}=high"}),
+    ('She speaks without hesitation at a fast pace.', {f"{PA}=fluent", f"{R}=fast"}),
+    ('There is no high pitch or loud volume.', {f"!{P}=high", f"!{E}=loud"}),
+    ('With no pauses and a fast tempo, she sounds excited.', {f"{PA}=fluent", f"{R}=fast"}),
+    ('No hesitation, and the tempo is rapid.', {f"{PA}=fluent", f"{R}=fast"}),
 ]
 
 # Two measurements that between them make every claim above both true and false.

@@ -156,13 +156,18 @@ _DENIED_DENIALS = {"miss", "missed", "missing", "ignore", "ignoring", "overlook"
                    "denied", "doubt", "doubting", "question", "mistake", "mistaking", "mistaken"}
 _PERCEIVING = {"heard", "hear", "seen", "see", "met", "encountered", "known", "noticed"}
 _MODALS = {"could", "can", "would"}
-_CONTRASTS = {"but", "yet", "however", "though", "although", "whereas", "while"}  # end a negation's scope
+_CONTRASTS = {"but", "yet", "however", "though", "although", "whereas", "while", "except", "apart", "besides"}
+# Negators that head a noun phrase: their scope ends with the first cue name it reaches ("without hesitation at a fast
+# pace" denies the hesitation, not the pace), unless "or" / "nor" carries it on.
+_PHRASE_NEGATORS = {"no", "without", "lacks", "lacking", "lack", "absent", "of"}
 _HEDGES = {"slightly", "somewhat", "fairly", "relatively", "maybe", "perhaps", "possibly", "probably",
            "likely", "seems", "seem", "seemed", "appears", "appear", "might", "may", "could", "arguably", "bit",
            "little", "kind", "sort", "mildly", "moderately"}
 # After these words a clause talks about what is said, not about the voice ("she speaks about a fast car").
 _CONTENT = {"about", "regarding", "concerning", "mentions", "mention", "mentioned", "mentioning", "transcript",
             "says", "said", "saying", "describes", "describing", "word", "words", "phrase", "wording", "lyrics"}
+# Manner adverbs stay claims after a content word: "she says it loudly", "she talks about it quickly".
+_MANNER = {w for cue in CUES.values() for w in cue.words if w.endswith("ly") and w != "lively"}
 _CONTINUATION_TOKENS = 4  # a clause this short without a cue name continues the previous clause's cue
 _JOINERS = {"and", "but", "while", "whereas", "although", "though", "yet", "with", "because", "plus", "however"}
 _SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
@@ -244,6 +249,12 @@ def clauses(text: str | None) -> list[tuple[list[str], bool]]:
     return [(tokens, question) for tokens, question in out if tokens]
 
 
+def _approximately(tokens: list[str], i: int) -> bool:
+    """Whether the "about" at ``i`` means roughly ("about normal", "about 200 Hz"), not the topic."""
+    following = tokens[i + 1: i + 2]
+    return tokens[i] == "about" and bool(following) and (following[0] in _KNOWN_WORDS or following[0][0].isdigit())
+
+
 def _joins_names(tokens: list[str], i: int) -> bool:
     """Whether the "and" at ``i`` joins two cue names ("pitch and (the) volume")."""
     j = i + 1
@@ -252,20 +263,21 @@ def _joins_names(tokens: list[str], i: int) -> bool:
     return i > 0 and j < len(tokens) and tokens[i - 1] in _NAMES and tokens[j] in _NAMES
 
 
-def _negation_scope(tokens: list[str], excluded: set[int]) -> list[bool]:
+def _negation_scope(tokens: list[str], excluded: set[int], names: set[int] = frozenset()) -> list[bool]:
     """Per token: whether a negation covers it. A negation covers what follows it up to the end of the clause or a
-    contrast word; an excluded cue name ("not the pitch") closes it. Negators that do not deny open nothing: "not
-    only", "can't miss", "no doubt", "never heard such", "couldn't be higher", "more or less"."""
-    scope, active = [False] * len(tokens), False
+    contrast word; an excluded cue name ("not the pitch") closes it, and so does the first cue name after a negator
+    that heads a noun phrase ("no", "without", "free of"). Negators that do not deny open nothing: "not only", "can't
+    miss", "no doubt", "never heard such", "couldn't be higher", "more or less"."""
+    scope, active, phrase = [False] * len(tokens), False, False
     for i, token in enumerate(tokens):
         if token in _CONTRASTS:
             active = False
         opens = token in _NEGATORS or (i > 0 and (tokens[i - 1], token) in _NEGATING_PHRASES)
         if opens and not _not_a_denial(tokens, i):
-            active = True
+            active, phrase = True, token in _PHRASE_NEGATORS
         scope[i] = active
-        if i in excluded:
-            active = False
+        if i in excluded or (phrase and i in names and tokens[i + 1: i + 2] not in (["or"], ["nor"])):
+            active = phrase = False
     return scope
 
 
@@ -370,13 +382,16 @@ def extract_claims(text: str | None) -> list[Claim]:
             anchors = {cue: [far] for cue in previous if cue not in ("<speaking>", "<voice>")}
             speaking = [far] if "<speaking>" in previous else []
             voice = [far] if "<voice>" in previous else []
-        negation = _negation_scope(tokens, excluded)
+        negation = _negation_scope(tokens, excluded, {j for js in anchors.values() for j in js if j >= 0})
         groups = _groups(tokens, anchors)
-        content_from = next((i for i, t in enumerate(tokens) if t in _CONTENT), len(tokens))
-        if question:  # asks, claims nothing ("Is the volume loud? No, it is soft.")
-            content_from = 0
-        found_level = False
-        for i, token in enumerate(tokens[:content_from]):
+        content_from = next((i for i, t in enumerate(tokens) if t in _CONTENT and not _approximately(tokens, i)),
+                            len(tokens))
+        stated_pauses = False  # a pause level word was read in this clause
+        for i, token in enumerate(tokens):
+            if question:  # asks, claims nothing ("Is the volume loud? No, it is soft.")
+                break
+            if i >= content_from and token not in _MANNER:  # "she says it loudly" is the voice; "a fast car" is not
+                continue
             best: tuple[int, str, int | None] | None = None
             for cue in CUES.values():
                 if token not in cue.words:
@@ -397,7 +412,7 @@ def extract_claims(text: str | None) -> list[Claim]:
                     best = (distance, cue.key, anchor)
             if best is None:
                 continue
-            found_level = True
+            stated_pauses = stated_pauses or best[1] == "pauses"
             hedged = any(t in _HEDGES for t in tokens[:i])
             add(Claim(best[1], CUES[best[1]].words[token], negation[i], hedged, clause))
             for j in sorted(groups.get(best[2], ())):  # the same level of every cue named with it
@@ -405,7 +420,8 @@ def extract_claims(text: str | None) -> list[Claim]:
                 if other != best[1] and token in CUES[other].words:
                     add(Claim(other, CUES[other].words[token], negation[i], hedged, clause))
         # "no pauses", "without pausing": a fluent delivery, said through negation.
-        if "pauses" in anchors and not found_level and not question and any(negation[j] for j in anchors["pauses"] if j >= 0):
+        if "pauses" in anchors and not stated_pauses and not question \
+                and any(negation[j] for j in anchors["pauses"] if j >= 0):
             add(Claim("pauses", "fluent", False, False, clause))
         if not inherited and (anchors or not excluded):  # "..., rather than the pitch, is high": keep the volume
             previous = dict(anchors)
