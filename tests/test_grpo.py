@@ -211,6 +211,25 @@ def test_grpo_entry_point_under_accelerate_launch(launch_config, tiny_model_dir,
     assert all("rewards/cue_grounding/mean" in h and "reasoning/trust" in h for h in history if "reward" in h)
 
 
+@pytest.mark.slow
+def test_grpo_resumed_under_zero2_continues_the_reasoning_schedule(tiny_model_dir, rl_records, tmp_path):
+    """The real DeepSpeed path (ZeRO-2, 2 CPU processes): a run saved at step 1 and resumed to step 2 must count 2
+    schedule updates; transformers skips ``_load_from_checkpoint`` there, so a restore that lived in it started the
+    schedule over (measured before the fix: checkpoint-2 held ``steps: 1``). ~10 s a launch once DeepSpeed's CPU op
+    is compiled."""
+    records_file, _, data_root = rl_records
+    out = tmp_path / "grpo"
+    common = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--train_records",
+              str(records_file), "--data_root", str(data_root), "--per_device_train_batch_size", "4",
+              "--num_generations", "4", "--max_completion_length", "8", "--save_strategy", "steps", "--save_steps", "1",
+              "--save_total_limit", "3", "--max_train_records", "8"]
+    launch("grpo", LAUNCH_CONFIGS["zero2"], [*common, "--max_steps", "1"])
+    first = json.loads((out / "checkpoint-1" / "reward_schedule.json").read_text())
+    assert first["steps"] == 1 and (out / "checkpoint-1" / "latest").is_file()  # a ZeRO checkpoint
+    launch("grpo", LAUNCH_CONFIGS["zero2"], [*common, "--max_steps", "2", "--resume_from_checkpoint", "true"])
+    assert json.loads((out / "checkpoint-2" / "reward_schedule.json").read_text())["steps"] == 2
+
+
 # -- learning: GRPO raises the mean reward ------------------------------------------------------------------------
 @pytest.mark.slow
 def test_grpo_raises_the_mean_reward(tiny_model_dir, rl_records, tmp_path):
