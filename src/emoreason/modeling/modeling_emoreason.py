@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.generation import LogitsProcessorList, SuppressTokensLogitsProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 from .audio_tokens import num_encoder_frames_from_mel
 from .configuration_emoreason import EmoReasonConfig
 from .fusion import get_fusion
-from .loading import safe_load_kwargs
+from .loading import attn_implementation_per_part, safe_load_kwargs
 
 
 class AudioPlaceholderError(ValueError):
@@ -206,6 +206,19 @@ class EmoReasonPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``attn_implementation="sdpa"`` (one name, as recipes give it) is applied to each part that has that kernel,
+        and eager attention to the others (WavLM), as at assembly; see :func:`~.loading.attn_implementation_per_part`."""
+        requested = kwargs.get("attn_implementation")
+        if isinstance(requested, str):
+            config = kwargs.get("config")
+            if not isinstance(config, EmoReasonConfig):
+                config = EmoReasonConfig.from_pretrained(pretrained_model_name_or_path)
+            kwargs["attn_implementation"] = attn_implementation_per_part(
+                {name: getattr(config, name) for name in config.sub_configs}, requested)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def _init_weights(self, module):
         std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
         if isinstance(module, EmoReasonProjector):
@@ -308,7 +321,10 @@ class EmoReasonModel(EmoReasonPreTrainedModel):
             extract = torch.cat([nn.functional.pad(f, (0, longest - f.shape[-1])) for f in features]).transpose(1, 2)
         else:
             extract = enc.feature_extractor(values).transpose(1, 2)
-        frame_mask = enc._get_feature_vector_attention_mask(extract.shape[1], mask, add_adapter=False)
+        # The frame mask from the frame lengths: the encoders' own helper for it differs in signature across families
+        # (HuBERT's takes no ``add_adapter``), the length formula does not.
+        frame_lengths = enc._get_feat_extract_output_lengths(sample_lengths).long().clamp(min=1)
+        frame_mask = torch.arange(extract.shape[1], device=extract.device)[None, :] < frame_lengths[:, None]
         projected = enc.feature_projection(extract)
         hidden = projected[0] if isinstance(projected, tuple) else projected
         if self.config.paralinguistic_weighted_layers:
@@ -317,7 +333,6 @@ class EmoReasonModel(EmoReasonPreTrainedModel):
             states = torch.stack(layer_states(fallback=last), dim=0)
         else:
             states = enc.encoder(hidden, attention_mask=frame_mask).last_hidden_state
-        frame_lengths = enc._get_feat_extract_output_lengths(sample_lengths).long().clamp(min=1)
         return states, frame_lengths
 
     def get_audio_features(
@@ -579,11 +594,15 @@ class EmoReasonForConditionalGeneration(EmoReasonPreTrainedModel, GenerationMixi
         if missing:
             raise ValueError(f"{content_encoder}: no Whisper encoder weights found for {sorted(missing)[:3]}")
         para_kwargs = dict(load_kwargs)
-        if para_kwargs.get("attn_implementation") not in (None, "eager"):
-            para_kwargs["attn_implementation"] = "eager"  # WavLM / HuBERT have no SDPA path
+        if attn_implementation is not None:  # eager where the family has no such kernel (WavLM)
+            para_config = AutoConfig.from_pretrained(paralinguistic_encoder)
+            para_kwargs["attn_implementation"] = attn_implementation_per_part(
+                {"part": para_config}, attn_implementation)["part"]
         paralinguistic = AutoModel.from_pretrained(paralinguistic_encoder, **para_kwargs)
         causal_lm = AutoModelForCausalLM.from_pretrained(language_model, **load_kwargs)
-        if vocab_size is not None and vocab_size != causal_lm.get_input_embeddings().num_embeddings:
+        # Grow the embeddings only when the tokenizer (with `<audio>`) outgrew them: real checkpoints pad their tables
+        # past the tokenizer (Qwen2.5: 151,666 tokens, 152,064 rows), and cutting them would only cost speed.
+        if vocab_size is not None and vocab_size > causal_lm.get_input_embeddings().num_embeddings:
             causal_lm.resize_token_embeddings(vocab_size, mean_resizing=True)
         text_config = causal_lm.config
         config = EmoReasonConfig(

@@ -143,11 +143,25 @@ class EmoReasonProcessor(ProcessorMixin):
             )
             for t in texts
         ]
+        expanded, tokenizer_kwargs = self._one_bos(expanded, tokenizer_kwargs)
         encoded = self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **tokenizer_kwargs)
         data = dict(encoded)
         if clips:
             data.update(self.audio_features(clips))
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _one_bos(self, texts: list[str], tokenizer_kwargs: dict) -> tuple[list[str], dict]:
+        """Text rendered by a chat template that writes the BOS token itself (Llama 3.x) must not get a second one
+        from a tokenizer that also adds it (as Llama 3.x's does): such rows are tokenized without special tokens, as
+        the training collators tokenize them, so prompts in training, GRPO rollouts and serving are the same ids."""
+        bos = self.tokenizer.bos_token
+        if not bos or "add_special_tokens" in tokenizer_kwargs:
+            return texts, tokenizer_kwargs
+        starts = [t.startswith(bos) for t in texts]
+        if all(starts):
+            return texts, {**tokenizer_kwargs, "add_special_tokens": False}
+        # mixed rows: let the tokenizer's own rule give every row the same start
+        return [t[len(bos):] if s else t for t, s in zip(texts, starts)], tokenizer_kwargs
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         """Render messages whose content may be a list of parts ({"type": "text"} / {"type": "audio"}).

@@ -54,10 +54,33 @@ Listen carefully to the prosody and the words. What emotion is expressed? How do
 """
 
 
-def train_tokenizer(out_dir: Path, vocab_size: int = 1024):
-    """A byte-level BPE tokenizer (any text encodes) trained on a small built-in text, saved like a hub tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# The chat layout Llama 3.x Instruct tokenizers ship, written out here: the template itself writes the BOS token
+# first, and the tokenizer's post-processor adds one too when asked for special tokens (their default).
+LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>"]
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+TOKENIZER_STYLES = ("chatml", "llama3")
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int = 1024, style: str = "chatml"):
+    """A byte-level BPE tokenizer (any text encodes) trained on a small built-in text, saved like a hub tokenizer.
+
+    ``style="chatml"``: Qwen's special tokens and ChatML, no BOS. ``style="llama3"``: Llama 3.x's special tokens and
+    chat layout, and a post-processor that prepends BOS, as Llama-3.1-8B-Instruct's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
+    if style not in TOKENIZER_STYLES:
+        raise ValueError(f"tokenizer style must be one of {TOKENIZER_STYLES}, got {style!r}")
+    if style == "llama3":
+        return _train_llama3_tokenizer(out_dir, vocab_size, Tokenizer, decoders, models, pre_tokenizers, processors,
+                                       trainers, PreTrainedTokenizerFast)
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -81,6 +104,25 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 1024):
     from ..modeling.processing_emoreason import DEFAULT_CHAT_TEMPLATE
 
     fast.chat_template = DEFAULT_CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _train_llama3_tokenizer(out_dir, vocab_size, Tokenizer, decoders, models, pre_tokenizers, processors, trainers,
+                            PreTrainedTokenizerFast):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    lines = [line for line in _VOCAB_TEXT.strip().splitlines() if line.strip()]
+    tok.train_from_iterator(lines * 20, trainer=trainer)
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>", pad_token=None,
+                                   unk_token=None)
+    fast.chat_template = LLAMA3_CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
     return fast
 

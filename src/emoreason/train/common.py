@@ -23,7 +23,7 @@ from trl import ModelConfig, ScriptArguments
 
 from ..modeling import EmoReasonForConditionalGeneration, EmoReasonProcessor, build_from_components
 from ..modeling.fusion import FUSION_MODES
-from ..modeling.loading import safe_load_kwargs
+from ..modeling.loading import checkpoint_base, safe_load_kwargs
 from ..modeling.lora import language_model_lora_config
 
 logger = logging.getLogger(__name__)
@@ -87,31 +87,26 @@ def _dtype(name: str | None):
 
 def get_processor(model_args: EmoReasonModelArguments) -> EmoReasonProcessor:
     if model_args.model_name_or_path:
-        return EmoReasonProcessor.from_pretrained(_base_checkpoint(model_args.model_name_or_path))
+        path = model_args.model_name_or_path
+        own = Path(path) / "processor_config.json"
+        return EmoReasonProcessor.from_pretrained(path if own.is_file() else checkpoint_base(path))
     return EmoReasonProcessor.from_components(
         model_args.content_encoder, model_args.paralinguistic_encoder, model_args.language_model,
         stack_factor=model_args.stack_factor,
     )
 
 
-def _base_checkpoint(path: str) -> str:
-    """An adapter folder points at its base model; everything else is its own base."""
-    adapter_config = Path(path) / "adapter_config.json"
-    if adapter_config.is_file():
-        import json
-
-        return json.loads(adapter_config.read_text())["base_model_name_or_path"]
-    return path
-
-
 def get_model(model_args: EmoReasonModelArguments, processor: EmoReasonProcessor | None = None):
-    """Load or assemble the model. An adapter checkpoint is loaded onto its base with the adapter kept trainable."""
+    """Load or assemble the model. An adapter checkpoint is loaded onto its base with the adapter kept trainable.
+
+    ``attn_implementation`` (one name, as recipes give it) reaches every part that has that kernel and eager
+    attention the others, on both paths (``modeling.loading.attn_implementation_per_part``)."""
     kwargs = {"dtype": _dtype(model_args.dtype)} if model_args.dtype else {}
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.model_name_or_path:
         path = model_args.model_name_or_path
-        base = _base_checkpoint(path)
+        base = checkpoint_base(path)  # a clear error before any weights load
         model = EmoReasonForConditionalGeneration.from_pretrained(base, **safe_load_kwargs(**kwargs))
         if base != path:
             from peft import PeftModel
@@ -130,6 +125,15 @@ def get_model(model_args: EmoReasonModelArguments, processor: EmoReasonProcessor
         **kwargs,
     )
     return model
+
+
+def name_base(model, base_dir: str | os.PathLike) -> None:
+    """Record where ``model``'s full weights live, so that an adapter saved from it names its base: PEFT writes
+    ``base_model_name_or_path`` from the model's ``name_or_path`` attribute (empty for a model assembled in memory),
+    and ``from_pretrained`` of the adapter's folder, GRPO, DPO and ``export`` read it back."""
+    path = str(Path(base_dir).resolve())
+    model.name_or_path = path
+    model.config._name_or_path = path
 
 
 def get_peft_config(model_args: EmoReasonModelArguments):
@@ -265,9 +269,13 @@ def train_and_save(trainer, processor, method: str, script_args, training_args, 
     ``save_model(output_dir)`` replaces ``trainer.save_model`` where the trainer holds only part of what is saved (the
     warm-up trains the LLM and saves the whole model); it is called on every rank."""
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    metrics = dict(result.metrics)
+    # TRL reports some statistics as None when a run had nothing to measure them on (GRPO's clip-ratio extremes
+    # when no token was clipped); log_metrics cannot format None, and an absent figure says the same.
+    metrics = {key: value for key, value in result.metrics.items() if value is not None}
     metrics["train_examples"] = len(trainer.train_dataset)
     metrics["world_size"] = training_args.world_size
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     if extra_metrics is not None:
         metrics.update(extra_metrics(trainer) or {})
     trainer.log_metrics("train", metrics)

@@ -28,9 +28,9 @@ def load_checkpoint(path: str | Path, dtype: str | None = None):
     model = get_model(args)
     processor_dir = Path(path) if (Path(path) / "processor_config.json").exists() else None
     if processor_dir is None:
-        from .common import _base_checkpoint
+        from ..modeling.loading import checkpoint_base
 
-        processor_dir = Path(_base_checkpoint(str(path)))
+        processor_dir = Path(checkpoint_base(path))
     return model, EmoReasonProcessor.from_pretrained(processor_dir)
 
 

@@ -27,12 +27,14 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 
 from ..data.collators import IGNORE_INDEX, FeatureAugment, SFTCollator
 from ..data.labels import EMOTIONS
+from ..modeling.loading import checkpoint_base
 from .common import (
     EmoReasonModelArguments,
     EmoReasonScriptArguments,
     get_model,
     get_peft_config,
     get_processor,
+    name_base,
     resolve_checkpoint,
     run_cli,
     setup_logging,
@@ -263,14 +265,14 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
     with outside_zero3_init():
         model = get_model(model_args, processor)
     if model_args.model_name_or_path:
-        model.config._name_or_path = str(Path(model_args.model_name_or_path).resolve())
+        name_base(model, checkpoint_base(model_args.model_name_or_path))
     else:
         # An adapter must name a base it can be loaded onto: save the freshly assembled model once.
         base_dir = Path(training_args.output_dir) / "base"
         if training_args.process_index == 0 and not (base_dir / "config.json").exists():
             model.save_pretrained(base_dir)
             processor.save_pretrained(base_dir)
-        model.config._name_or_path = str(base_dir.resolve())
+        name_base(model, base_dir)
     if training_args.world_size > 1 and model_args.train_paralinguistic_encoder:
         # LayerDrop skips different layers on different ranks: DDP then waits for gradients that never come.
         model.model.paralinguistic_encoder.config.layerdrop = 0.0
