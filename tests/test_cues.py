@@ -374,3 +374,32 @@ def test_the_template_teacher_says_what_the_reader_reads():
                 assert [c.key for c in extract_claims(phrase.format(v=level))] == [(key, level, False)], phrase
     assert all(level in CUES[key].levels for profile in PROFILES.values() for key, levels in profile.items()
                for level in levels)
+
+
+# -- bad input: never raises, stays linear --------------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from emoreason.data.cues import argued_emotion, stated_emotions  # noqa: E402
+
+WORDS = st.sampled_from(["not", "no", "never", "only", "pitch", "volume", "high", "loud", "speaks", "fast", "and",
+                         "nor", "neither", "rather", "than", "about", "'", '"', "?", ",", ".", "sad", "other", "can't",
+                         "miss", "such", "heard", "less", "far", "from", "voice", "range", "-", "\u2019", "\n"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(st.one_of(WORDS, st.text(max_size=12)), max_size=60).map(" ".join))
+def test_any_text_is_read_without_raising(text):
+    claims = extract_claims(text)
+    assert all(c.cue in CUES and c.level in CUES[c.cue].levels for c in claims)
+    assert len({c.key for c in claims}) == len(claims)
+    stated_emotions(text), argued_emotion(text), ground(text, MEASURED["aroused"])
+
+
+@pytest.mark.parametrize("unit", ["pitch high ", "she speaks fast ", "not only no ", "neither pitch nor volume or "])
+def test_a_long_run_on_text_is_read_in_linear_time(unit):
+    import time
+
+    started = time.perf_counter()
+    extract_claims(unit * 20_000)  # ~300 KB, no clause break: 41 s ("pitch high") with the reader before issue 25
+    assert time.perf_counter() - started < 20

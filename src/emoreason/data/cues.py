@@ -168,6 +168,8 @@ _CONTENT = {"about", "regarding", "concerning", "mentions", "mention", "mentione
             "says", "said", "saying", "describes", "describing", "word", "words", "phrase", "wording", "lyrics"}
 # Manner adverbs stay claims after a content word: "she says it loudly", "she talks about it quickly".
 _MANNER = {w for cue in CUES.values() for w in cue.words if w.endswith("ly") and w != "lively"}
+_MAX_GLUE_TOKENS = 6  # the most words between a speaking verb and its level word ("speaks not very quickly")
+_MAX_CLAUSE_TOKENS = 80  # longer clauses (none in real rationales) are cut into pieces of this many tokens
 _CONTINUATION_TOKENS = 4  # a clause this short without a cue name continues the previous clause's cue
 _JOINERS = {"and", "but", "while", "whereas", "although", "though", "yet", "with", "because", "plus", "however"}
 _SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
@@ -246,7 +248,9 @@ def clauses(text: str | None) -> list[tuple[list[str], bool]]:
                 else:
                     current.append(token)
             out.append((current, question))
-    return [(tokens, question) for tokens, question in out if tokens]
+    # A run-on clause is read in pieces, so that reading stays linear in the text's length whatever it holds.
+    return [(tokens[k: k + _MAX_CLAUSE_TOKENS], question) for tokens, question in out
+            for k in range(0, len(tokens), _MAX_CLAUSE_TOKENS)]
 
 
 def _approximately(tokens: list[str], i: int) -> bool:
@@ -289,7 +293,7 @@ def _not_a_denial(tokens: list[str], i: int) -> bool:
         return True
     if any(t in _DENIED_DENIALS for t in after[:3]):
         return True
-    rest = tokens[i + 1:]
+    rest = tokens[i + 1:]  # a clause has at most _MAX_CLAUSE_TOKENS
     perceived = next((k for k, t in enumerate(rest[:4]) if t in _PERCEIVING), None)
     if perceived is not None and any(t in ("such", "so") for t in rest[perceived:]):
         return True
@@ -352,6 +356,8 @@ def _tied_to_speaking(tokens: list[str], i: int, speaking: list[int]) -> int | N
     best = None
     for j in speaking:
         lo, hi = sorted((i, j))
+        if hi - lo > _MAX_GLUE_TOKENS:
+            continue
         between = [t for k, t in enumerate(tokens[lo + 1: hi], lo + 1) if (tokens[k - 1], t) not in _NEGATING_PHRASES]
         if all(t in _GLUE or t in CUES["rate_level"].words for t in between) and (best is None or hi - lo < best):
             best = hi - lo
