@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from emoreason.testing.recipe_chain import Chain, StageFailed, StageResult, format_table
+    from emoreason.testing.recipe_chain import Chain, StageFailed, StageResult, format_table, head_records
     from emoreason.testing.recipe_parts import build_recipe_parts
 
     recipe = (REPO / args.recipe).resolve() if not Path(args.recipe).is_absolute() else Path(args.recipe)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = err
     rows += chain.results
     device = torch.cuda.get_device_name(0) if on_gpu else "CPU (--small)"
-    print(f"\n{recipe.name} on {device}; LM {n_params / 1e9:.2f} B parameters; logs in {work / 'chain' / 'logs'}")
+    print(f"\n{recipe.name} on {device}; LM {n_params / 1e6:,.1f} M parameters; logs in {work / 'chain' / 'logs'}")
     print(format_table(rows))
     (work / "smoke.json").write_text(json.dumps(
         [{"stage": r.stage, "seconds": r.seconds, "steps_per_second": r.steps_per_second,
