@@ -9,8 +9,19 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from emoreason.data.cues import CUES, Claim, extract_claims, ground, level_of, measured_levels
+from emoreason.data.cues import (
+    CUES,
+    Claim,
+    argued_emotion,
+    extract_claims,
+    ground,
+    level_of,
+    measured_levels,
+    stated_emotions,
+)
 
 P, V, E, R, I, PA = "pitch_level", "pitch_variation", "energy_level", "rate_level", "intonation", "pauses"
 
@@ -377,11 +388,6 @@ def test_the_template_teacher_says_what_the_reader_reads():
 
 
 # -- bad input: never raises, stays linear --------------------------------------------------------------------------
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from emoreason.data.cues import argued_emotion, stated_emotions  # noqa: E402
-
 WORDS = st.sampled_from(["not", "no", "never", "only", "pitch", "volume", "high", "loud", "speaks", "fast", "and",
                          "nor", "neither", "rather", "than", "about", "'", '"', "?", ",", ".", "sad", "other", "can't",
                          "miss", "such", "heard", "less", "far", "from", "voice", "range", "-", "\u2019", "\n"])
@@ -403,3 +409,15 @@ def test_a_long_run_on_text_is_read_in_linear_time(unit):
     started = time.perf_counter()
     extract_claims(unit * 20_000)  # ~300 KB, no clause break: 41 s ("pitch high") with the reader before issue 25
     assert time.perf_counter() - started < 20
+
+
+@pytest.mark.parametrize("text,stated,argued", [
+    ("She sounds sad, not angry.", [("sad", False), ("angry", True)], "sad"),
+    ("It is anger rather than sadness.", [("angry", False), ("sad", True)], "angry"),
+    ("Is she angry? The voice is soft and slow, so sad.", [("sad", False)], "sad"),
+    ('She says "I am so happy" but sounds sad.', [("sad", False)], "sad"),
+    ("The other cues are unremarkable.", [], None),
+    ("Not happy at all.", [("happy", True)], None),
+])
+def test_emotions_are_read_like_cue_claims(text, stated, argued):
+    assert stated_emotions(text) == stated and argued_emotion(text) == argued

@@ -4,9 +4,12 @@ the proof that the GRPO reasoning judge and the evaluator's judge send the same 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from emoreason.data import judging
 from emoreason.data.judging import RubricError, available_rubrics, load_rubric, parse_verdict
@@ -177,11 +180,6 @@ def test_eval_judge_caches_by_what_is_judged_despite_random_markers(tmp_path):
 
 
 # -- issue 25: bounded, normalised echo removal, the judge's last verdict line ----------------------------------------
-import json  # noqa: E402
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 DEEP_OBJECT = '{"a": ' * 1000 + "1" + "}" * 1000
 DEEP_LIST = '{"a": ' + "[" * 1000 + "]" * 1000 + "}"
 

@@ -21,9 +21,9 @@ training and in evaluation.
   a full-width digit. A verdict line of the judge's own is unmasked only by a verdict the judged text wrote as one
   (a JSON object, or a line that is only a score): a transcript's sentence "the final score: 3 to 1" does not erase
   the judge's "Score: 3". A judge that ends with its own line (score and reason) therefore gets that verdict,
-  whatever the judged texts hold short of that very verdict (a property test checks it). Reading is bounded (the reply's last
-  :data:`MAX_REPLY_CHARS`, JSON objects no deeper than :data:`MAX_JSON_DEPTH`) and never raises. Scores outside
-  the rubric's scale are unreadable (None), never clipped into range.
+  whatever the judged texts hold short of that very verdict (a property test checks it). Reading is bounded (the
+  reply's last :data:`MAX_REPLY_CHARS`, JSON objects no deeper than :data:`MAX_JSON_DEPTH`) and never raises. Scores
+  outside the rubric's scale are unreadable (None), never clipped into range.
 """
 
 from __future__ import annotations
