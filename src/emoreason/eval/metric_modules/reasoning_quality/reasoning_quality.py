@@ -31,11 +31,6 @@ Returns:
     invalid_reasons: {reason: count}.
 """
 
-def last_emotion(text):
-    """The emotion a rationale argues for (kept under this name for callers of the module)."""
-    return argued_emotion(text)
-
-
 class ReasoningQuality(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
