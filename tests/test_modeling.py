@@ -341,3 +341,109 @@ def test_audio_reaches_loss_script_prints_both_losses_and_fails_when_audio_is_ig
     processor.save_pretrained(tmp_path / "deaf")
     status, out = _run_audio_reaches_loss(tmp_path / "deaf", synth_corpus, capsys)
     assert status == 1
+
+
+# -- host overhead: one read of device values per forward, towers without hooks or per-clip loops ---------------
+SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
+            "aten.masked_select.default", "aten.equal.default"}
+
+
+def _count_host_reads(fn, monkeypatch):
+    """(ops that read a device value back to the host, tolist calls) while ``fn`` runs. On a GPU each is a sync that
+    drains the queue of kernels; on a CPU they are counted by name."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in SYNC_OPS:
+                self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or tolist(self))
+    with Count() as counter:
+        result = fn()
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    return result, sum(counter.ops.values()), len(calls)
+
+
+def test_forward_reads_device_values_once_and_backward_never(tiny, monkeypatch):
+    """Lengths for slicing and the placeholder check are read in ONE tolist before the towers run; the towers, the
+    fusion and the placeholder scatter read nothing back (was: 5 scalar reads + a nonzero per clip). The language
+    model's own mask code reads what it reads alone (the floor)."""
+    model, processor = tiny
+    enc = processor(prompt(processor, 3), [tone(0.7), tone(1.9, freq=300), tone(1.2, freq=180)])
+    model.train()
+    try:
+        out, reads, tolists = _count_host_reads(lambda: model(**enc, labels=enc["input_ids"]), monkeypatch)
+        embeds = model.get_input_embeddings()(enc["input_ids"])
+        _, lm_reads, _ = _count_host_reads(
+            lambda: model.model.language_model(inputs_embeds=embeds, attention_mask=enc["attention_mask"]),
+            monkeypatch)
+        _, backward_reads, backward_tolists = _count_host_reads(lambda: out.loss.backward(), monkeypatch)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    assert tolists == 1
+    assert reads == lm_reads
+    assert backward_reads == 0 and backward_tolists == 0
+
+
+@pytest.mark.parametrize("family", ["wavlm-base", "wavlm-large", "hubert-large", "wav2vec2-base"])
+def test_ssl_encoder_driven_layer_by_layer_matches_the_library(family):
+    """Our layer-by-layer run of the SSL transformer (no hooks, no boolean-index sync) gives the library's states:
+    its hidden_states for every layer input, and its last_hidden_state (after a pre-norm model's final norm)."""
+    from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model, WavLMConfig, WavLMModel
+
+    from emoreason.modeling.modeling_emoreason import _run_ssl_encoder
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                  conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                  layerdrop=0.0, mask_time_prob=0.0)
+    large = dict(feat_extract_norm="layer", do_stable_layer_norm=True)
+    base = dict(feat_extract_norm="group", do_stable_layer_norm=False)
+    model = {"wavlm-base": lambda: WavLMModel(WavLMConfig(**common, **base, num_buckets=32, max_bucket_distance=64)),
+             "wavlm-large": lambda: WavLMModel(WavLMConfig(**common, **large, num_buckets=32, max_bucket_distance=64)),
+             "hubert-large": lambda: HubertModel(HubertConfig(**common, **large)),
+             "wav2vec2-base": lambda: Wav2Vec2Model(Wav2Vec2Config(**common, **base))}[family]().eval()
+    values = torch.randn(2, 8000)
+    mask = torch.ones(2, 8000, dtype=torch.long)
+    mask[1, 5000:] = 0
+    with torch.no_grad():
+        extract = model.feature_extractor(values).transpose(1, 2)
+        lengths = model._get_feat_extract_output_lengths(mask.sum(-1))
+        frame_mask = torch.arange(extract.shape[1])[None, :] < lengths[:, None]
+        projected = model.feature_projection(extract)
+        hidden = projected[0] if isinstance(projected, tuple) else projected
+        reference = model(values, attention_mask=mask, output_hidden_states=True)
+        states = _run_ssl_encoder(model.encoder, hidden.clone(), frame_mask, all_layers=True)
+        last = _run_ssl_encoder(model.encoder, hidden.clone(), frame_mask, all_layers=False)
+    keep = frame_mask[None, :, :, None]
+    assert states.shape[0] == len(reference.hidden_states) == common["num_hidden_layers"] + 1
+    for i, ref in enumerate(reference.hidden_states):  # the first layer's input, then every layer's output
+        assert torch.allclose(states[i] * keep[0], ref * keep[0], atol=1e-5), i
+    assert torch.allclose(last * keep[0], reference.last_hidden_state * keep[0], atol=1e-5)
+
+
+def test_group_norm_feature_encoder_batched_equals_per_clip(tiny):
+    from emoreason.modeling.modeling_emoreason import _masked_group_norm_features
+
+    model, _ = tiny
+    extractor = model.model.paralinguistic_encoder.feature_extractor
+    clips = [torch.randn(n) for n in (1600, 5231, 9000)]
+    values = torch.zeros(3, 9000)
+    for i, c in enumerate(clips):
+        values[i, : c.shape[0]] = c
+    with torch.no_grad():
+        batched = _masked_group_norm_features(extractor, values, torch.tensor([c.shape[0] for c in clips]))
+        for i, c in enumerate(clips):
+            alone = extractor(c[None])
+            assert torch.allclose(batched[i, :, : alone.shape[-1]], alone[0], atol=1e-5), i

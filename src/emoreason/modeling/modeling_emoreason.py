@@ -12,8 +12,8 @@ function the processor uses.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -65,37 +65,88 @@ class EmoReasonCausalLMOutputWithPast(CausalLMOutputWithPast):
     audio_hidden_states: torch.FloatTensor | None = None
 
 
-@contextlib.contextmanager
-def _record_layer_states(layers: nn.ModuleList):
-    """Record the input of the first transformer layer and every layer's output (layers + 1 states, the layout of
-    ``output_hidden_states``) with hooks, so the encoder can be driven from precomputed conv features. A layer skipped
-    by LayerDrop passes its input through, as skipping means."""
-    inputs: list[torch.Tensor] = []
-    outputs: dict[int, torch.Tensor] = {}
+def _masked_group_norm_features(extractor: nn.Module, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """A group-norm feature encoder (wavlm-base, hubert-base, wav2vec2-base) over a padded batch in one call, each
+    clip's first layer normalised over its own frames only: what running it on each clip alone gives.
 
-    def first_input(module, args, kwargs):
-        inputs.append(args[0] if args else kwargs["hidden_states"])
+    The convolutions have no padding, so a clip's valid output frames depend on its valid input frames only; only the
+    first layer's GroupNorm (one group per channel, statistics over time) mixes in padding, so it is recomputed with
+    the statistics of each clip's valid frames. ``values`` (B, samples), ``lengths`` (B,) samples per clip."""
+    first = extractor.conv_layers[0]
+    hidden = first.conv(values[:, None])
+    frames = (lengths - first.conv.kernel_size[0]) // first.conv.stride[0] + 1
+    norm = first.layer_norm
+    batch, channels, length = hidden.shape
+    valid = (torch.arange(length, device=hidden.device)[None, :] < frames[:, None]).to(torch.float32)
+    grouped = hidden.float().reshape(batch, norm.num_groups, channels // norm.num_groups, length)
+    weight = valid[:, None, None, :]
+    count = (frames.to(torch.float32) * (channels // norm.num_groups)).clamp(min=1)[:, None, None, None]
+    mean = (grouped * weight).sum((2, 3), keepdim=True) / count
+    var = (((grouped - mean) * weight) ** 2).sum((2, 3), keepdim=True) / count
+    normed = ((grouped - mean) * torch.rsqrt(var + norm.eps)).reshape(batch, channels, length).to(hidden.dtype)
+    if norm.affine:
+        normed = normed * norm.weight[None, :, None] + norm.bias[None, :, None]
+    hidden = first.activation(normed)
+    for layer in extractor.conv_layers[1:]:
+        hidden = layer(hidden)
+    return hidden
 
-    def output_of(index):
-        def hook(module, args, output):
-            outputs[index] = output[0] if isinstance(output, tuple) else output
 
-        return hook
+def _run_ssl_encoder(encoder: nn.Module, hidden: torch.Tensor, frame_mask: torch.Tensor,
+                     all_layers: bool) -> torch.Tensor:
+    """The transformer of a WavLM / HuBERT / wav2vec2 model, driven layer by layer (as the library's encoder does),
+    so that every layer's state is at hand without hooks and nothing reads tensor values back to the host: the
+    library zeroes padded frames by boolean indexing (a device-to-host sync on every call); here a multiply does.
 
-    handles = [layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
-    handles += [layer.register_forward_hook(output_of(i)) for i, layer in enumerate(layers)]
+    Returns (layers + 1, B, T, D) when ``all_layers`` (the first layer's input, then each layer's output, before a
+    pre-norm model's final layer norm: the layout the layer weights were trained on), else the encoder's last hidden
+    state (after that final norm). A layer skipped by LayerDrop passes its input through, as skipping means."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from transformers.masking_utils import create_bidirectional_mask
 
-    def collect(fallback: torch.Tensor) -> list[torch.Tensor]:
-        states = [inputs[0] if inputs else fallback]
-        for i in range(len(layers)):
-            states.append(outputs.get(i, states[-1]))
-        return states
+    config = encoder.config
+    layers = encoder.layers
+    stable = bool(getattr(config, "do_stable_layer_norm", False))
+    wavlm = "position_bias" in inspect.signature(type(layers[0]).forward).parameters
+    hidden = hidden * frame_mask.unsqueeze(-1).to(hidden.dtype)
+    # WavLM's layers take the frame mask as is; HuBERT's and wav2vec2's take the library's bidirectional mask.
+    mask = frame_mask if wavlm else create_bidirectional_mask(config=config, inputs_embeds=hidden,
+                                                              attention_mask=frame_mask)
+    hidden = hidden + encoder.pos_conv_embed(hidden)
+    if not stable:
+        hidden = encoder.layer_norm(hidden)
+    hidden = encoder.dropout(hidden)
+    states = [hidden] if all_layers else None
+    layerdrop = config.layerdrop if encoder.training else 0.0
+    synced = is_deepspeed_zero3_enabled()  # every rank must run every layer under ZeRO-3
+    position_bias = None
+    for i, layer in enumerate(layers):
+        skip = layerdrop > 0.0 and (i > 0 or not wavlm) and bool(torch.rand([], device="cpu") < layerdrop)
+        if not skip or synced:
+            if wavlm:
+                hidden, position_bias = layer(hidden, attention_mask=mask, position_bias=position_bias,
+                                              **({"index": i} if not stable else {}))
+            else:
+                hidden = layer(hidden, attention_mask=mask)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        if all_layers:
+            states.append(hidden)
+    if all_layers:
+        return torch.stack(states, dim=0)
+    return encoder.layer_norm(hidden) if stable else hidden
 
-    try:
-        yield collect
-    finally:
-        for handle in handles:
-            handle.remove()
+
+def _host_lengths(mel_lengths: torch.Tensor, sample_lengths: torch.Tensor,
+                  placeholders: torch.Tensor | None = None) -> tuple[list[int], list[int], list[int]]:
+    """Mel frames and samples per clip (and `<audio>` placeholders per row) on the host, in ONE read: the lengths that
+    slicing and the placeholder check need, read before any of the step's kernels are queued, instead of a sync in
+    the middle of each tower."""
+    parts = [mel_lengths.long(), sample_lengths.long().to(mel_lengths.device)]
+    if placeholders is not None:
+        parts.append(placeholders.long().to(mel_lengths.device))
+    values = torch.cat(parts).tolist()
+    clips = mel_lengths.shape[0]
+    return values[:clips], values[clips : 2 * clips], values[2 * clips :]
 
 
 class EmoReasonProjector(nn.Module):
@@ -271,10 +322,16 @@ class EmoReasonModel(EmoReasonPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     # -- audio ------------------------------------------------------------------------------------------------
-    def encode_content(self, input_features: torch.Tensor, mel_lengths: torch.Tensor) -> torch.Tensor:
-        """Whisper encoder over the batch's own length (not 30 s): position table sliced, padding masked."""
+    def encode_content(self, input_features: torch.Tensor, mel_lengths: torch.Tensor,
+                       host_mel_lengths: list[int] | None = None) -> torch.Tensor:
+        """Whisper encoder over the batch's own length (not 30 s): position table sliced, padding masked.
+
+        ``host_mel_lengths``: ``mel_lengths`` already on the host (``get_audio_features`` reads every length once);
+        without it they are read here."""
         enc = self.content_encoder
-        max_mel = int(mel_lengths.max())
+        if host_mel_lengths is None:
+            host_mel_lengths = mel_lengths.tolist()
+        max_mel = max(host_mel_lengths)
         features = input_features[..., :max_mel].to(enc.conv1.weight.dtype)
         mel_mask = (torch.arange(max_mel, device=features.device)[None, :] < mel_lengths[:, None]).unsqueeze(1)
         # Zeroing padded mel and conv1 outputs reproduces the zero padding a lone clip gets from the convolutions.
@@ -288,9 +345,9 @@ class EmoReasonModel(EmoReasonPreTrainedModel):
             )
         hidden = hidden + enc.embed_positions.weight[:length].to(hidden.dtype)
         hidden = nn.functional.dropout(hidden, p=enc.dropout, training=enc.training)
-        frame_lengths = num_encoder_frames_from_mel(mel_lengths)
         attention_mask = None
-        if bool((frame_lengths < length).any()):
+        if min(num_encoder_frames_from_mel(n) for n in host_mel_lengths) < length:
+            frame_lengths = num_encoder_frames_from_mel(mel_lengths)
             keep = torch.arange(length, device=hidden.device)[None, :] < frame_lengths[:, None]
             attention_mask = torch.zeros(keep.shape, dtype=hidden.dtype, device=hidden.device)
             attention_mask = attention_mask.masked_fill(~keep, torch.finfo(hidden.dtype).min)[:, None, None, :]
@@ -300,25 +357,27 @@ class EmoReasonModel(EmoReasonPreTrainedModel):
         return enc.layer_norm(hidden)
 
     def encode_paralinguistic(
-        self, input_values: torch.Tensor, input_values_mask: torch.Tensor | None
+        self, input_values: torch.Tensor, input_values_mask: torch.Tensor | None,
+        host_sample_lengths: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns hidden states ((layers, B, L, D) when layer-weighted, else (B, L, D)) and frame lengths (B,).
 
         A clip's states do not depend on what it is batched with: group-norm feature encoders (wavlm-base,
-        hubert-base: normalised over time) see each clip at its own length, and the transformer masks padded frames.
+        hubert-base: normalised over time) normalise each clip over its own frames, and the transformer masks padded
+        frames. One batched call per tower; ``host_sample_lengths`` as in :meth:`encode_content`.
         """
         enc = self.paralinguistic_encoder
         values = input_values.to(next(enc.parameters()).dtype)
         if input_values_mask is None:
             input_values_mask = torch.ones(values.shape, dtype=torch.long, device=values.device)
         sample_lengths = input_values_mask.sum(-1)
-        values = values[:, : int(sample_lengths.max())]
-        mask = input_values_mask[:, : values.shape[1]]
+        if host_sample_lengths is None:
+            host_sample_lengths = sample_lengths.tolist()
+        longest = max(host_sample_lengths)
+        values = values[:, :longest]
         group_norm = getattr(self.config.paralinguistic_config, "feat_extract_norm", "layer") == "group"
-        if group_norm and bool((sample_lengths != sample_lengths[0]).any()):
-            features = [enc.feature_extractor(values[i : i + 1, : int(n)]) for i, n in enumerate(sample_lengths)]
-            longest = max(f.shape[-1] for f in features)
-            extract = torch.cat([nn.functional.pad(f, (0, longest - f.shape[-1])) for f in features]).transpose(1, 2)
+        if group_norm and min(host_sample_lengths) != longest:
+            extract = _masked_group_norm_features(enc.feature_extractor, values, sample_lengths).transpose(1, 2)
         else:
             extract = enc.feature_extractor(values).transpose(1, 2)
         # The frame mask from the frame lengths: the encoders' own helper for it differs in signature across families
@@ -327,12 +386,7 @@ class EmoReasonModel(EmoReasonPreTrainedModel):
         frame_mask = torch.arange(extract.shape[1], device=extract.device)[None, :] < frame_lengths[:, None]
         projected = enc.feature_projection(extract)
         hidden = projected[0] if isinstance(projected, tuple) else projected
-        if self.config.paralinguistic_weighted_layers:
-            with _record_layer_states(enc.encoder.layers) as layer_states:
-                last = enc.encoder(hidden, attention_mask=frame_mask).last_hidden_state
-            states = torch.stack(layer_states(fallback=last), dim=0)
-        else:
-            states = enc.encoder(hidden, attention_mask=frame_mask).last_hidden_state
+        states = _run_ssl_encoder(enc.encoder, hidden, frame_mask, self.config.paralinguistic_weighted_layers)
         return states, frame_lengths
 
     def get_audio_features(
@@ -343,25 +397,31 @@ class EmoReasonModel(EmoReasonPreTrainedModel):
         input_values_mask: torch.Tensor | None = None,
         content_states: torch.Tensor | None = None,
         paralinguistic_states: torch.Tensor | None = None,
+        host_lengths: tuple[list[int], list[int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a batch of clips. Returns (audio embeddings (clips, max_tokens, D_lm), tokens per clip (clips,)).
 
         ``content_states`` / ``paralinguistic_states`` (precomputed tower outputs, e.g. from the feature cache) skip the
         towers; they must be what :meth:`encode_content` / :meth:`encode_paralinguistic` return for the same clips.
+        ``host_lengths``: (mel frames, samples) per clip as host lists (see ``_host_lengths``); read here if absent.
         """
         mel_lengths = input_features_mask.sum(-1).long()
         frame_lengths = num_encoder_frames_from_mel(mel_lengths)
+        sample_lengths = (
+            input_values_mask.sum(-1) if input_values_mask is not None
+            else torch.full((input_values.shape[0],), input_values.shape[-1], device=input_values.device)
+        )
+        if host_lengths is None:
+            host_lengths = _host_lengths(mel_lengths, sample_lengths)[:2]
+        host_mel, host_samples = host_lengths
         if content_states is None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_content_encoder):
-                content_states = self.encode_content(input_features, mel_lengths)
+                content_states = self.encode_content(input_features, mel_lengths, host_mel)
         if paralinguistic_states is None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_paralinguistic_encoder):
-                paralinguistic_states, para_lengths = self.encode_paralinguistic(input_values, input_values_mask)
+                paralinguistic_states, para_lengths = self.encode_paralinguistic(
+                    input_values, input_values_mask, host_samples)
         else:
-            sample_lengths = (
-                input_values_mask.sum(-1) if input_values_mask is not None
-                else torch.full((input_values.shape[0],), input_values.shape[-1], device=input_values.device)
-            )
             para_lengths = self.paralinguistic_encoder._get_feat_extract_output_lengths(sample_lengths).long()
         projector_dtype = self.projector.linear_1.weight.dtype
         para = self.projector.mix_layers(paralinguistic_states.to(projector_dtype))
@@ -376,22 +436,27 @@ class EmoReasonModel(EmoReasonPreTrainedModel):
         return embeds, tokens_per_clip
 
     def merge_audio(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, audio_embeds: torch.Tensor, tokens_per_clip
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, audio_embeds: torch.Tensor, tokens_per_clip,
+        placeholders_per_row: list[int] | None = None,
     ) -> torch.Tensor:
         """Write each clip's embeddings over the `<audio>` placeholders of its row.
 
         One clip per row when the batch has as many clips as rows (the usual case); otherwise clips fill rows in
-        order. A row's placeholders beyond its clips' tokens (e.g. a sampled `<audio>` token) are left as text.
+        order (a packed row holds several clips, each over its own example's placeholders). A row's placeholders
+        beyond its clips' tokens (e.g. a sampled `<audio>` token) are left as text.
+
+        One gather and one select over the whole batch, no per-clip loop and no read of device values (given
+        ``tokens_per_clip`` as a host list and ``placeholders_per_row``; else they are read here).
         """
         placeholder = input_ids == self.config.audio_token_id
-        counts = tokens_per_clip.tolist()
+        counts = tokens_per_clip if isinstance(tokens_per_clip, list) else tokens_per_clip.tolist()
+        available = placeholders_per_row if placeholders_per_row is not None else placeholder.sum(-1).tolist()
         num_rows, num_clips = input_ids.shape[0], len(counts)
         row_of_clip: list[int] = []
         if num_clips == num_rows:
             row_of_clip = list(range(num_rows))
         else:
             row, used = 0, 0
-            available = placeholder.sum(-1).tolist()
             for n in counts:
                 while row < num_rows and available[row] - used < n:
                     row, used = row + 1, 0
@@ -402,22 +467,32 @@ class EmoReasonModel(EmoReasonPreTrainedModel):
         if len(row_of_clip) < num_clips:
             raise AudioPlaceholderError(
                 f"{num_clips} audio clips need {counts} `<audio>` tokens, but the rows hold "
-                f"{placeholder.sum(-1).tolist()}; format prompts with the processor, which expands each `<audio>`"
+                f"{available}; format prompts with the processor, which expands each `<audio>`"
             )
-        merged = inputs_embeds.clone()
-        offsets: dict[int, int] = {}
-        audio_embeds = audio_embeds.to(inputs_embeds.dtype)
+        filled = [0] * num_rows
         for clip, (row, n) in enumerate(zip(row_of_clip, counts)):
-            positions = placeholder[row].nonzero(as_tuple=True)[0]
-            start = offsets.get(row, 0)
-            if positions.numel() - start < n:
+            if available[row] - filled[row] < n:
                 raise AudioPlaceholderError(
-                    f"row {row} has {positions.numel() - start} free `<audio>` tokens but clip {clip} needs {n}; "
+                    f"row {row} has {available[row] - filled[row]} free `<audio>` tokens but clip {clip} needs {n}; "
                     "format prompts with the processor, which expands each `<audio>` to the clip's length"
                 )
-            merged[row, positions[start : start + n]] = audio_embeds[clip, :n]
-            offsets[row] = start + n
-        return merged
+            filled[row] += n
+        # Clips fill their row's placeholders from the first, in clip order, and rows in order: the k-th filled
+        # placeholder of the batch (row-major) takes the k-th token of the clips' tokens laid end to end.
+        device = inputs_embeds.device
+        width = audio_embeds.shape[1]
+        token_index = torch.tensor([c * width + t for c, n in enumerate(counts) for t in range(n)] or [0],
+                                   dtype=torch.long).to(device, non_blocking=True)
+        flat = audio_embeds.to(inputs_embeds.dtype).reshape(-1, audio_embeds.shape[-1]).index_select(0, token_index)
+        before = [0] * num_rows
+        for row in range(1, num_rows):
+            before[row] = before[row - 1] + filled[row - 1]
+        row_meta = torch.tensor([filled, before], dtype=torch.long).to(device, non_blocking=True)
+        rank = placeholder.long().cumsum(-1) - 1  # each placeholder's index among its row's placeholders
+        selected = placeholder & (rank < row_meta[0][:, None])
+        source = (rank + row_meta[1][:, None]).clamp(0, flat.shape[0] - 1)
+        merged_audio = flat.index_select(0, source.reshape(-1)).reshape(*input_ids.shape, flat.shape[-1])
+        return torch.where(selected.unsqueeze(-1), merged_audio, inputs_embeds)
 
     def forward(
         self,
@@ -448,11 +523,23 @@ class EmoReasonModel(EmoReasonPreTrainedModel):
                 input_features_mask = torch.ones(
                     input_features.shape[0], input_features.shape[-1], dtype=torch.long, device=input_features.device
                 )
-            audio_embeds, tokens_per_clip = self.get_audio_features(
+            mel_lengths = input_features_mask.sum(-1).long()
+            sample_lengths = (input_values_mask.sum(-1) if input_values_mask is not None
+                              else torch.full((mel_lengths.shape[0],), input_values.shape[-1], device=mel_lengths.device))
+            # every length the step needs on the host, read once before the towers' kernels are queued
+            host_mel, host_samples, placeholders = _host_lengths(
+                mel_lengths, sample_lengths, (input_ids == self.config.audio_token_id).sum(-1))
+            audio_embeds, _ = self.get_audio_features(
                 input_features, input_features_mask, input_values, input_values_mask,
                 content_states=content_states, paralinguistic_states=paralinguistic_states,
+                host_lengths=(host_mel, host_samples),
             )
-            inputs_embeds = self.merge_audio(input_ids, inputs_embeds, audio_embeds, tokens_per_clip)
+            tokens_per_clip = [-(-num_encoder_frames_from_mel(n) // self.config.stack_factor) for n in host_mel]
+            inputs_embeds = self.merge_audio(input_ids, inputs_embeds, audio_embeds, tokens_per_clip, placeholders)
+        if use_cache is None and cache is None and attention_mask is None and position_ids is not None:
+            # A padding-free packed row: transformers reads restarting position ids as example boundaries only when
+            # there is no cache, and would otherwise start one (config.use_cache) and attend across examples.
+            use_cache = False
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
