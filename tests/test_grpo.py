@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import datasets
@@ -224,10 +225,10 @@ def test_grpo_resumed_under_zero2_continues_the_reasoning_schedule(tiny_model_di
               "--num_generations", "4", "--max_completion_length", "8", "--save_strategy", "steps", "--save_steps", "1",
               "--save_total_limit", "3", "--max_train_records", "8"]
     launch("grpo", LAUNCH_CONFIGS["zero2"], [*common, "--max_steps", "1"])
-    first = json.loads((out / "checkpoint-1" / "reward_schedule.json").read_text())
+    first = json.loads((out / "checkpoint-1" / "reward_state.json").read_text())["reasoning"]["schedule"]
     assert first["steps"] == 1 and (out / "checkpoint-1" / "latest").is_file()  # a ZeRO checkpoint
     launch("grpo", LAUNCH_CONFIGS["zero2"], [*common, "--max_steps", "2", "--resume_from_checkpoint", "true"])
-    assert json.loads((out / "checkpoint-2" / "reward_schedule.json").read_text())["steps"] == 2
+    assert json.loads((out / "checkpoint-2" / "reward_state.json").read_text())["reasoning"]["schedule"]["steps"] == 2
 
 
 # -- learning: GRPO raises the mean reward ------------------------------------------------------------------------
@@ -337,7 +338,7 @@ def test_a_checkpoint_that_counts_as_complete_holds_the_reasoning_schedule(tiny_
         # the moment before trainer_state.json: a kill here leaves this folder as it is now
         before_state.update(problem=checkpoint_problem(folder), last=last_complete_checkpoint(folder.parent),
                             weights=(folder / "model.safetensors").is_file(),
-                            schedule=(folder / "reward_schedule.json").is_file())
+                            schedule=(folder / "reward_state.json").is_file())
         write_state(state, json_path)
         raise KilledDuringSave  # ... and a kill just after it: nothing the save does later reaches the disk
 
@@ -347,7 +348,7 @@ def test_a_checkpoint_that_counts_as_complete_holds_the_reasoning_schedule(tiny_
     assert before_state["weights"] and "trainer_state.json" in before_state["problem"] and before_state["last"] is None
     assert before_state["schedule"], "the schedule must be written before trainer_state.json"
     assert checkpoint_problem(folder) is None and last_complete_checkpoint(folder.parent) == str(folder)
-    assert json.loads((folder / "reward_schedule.json").read_text())["steps"] == 1
+    assert json.loads((folder / "reward_state.json").read_text())["reasoning"]["schedule"]["steps"] == 1
 
 
 @pytest.mark.parametrize("deepspeed", [False, True], ids=["plain", "deepspeed-branch"])
@@ -360,9 +361,9 @@ def test_reasoning_schedule_is_saved_with_checkpoints_and_restored_on_resume(dee
     records_file, _, data_root = rl_records
     trainer, _ = make_trainer(tiny_model_dir, records_file, data_root, tmp_path, **SCHEDULE_OPTIONS)
     trainer.train()
-    schedule = trainer.reasoning_schedule
-    assert schedule.steps == 1 and not schedule.active  # one batch of accuracy seen, not enough to switch on
-    saved = tmp_path / "grpo" / "checkpoint-1" / "reward_schedule.json"
+    schedule = trainer.reward_state()["reasoning"]["schedule"]
+    assert schedule["steps"] == 1 and not schedule["active"]  # one batch of accuracy seen, not enough to switch on
+    saved = tmp_path / "grpo" / "checkpoint-1" / "reward_state.json"
     assert saved.is_file()
     resumed, _ = make_trainer(tiny_model_dir, records_file, data_root, tmp_path, **dict(SCHEDULE_OPTIONS, max_steps=2))
     loaded = []
@@ -380,7 +381,7 @@ def test_reasoning_schedule_is_saved_with_checkpoints_and_restored_on_resume(dee
     resumed.train(resume_from_checkpoint=str(tmp_path / "grpo" / "checkpoint-1"))
     assert bool(loaded) != deepspeed  # the branch taken: DeepSpeed's skips _load_from_checkpoint
     assert resumed.state.global_step == 2
-    assert resumed.reasoning_schedule.steps == 2  # continued from the saved state, not from scratch
+    assert resumed.reward_state()["reasoning"]["schedule"]["steps"] == 2  # continued, not from scratch
 
 
 def test_emoreason_train_grpo_runs_the_recipe_in_process(tiny_model_dir, rl_records, tmp_path):
@@ -394,3 +395,43 @@ def test_emoreason_train_grpo_runs_the_recipe_in_process(tiny_model_dir, rl_reco
                  str(data_root), "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "4",
                  "--max_completion_length", "8", "--save_strategy", "no", "--max_train_records", "4"]) == 0
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+def test_a_checkpoint_from_before_the_generic_state_file_restores_the_schedule(tiny_model_dir, rl_records, tmp_path):
+    """Checkpoints written before ``reward_state.json`` hold the reasoning schedule alone in ``reward_schedule.json``:
+    resuming from one continues the schedule."""
+    records_file, _, data_root = rl_records
+    trainer, _ = make_trainer(tiny_model_dir, records_file, data_root, tmp_path, **SCHEDULE_OPTIONS)
+    old = tmp_path / "old-checkpoint"
+    old.mkdir()
+    (old / "reward_schedule.json").write_text(json.dumps({"accuracy": 0.4, "steps": 7, "active": False}))
+    assert trainer.load_reward_state(old)
+    assert trainer.reward_state()["reasoning"]["schedule"] == {"accuracy": 0.4, "steps": 7, "active": False}
+    assert not trainer.load_reward_state(tmp_path)  # nothing saved there: starts over, says so
+
+
+def test_the_trainer_names_no_reward_group_rewards_bring_their_own_hook_and_state():
+    """The GRPO trainer finds group rewards by their ``group_hook``; any reward object with one is called with the
+    step's whole table (here a made-up reward that halves its own column) and its state is what checkpoints hold."""
+    import inspect
+
+    import torch
+
+    from emoreason.train import grpo_trainer
+    from emoreason.train.rewards import get_reward_funcs, group_rewards
+
+    trainer = grpo_trainer.AudioGRPOTrainer
+    for method in (trainer.__init__, trainer._calculate_rewards, trainer.reward_state, trainer._save_checkpoint):
+        source = inspect.getsource(method)
+        assert '"reasoning"' not in source and '"accuracy"' not in source, method.__name__
+    funcs = get_reward_funcs(["accuracy", "reasoning", "format"])
+    (reasoning,) = group_rewards(funcs)
+    table = torch.tensor([[1.0, 0.9, 1.0], [0.0, 0.9, 1.0], [1.0, 0.2, 1.0], [0.0, 0.8, 1.0]])
+    metrics = reasoning.group_hook(table, ["accuracy", "reasoning", "format"], 2, training=True)
+    # group 1: the judge rates the wrong answer as high as the right one (gap 0): trust 1; group 2: it rates the wrong
+    # one 0.6 higher: trust exp(-5 * 0.6)
+    assert table[:, 1].tolist() == pytest.approx([0.9, 0.9, 0.2 * math.exp(-3.0), 0.8 * math.exp(-3.0)])
+    assert table[:, 0].tolist() == [1.0, 0.0, 1.0, 0.0] and metrics["reasoning/active"] == 1.0
+    assert reasoning.state_dict()["schedule"]["steps"] == 1
+    with pytest.raises(ValueError, match="needs 'accuracy'"):
+        get_reward_funcs(["reasoning"])

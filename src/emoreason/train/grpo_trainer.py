@@ -1,7 +1,9 @@
 """An audio-aware GRPO trainer: TRL's ``GRPOTrainer`` with the clip carried into generation and every log-prob pass.
 
 TRL 1.16's multimodal path knows images only; given our prompts it would render the `<audio>` placeholder as a plain
-token and **train without audio, silently**. This subclass changes four points and nothing else:
+token and **train without audio, silently**. This subclass overrides seven of TRL's private methods (TRL is pinned to
+the minor release they were written against: pyproject.toml, constraints.txt; `make test-newest` runs the GRPO tests
+on the newest TRL too) and ``train``. Four carry the audio:
 
 - ``_tokenize_prompts``: each prompt carries its clip as a ``{"type": "audio", "audio": path}`` content part (as TRL
   prompts carry ``{"type": "image"}`` parts). The processor renders the chat, expands `<audio>` to the clip's token
@@ -18,10 +20,12 @@ state loaded into the engine after each optimizer step (:mod:`emoreason.train.vl
 ``_generate_single_turn``); the log-prob passes above are unchanged. Configurations that cannot carry audio to vLLM
 (server mode, tensor-parallel engines, sleep mode) are refused with the reason.
 
-It also applies the reasoning reward's trust weight and progressive schedule (see :mod:`emoreason.train.rewards`) to
-the rewards gathered from all processes, so every rank sees the same weights. The schedule's state is written into each
-checkpoint before the Trainer's own files (``trainer_state.json``, which marks a checkpoint complete, comes last) and
-restored in ``train`` (transformers skips ``_load_from_checkpoint`` under DeepSpeed and FSDP).
+``_generate_single_turn`` is the vLLM branch above. ``_calculate_rewards`` hands the rewards gathered from all
+processes to every *group reward* (one with a ``group_hook``, e.g. the reasoning reward's trust weight and progressive
+schedule, :class:`emoreason.train.rewards.ReasoningReward`), so every rank sees the same weights; the trainer names no
+reward. Their state is written into each checkpoint by ``_save_checkpoint`` before the Trainer's own files
+(``trainer_state.json``, which marks a checkpoint complete, comes last) and restored in ``train`` (transformers skips
+``_load_from_checkpoint`` under DeepSpeed and FSDP).
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 
-from .rewards import trust_weights
+from .rewards import group_rewards
 from .vllm_rollouts import audio_rollout_engine, audio_vllm_refusal
 
 logger = logging.getLogger(__name__)
 
-SCHEDULE_FILE = "reward_schedule.json"  # the progressive schedule's state, saved with each checkpoint
+REWARD_STATE_FILE = "reward_state.json"  # group rewards' state (the reasoning schedule), saved with each checkpoint
+LEGACY_SCHEDULE_FILE = "reward_schedule.json"  # what checkpoints held before: the reasoning schedule alone
 AUDIO_KEYS = ("input_features", "input_features_mask", "input_values", "input_values_mask")
 
 
@@ -145,10 +150,11 @@ class AudioGRPOTrainer(GRPOTrainer):
         self._audio_batch: dict[str, torch.Tensor] | None = None
         self._audio_token_id = self.processing_class.audio_token_id
         names = list(self.reward_func_names)
-        self._reasoning_index = names.index("reasoning") if "reasoning" in names else None
-        self._accuracy_index = names.index("accuracy") if "accuracy" in names else None
-        if self._reasoning_index is not None and self._accuracy_index is None:
-            raise ValueError("the 'reasoning' reward needs the 'accuracy' reward for its trust weight and schedule")
+        self._group_rewards = group_rewards(self.reward_funcs)
+        for func in self._group_rewards:
+            missing = [r for r in getattr(func, "requires", ()) if r not in names]
+            if missing:
+                raise ValueError(f"the {func.__name__!r} reward reads the {missing} reward(s): add them to reward_funcs")
 
     # -- prompts -> token ids + audio ---------------------------------------------------------------------------
     def _tokenize_prompts(self, prompts: list):
@@ -244,43 +250,33 @@ class AudioGRPOTrainer(GRPOTrainer):
         aux_loss = torch.stack(all_aux).mean() if compute_aux_loss else None
         return logps, entropies, aux_loss
 
-    # -- trust-weighted, progressively scheduled reasoning reward ---------------------------------------------------
+    # -- group rewards: a hook on the whole reward table of a step, and state that travels with checkpoints ----------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # all processes
-        if self._reasoning_index is None:
+        if not self._group_rewards:
             return rewards
         mode = "train" if self.model.training else "eval"
-        reasoning = self.reward_funcs[self._reasoning_index]
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        accuracy = rewards[:, self._accuracy_index]
-        trust = trust_weights(rewards[:, self._reasoning_index], accuracy, num_generations,
-                              getattr(reasoning, "trust_sharpness", 5.0))
-        rewards[:, self._reasoning_index] = rewards[:, self._reasoning_index] * trust
-        schedule = getattr(reasoning, "schedule", None)
-        self._metrics[mode]["reasoning/trust"].append(trust.mean().item())
-        if schedule is not None:
-            if mode == "train":
-                schedule.update(torch.nanmean(accuracy).item())
-            self._metrics[mode]["reasoning/active"].append(float(schedule.active))
+        for func in self._group_rewards:
+            for key, value in func.group_hook(rewards, list(self.reward_func_names), num_generations,
+                                              training=mode == "train").items():
+                self._metrics[mode][key].append(value)
         return rewards
 
-    # -- the schedule's state travels with checkpoints ----------------------------------------------------------------
-    @property
-    def reasoning_schedule(self):
-        if self._reasoning_index is None:
-            return None
-        return getattr(self.reward_funcs[self._reasoning_index], "schedule", None)
+    def reward_state(self) -> dict[str, Any]:
+        """The state of every reward that keeps one (by reward name), as saved with each checkpoint."""
+        return {func.__name__: func.state_dict() for func in self._group_rewards if hasattr(func, "state_dict")}
 
     def _save_checkpoint(self, model, trial):
         # Written before the Trainer's save, which writes trainer_state.json last: a checkpoint that counts as complete
         # (emoreason.train.common.checkpoint_problem) always holds the schedule, and a save killed part-way does not
         # count whatever it left.
-        schedule = self.reasoning_schedule
-        if schedule is not None and self.args.should_save:
+        state = self.reward_state()
+        if state and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, SCHEDULE_FILE), "w") as fh:
-                json.dump(schedule.state_dict(), fh)
+            with open(os.path.join(folder, REWARD_STATE_FILE), "w") as fh:
+                json.dump(state, fh)
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
@@ -289,20 +285,32 @@ class AudioGRPOTrainer(GRPOTrainer):
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer raises
         if resume_from_checkpoint:
-            self.load_reasoning_schedule(resume_from_checkpoint)
+            self.load_reward_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval)
 
-    def load_reasoning_schedule(self, checkpoint: str | os.PathLike) -> bool:
-        """Restore the reasoning reward's schedule from ``checkpoint``; False when there is nothing to restore (no
-        reasoning reward, or a checkpoint saved without one)."""
-        path = os.path.join(checkpoint, SCHEDULE_FILE)
-        if self.reasoning_schedule is None:
+    def load_reward_state(self, checkpoint: str | os.PathLike) -> bool:
+        """Restore the state of the rewards that keep one from ``checkpoint``; False when there is nothing to restore
+        (no such reward, or a checkpoint saved without their state). A checkpoint written before the state file was
+        generic holds the reasoning schedule alone (``reward_schedule.json``)."""
+        stateful = {func.__name__: func for func in self._group_rewards if hasattr(func, "load_state_dict")}
+        if not stateful:
             return False
-        if not os.path.isfile(path):
-            logger.warning("%s holds no %s: the reasoning reward's schedule starts over", checkpoint, SCHEDULE_FILE)
+        path, legacy = os.path.join(checkpoint, REWARD_STATE_FILE), os.path.join(checkpoint, LEGACY_SCHEDULE_FILE)
+        if os.path.isfile(path):
+            with open(path) as fh:
+                saved = json.load(fh)
+        elif os.path.isfile(legacy) and "reasoning" in stateful:
+            with open(legacy) as fh:
+                saved = {"reasoning": {"schedule": json.load(fh)}}
+        else:
+            logger.warning("%s holds no %s: the rewards' state (%s) starts over", checkpoint, REWARD_STATE_FILE,
+                           ", ".join(stateful))
             return False
-        with open(path) as fh:
-            self.reasoning_schedule.load_state_dict(json.load(fh))
-        logger.info("reasoning reward schedule restored: %s", self.reasoning_schedule.state_dict())
+        for name, func in stateful.items():
+            if name in saved:
+                func.load_state_dict(saved[name])
+            else:
+                logger.warning("%s holds no state for the %r reward: it starts over", checkpoint, name)
+        logger.info("reward state restored: %s", saved)
         return True

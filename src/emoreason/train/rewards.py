@@ -16,6 +16,7 @@ applies both on the rewards gathered from every process, so all ranks agree).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -279,36 +280,69 @@ def trust_weights(quality: torch.Tensor, correct: torch.Tensor, num_generations:
     return weight.repeat_interleave(num_generations)
 
 
-def make_reasoning_reward(judge: Any = "cue_heuristic", judge_options: Mapping[str, Any] | None = None,
-                          threshold: float = 0.5, smoothing: float = 0.9, min_steps: int = 1,
-                          trust_sharpness: float = 5.0, schedule: ProgressiveSchedule | None = None) -> RewardFunc:
+class ReasoningReward:
     """Raw judge score in [0, 1] of the rationale (a judge name from :data:`emoreason.train.judge.JUDGES` or an object
-    with ``score``). The GRPO trainer multiplies it by :func:`trust_weights` (``trust_sharpness``); until the
-    :class:`ProgressiveSchedule` (``threshold``, ``smoothing``, ``min_steps``) is on, the judge is not called and the
-    reward is 0. A judge that cannot be reached raises (:class:`emoreason.train.judge.JudgeUnavailable`)."""
-    if isinstance(judge, str):
-        judge = get_judge(judge, **dict(judge_options or {}))
-    schedule = schedule or ProgressiveSchedule(threshold=threshold, smoothing=smoothing, min_steps=min_steps)
+    with ``score``), trust-weighted per group and switched on by a :class:`ProgressiveSchedule`.
 
-    def reasoning(prompts=None, completions=(), **kwargs) -> list[float | None]:
+    Until the schedule (``threshold``, ``smoothing``, ``min_steps``) is on, the judge is not called and the reward is
+    0. A judge that cannot be reached raises (:class:`emoreason.train.judge.JudgeUnavailable`).
+
+    It is a *group reward*: besides scoring completions one by one (``__call__``), it sees the whole reward table of
+    a step, gathered from every process, through :meth:`group_hook`, and keeps state that travels with checkpoints
+    (:meth:`state_dict` / :meth:`load_state_dict`). The GRPO trainer calls those on any reward that has them and names
+    none: ``requires`` lists the rewards whose columns the hook reads (checked when the rewards are built).
+    """
+
+    requires = ("accuracy",)
+
+    def __init__(self, judge: Any = "cue_heuristic", judge_options: Mapping[str, Any] | None = None,
+                 threshold: float = 0.5, smoothing: float = 0.9, min_steps: int = 1, trust_sharpness: float = 5.0,
+                 schedule: ProgressiveSchedule | None = None):
+        self.judge = get_judge(judge, **dict(judge_options or {})) if isinstance(judge, str) else judge
+        self.schedule = schedule or ProgressiveSchedule(threshold=threshold, smoothing=smoothing, min_steps=min_steps)
+        self.trust_sharpness = trust_sharpness
+        self.__name__ = "reasoning"
+
+    def __call__(self, prompts=None, completions=(), **kwargs) -> list[float | None]:
         parsed = _parsed(completions)
-        if not schedule.active:
+        if not self.schedule.active:
             return [0.0] * len(parsed)
         n = len(parsed)
         contexts = [{"cues": as_mapping(cues), "label": label, "transcript": transcript, "answer": p.answer}
                     for cues, label, transcript, p in zip(_column(kwargs, "cues", n), _column(kwargs, "label", n),
                                                           _column(kwargs, "transcript", n), parsed)]
         valid = [i for i, p in enumerate(parsed) if p.valid]
-        scores = judge.score([parsed[i].think or "" for i in valid], [contexts[i] for i in valid]) if valid else []
+        scores = self.judge.score([parsed[i].think or "" for i in valid], [contexts[i] for i in valid]) if valid else []
         rewards: list[float | None] = [INVALID] * n
         for i, score in zip(valid, scores):
             rewards[i] = None if score is None else float(min(1.0, max(0.0, score)))
         return rewards
 
-    reasoning.schedule = schedule
-    reasoning.judge = judge
-    reasoning.trust_sharpness = trust_sharpness
-    return reasoning
+    def group_hook(self, rewards: torch.Tensor, names: Sequence[str], num_generations: int,
+                   training: bool) -> dict[str, float]:
+        """Weight this reward's column of ``rewards`` (completions x reward functions, in place) by the judge's trust
+        on each group (:func:`trust_weights` against the accuracy column); a training step also advances the
+        schedule with the batch's accuracy. Returns the step's metrics."""
+        own, accuracy = rewards[:, names.index(self.__name__)], rewards[:, names.index("accuracy")]
+        trust = trust_weights(own, accuracy, num_generations, self.trust_sharpness)
+        rewards[:, names.index(self.__name__)] = own * trust
+        if training:
+            self.schedule.update(torch.nanmean(accuracy).item())
+        return {"reasoning/trust": trust.mean().item(), "reasoning/active": float(self.schedule.active)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+
+    def probe(self) -> None:
+        if callable(getattr(self.judge, "probe", None)):
+            self.judge.probe()
+
+
+def make_reasoning_reward(**options: Any) -> ReasoningReward:
+    return ReasoningReward(**options)
 
 
 # -- registry -------------------------------------------------------------------------------------------------------
@@ -327,6 +361,10 @@ REWARDS: dict[str, Callable[..., RewardFunc]] = {
 
 
 def _named(func: RewardFunc, name: str) -> RewardFunc:
+    if not inspect.isfunction(func):  # a reward object (a group reward): it keeps its methods and state
+        func.__name__ = name
+        return func
+
     @functools.wraps(func)
     def reward(*args, **kwargs):
         return func(*args, **kwargs)
@@ -337,7 +375,7 @@ def _named(func: RewardFunc, name: str) -> RewardFunc:
 
 def get_reward_funcs(names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None) -> list[RewardFunc]:
     """Build the named rewards; ``options[name]`` are that factory's keyword arguments. Each gets ``__name__ = name``
-    so TRL logs ``rewards/<name>/mean``."""
+    so TRL logs ``rewards/<name>/mean``. A reward that reads other rewards' columns (``requires``) needs them listed."""
     options = dict(options or {})
     unknown = [n for n in list(names) + list(options) if n not in REWARDS]
     if unknown:
@@ -349,16 +387,22 @@ def get_reward_funcs(names: Sequence[str], options: Mapping[str, Mapping[str, An
         except TypeError as err:
             raise ValueError(f"reward {name!r}: bad options {dict(options.get(name) or {})}: {err}") from None
         funcs.append(_named(func, name))
-    if "reasoning" in names and "accuracy" not in names:
-        raise ValueError("reward 'reasoning' needs 'accuracy' in reward_funcs too: its trust weight and schedule are "
-                         "computed from the accuracy reward (give accuracy weight 0 to use it only for that)")
+    for name, func in zip(names, funcs):
+        missing = [r for r in getattr(func, "requires", ()) if r not in names]
+        if missing:
+            raise ValueError(f"reward {name!r} needs {', '.join(map(repr, missing))} in reward_funcs too: its group "
+                             "hook reads their columns (give them weight 0 to use them only for that)")
     return funcs
+
+
+def group_rewards(funcs: Sequence[RewardFunc]) -> list[RewardFunc]:
+    """The rewards that see a step's whole reward table (``group_hook``) and may keep state across steps."""
+    return [f for f in funcs if callable(getattr(f, "group_hook", None))]
 
 
 def probe_reward_funcs(funcs: Sequence[RewardFunc]) -> None:
     """Ask every remote judge behind ``funcs`` one tiny question; raises at once (before any model is loaded) when a
     judge cannot be reached, instead of a run whose reasoning reward is missing."""
     for func in funcs:
-        judge = getattr(func, "judge", None)
-        if judge is not None and callable(getattr(judge, "probe", None)):
-            judge.probe()
+        if callable(getattr(func, "probe", None)):
+            func.probe()
