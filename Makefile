@@ -47,17 +47,19 @@ test: setup lint-imports
 test-fast: setup lint-imports
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# Smoke subset (model round trip, generate with/without the KV cache, one SFT step) on the newest installable
-# transformers release (or TF_VERSION=x.y.z), installed beside the pinned stack in .cache/ and put first on
-# PYTHONPATH. "Installable": pip's resolver picks the release and any dependency it needs (scripts/install_newest.py).
+# Smoke subset (model round trip, generate with/without the KV cache, one SFT step; audio through the GRPO and DPO
+# losses) on the newest installable transformers (or TF_VERSION=x.y.z) and TRL releases, installed beside the pinned
+# stack in .cache/ and put first on PYTHONPATH. TRL is pinned to the minor release whose private methods the GRPO
+# trainer overrides (pyproject.toml); this is where a newer one shows whether they still fit. "Installable": pip's
+# resolver picks the release and any dependency it needs (scripts/install_newest.py).
 TF_VERSION ?=
 TF_DIR := .cache/tf-$(or $(TF_VERSION),newest)
 test-newest: setup
 	rm -rf $(TF_DIR)
-	$(PY) scripts/install_newest.py --target $(TF_DIR) "transformers$(if $(TF_VERSION),==$(TF_VERSION))"
-	PYTHONPATH=$(TF_DIR) $(PY) -c "import transformers; print('transformers', transformers.__version__)"
-	PYTHONPATH=$(TF_DIR) $(PY) -m pytest -q tests/test_modeling.py tests/test_launch.py \
-	  -k "round_trip or generat or one_sft_step or safe_options or pickled" $(PYTEST_ARGS)
+	$(PY) scripts/install_newest.py --target $(TF_DIR) "transformers$(if $(TF_VERSION),==$(TF_VERSION))" "trl"
+	PYTHONPATH=$(TF_DIR) $(PY) -c "import transformers, trl; print('transformers', transformers.__version__, 'trl', trl.__version__)"
+	PYTHONPATH=$(TF_DIR) $(PY) -m pytest -q tests/test_modeling.py tests/test_launch.py tests/test_grpo.py tests/test_dpo.py \
+	  -k "round_trip or generat or one_sft_step or safe_options or pickled or audio_reaches" $(PYTEST_ARGS)
 
 # -- vLLM serving tests (docs/vllm.md) -------------------------------------------------------------------------
 # vLLM pins an older transformers than training, so it gets its own environment. Here it is vLLM's real engine in

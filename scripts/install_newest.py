@@ -7,7 +7,7 @@ the package in *this* environment would install: the newest release whose requir
 dependencies that must change. Exactly those are installed with ``--no-deps`` into a folder that is put first on
 ``PYTHONPATH``, so the pinned virtual environment itself is never modified.
 
-    python scripts/install_newest.py --target .cache/tf-newest "transformers"
+    python scripts/install_newest.py --target .cache/tf-newest "transformers" "trl"
     python scripts/install_newest.py --target .cache/tf-5.24.0 "transformers==5.24.0"
 """
 
@@ -37,11 +37,11 @@ def resolve(spec: str) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", required=True, help="folder to install into (put it first on PYTHONPATH)")
-    parser.add_argument("spec", help='a requirement, e.g. "transformers" or "transformers==5.24.0"')
+    parser.add_argument("spec", nargs="+", help='requirements, e.g. "transformers" "trl" or "transformers==5.24.0"')
     args = parser.parse_args(argv)
-    pins = [f"{name}=={version}" for name, version in resolve(args.spec)]
+    pins = sorted({f"{name}=={version}" for spec in args.spec for name, version in resolve(spec)})
     if not pins:
-        print(f"{args.spec}: already satisfied by the pinned environment; nothing to install")
+        print(f"{' '.join(args.spec)}: already satisfied by the pinned environment; nothing to install")
         return 0
     print("installing beside the pinned stack:", " ".join(pins))
     subprocess.run(

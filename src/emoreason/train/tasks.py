@@ -21,7 +21,8 @@ interleave in proportion to the weights; ``weighted``: each batch's task drawn a
 within a task, clips of similar duration share a batch.
 
 The dataset rows built here (:func:`build_task_examples`) are what :class:`emoreason.data.collators.SFTCollator`
-consumes; GRPO/DPO reuse :func:`build_task_examples` for their prompts.
+consumes. GRPO builds its prompts from the records itself (``train.grpo``: the conversation of
+:mod:`emoreason.data.conversation` with the clip as an audio part) and DPO reads preference pairs (``train.dpo``).
 """
 
 from __future__ import annotations
