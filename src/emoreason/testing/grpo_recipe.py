@@ -12,31 +12,27 @@ import statistics
 from pathlib import Path
 from typing import NamedTuple
 
+from ..data.cues import CUES
 from ..data.response_format import format_response
 from ..data.schema import EmotionRecord, read_records
 
-# espeak-ng controls -> the cue words the data stage would measure (thresholds sit between the synthetic emotions).
-_LEVELS = {
-    "pitch_level": ("pitch", ((35, "low"), (62, "normal"), (100, "high"))),
-    "energy_level": ("amplitude", ((70, "soft"), (140, "normal"), (201, "loud"))),
-    "rate_level": ("rate", ((140, "slow"), (190, "normal"), (400, "fast"))),
-}
-_OPPOSITE = {"low": "high", "high": "low", "soft": "loud", "loud": "soft", "slow": "fast", "fast": "slow",
-             "normal": "high"}
-_NOUN = {"pitch_level": "pitch", "energy_level": "volume", "rate_level": "speaking rate"}
+# espeak-ng control of each graded cue and the upper limits of its low / normal / high bands (the thresholds sit
+# between the synthetic emotions); the level words, nouns and flips are the cue vocabulary's (emoreason.data.cues).
+_CONTROLS = {"pitch_level": ("pitch", (35, 62, 100)), "energy_level": ("amplitude", (70, 140, 201)),
+             "rate_level": ("rate", (140, 190, 400))}
 
 
 def synthetic_cues(record: EmotionRecord) -> dict:
     params = record.meta["espeak"]
     cues = {}
-    for cue, (control, bands) in _LEVELS.items():
-        cues[cue] = next(word for limit, word in bands if params[control] < limit)
+    for cue, (control, limits) in _CONTROLS.items():
+        cues[cue] = next(level for limit, level in zip(limits, CUES[cue].levels) if params[control] < limit)
     cues["intonation"] = "falling"
     return cues
 
 
 def rationale(cues: dict, label: str) -> str:
-    said = ", ".join(f"the {_NOUN[c]} is {cues[c]}" for c in _NOUN)
+    said = ", ".join(f"the {CUES[c].noun} is {cues[c]}" for c in _CONTROLS)
     return format_response(f"{said[0].upper()}{said[1:]}.", label)
 
 
@@ -51,7 +47,7 @@ def reasoning_records(manifest: str | Path) -> tuple[list[EmotionRecord], list[E
         record.instruction = "What emotion does the speaker express? Explain your reasoning, then answer."
         record.response = rationale(cues, record.label)
         records.append(record)
-        hallucinated = dict(cues, pitch_level=_OPPOSITE[cues["pitch_level"]])
+        hallucinated = dict(cues, pitch_level=CUES["pitch_level"].opposite[cues["pitch_level"]])
         wrong = next(e for e in ("happy", "sad", "angry", "neutral") if e != record.label)
         spurious = record.response.replace("</think>", "The voice is trembling and the intonation is rising.\n</think>")
         pair = EmotionRecord.from_dict(record.to_dict())
