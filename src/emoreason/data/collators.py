@@ -136,13 +136,22 @@ class SFTCollator:
     ``silence_seconds`` replaces every clip by that many seconds of zeros (the no-audio control of the learning
     test). The length is fixed on purpose: silence as long as the clip would still tell the model the clip's duration
     (through its number of audio tokens), and duration alone predicts the speaking rate, hence the emotion, in part.
+
+    ``packing=True`` makes the batch padding-free (transformers' flattening-collator layout): the examples are laid end
+    to end in ONE row with ``position_ids`` restarting at 0 per example and no ``attention_mask``, plus the sequence
+    boundaries flash-attention's varlen kernels take (``cu_seq_lens_q/k``, ``max_length_q/k``, computed here on the
+    CPU). transformers (5.23) turns restarting position ids into a block-diagonal causal mask for sdpa and eager
+    attention, so no example attends to another; each clip stays its own row of the audio batch and fills its own
+    example's placeholders. The loss is the same as the padded batch's; no compute goes to padding.
     """
 
     def __init__(self, processor, data_root: str | Path = ".", max_length: int | None = None,
                  system_prompt: str | None = None, feature_cache: FeatureLookup | None = None,
                  silence_seconds: float | None = None, feature_augment: FeatureAugment | None = None,
-                 instruction_pools: Mapping[str, Sequence[str]] | None = None, seed: int = 0):
+                 instruction_pools: Mapping[str, Sequence[str]] | None = None, seed: int = 0,
+                 packing: bool = False):
         self.processor = processor
+        self.packing = packing
         self.tokenizer = processor.tokenizer
         self.data_root = Path(data_root)
         self.max_length = max_length
@@ -237,6 +246,8 @@ class SFTCollator:
                 c = c[: self.max_length - len(p)]
             rows.append(p + c)
             labels.append([IGNORE_INDEX] * len(p) + c)
+        if self.packing:
+            return {**pack_rows(rows, labels), **audio}
         width = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -247,6 +258,21 @@ class SFTCollator:
             label_ids[i, : len(lab)] = torch.tensor(lab)
             attention_mask[i, : len(ids)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids, **audio}
+
+
+def pack_rows(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Token rows -> one padding-free row: ``input_ids``, ``labels`` (each example's first label ignored, so no example
+    is scored on predicting the next one's start), ``position_ids`` restarting per example, and the sequence boundaries
+    of flash-attention's varlen kernels. No ``attention_mask``: with one, transformers would ignore the boundaries."""
+    lengths = [len(r) for r in rows]
+    input_ids = torch.tensor([t for r in rows for t in r], dtype=torch.long)[None]
+    label_ids = torch.tensor([t for lab in labels for t in lab], dtype=torch.long)[None]
+    position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])[None]
+    label_ids[position_ids == 0] = IGNORE_INDEX
+    cu_seq_lens = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32)
+    return {"input_ids": input_ids, "labels": label_ids, "position_ids": position_ids,
+            "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max(lengths), "max_length_k": max(lengths)}
 
 
 def _length_mask(lengths: Sequence[int]) -> torch.Tensor:

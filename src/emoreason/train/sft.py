@@ -57,6 +57,14 @@ class EmoReasonSFTConfig(SFTConfig):
     length_group_size: int = field(
         default=16, metadata={"help": "batches per mega-batch sorted by clip duration (1: no length grouping)"}
     )
+    pack_batches: bool = field(
+        default=False,
+        metadata={"help": "padding-free batches: each batch's examples in one row, position ids restarting per example "
+                          "(emoreason.data.collators.SFTCollator(packing=True); TRL's own packing/padding_free act on "
+                          "datasets TRL tokenizes, not on ours). Attention stays within each example with sdpa and "
+                          "eager (a block-diagonal mask: no compute saved on attention) and flash-attention (varlen); "
+                          "length_group_size still orders the batches"},
+    )
     train_split: str = field(default="train", metadata={"help": "records of this split train ('all': every record)"})
     eval_split: str = field(default="validation", metadata={"help": "records of this split evaluate"})
     system_prompt: str | None = field(default=None, metadata={"help": "system message prepended to every chat"})
@@ -310,7 +318,8 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
     collator = SFTCollator(processor, script_args.data_root, max_length=training_args.max_length,
                            system_prompt=training_args.system_prompt, feature_cache=feature_cache,
                            feature_augment=feature_augment, seed=training_args.seed,
-                           instruction_pools=instruction_pools(specs) if training_args.resample_instructions else None)
+                           instruction_pools=instruction_pools(specs) if training_args.resample_instructions else None,
+                           packing=training_args.pack_batches)
 
     # trainer
     trainer = EmoReasonSFTTrainer(
