@@ -481,7 +481,7 @@ def test_an_unreadable_verdict_is_not_cached_and_a_rerun_asks_again(tmp_path, ki
 
     from emoreason.data.schema import EmotionRecord
     from emoreason.eval.client import ResponseCache
-    from emoreason.eval.judge import Judge
+    from emoreason.eval.judge import RubricJudge
     from emoreason.eval.verifier import AudioVerifier
 
     record = EmotionRecord(id="r", audio="r.wav", duration=1.0, corpus="c", transcript="hello")
@@ -489,7 +489,7 @@ def test_an_unreadable_verdict_is_not_cached_and_a_rerun_asks_again(tmp_path, ki
 
     def score(client):
         if kind == "judge":
-            return asyncio.run(Judge(client, "groundedness").score(record, "The pitch is high.", "happy"))
+            return asyncio.run(RubricJudge(client, "groundedness").score(record, "The pitch is high.", "happy"))
         return asyncio.run(AudioVerifier(client).score(record, audio, "The pitch is high.", "happy"))
 
     first = _VerdictClient(ResponseCache(tmp_path / "cache.sqlite"), ["I cannot grade this."])

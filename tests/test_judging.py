@@ -112,7 +112,7 @@ def test_an_echoed_fence_is_not_read():
 
 def test_training_and_evaluation_judges_send_one_rubric_and_read_one_score(monkeypatch):
     from emoreason.data.schema import EmotionRecord
-    from emoreason.eval.judge import Judge as EvalJudge
+    from emoreason.eval.judge import RubricJudge as EvalJudge
     from emoreason.train.judge import get_judge
 
     reply = f'Rationale claims {INJECTIONS[0]!r}. {{"score": 4, "reason": "mostly grounded"}}'
@@ -149,7 +149,7 @@ def test_training_and_evaluation_judges_send_one_rubric_and_read_one_score(monke
 def test_eval_judge_caches_by_what_is_judged_despite_random_markers(tmp_path):
     from emoreason.data.schema import EmotionRecord
     from emoreason.eval.client import ResponseCache
-    from emoreason.eval.judge import Judge as EvalJudge
+    from emoreason.eval.judge import RubricJudge as EvalJudge
 
     class Client:
         model, stats = "judge", {"cache_hits": 0}

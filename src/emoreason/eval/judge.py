@@ -23,15 +23,19 @@ from .client import EndpointClient
 
 
 @dataclass
-class JudgeScore:
-    score: float | None  # on the rubric's scale; None when the judge's reply had no readable score
+class RubricScore:
+    """One graded text: what the judge and the audio verifier (:mod:`.verifier`) both return."""
+
+    score: float | None  # on the rubric's scale; None when the reply had no readable verdict
     normalized: float | None  # mapped to [0, 1]
     reason: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
 
-class Judge:
+class RubricJudge:
+    """A model behind an OpenAI-compatible endpoint grading rationales with a rubric (the evaluator's judge)."""
+
     def __init__(self, client: EndpointClient, rubric: str | os.PathLike | Rubric = "groundedness",
                  max_tokens: int = 256):
         self.client = client
@@ -54,7 +58,7 @@ class Judge:
                               "texts": texts, "max_tokens": self.max_tokens}, sort_keys=True)
         return "judge:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
-    async def score(self, record: EmotionRecord, rationale: str, answer: str | None) -> JudgeScore:
+    async def score(self, record: EmotionRecord, rationale: str, answer: str | None) -> RubricScore:
         texts = self.texts(record, rationale, answer)
         key = self._key(texts)
         if key in self._inflight:
@@ -72,19 +76,19 @@ class Judge:
         future.set_result(result)
         return result
 
-    async def _score(self, texts: dict[str, str], key: str) -> JudgeScore:
+    async def _score(self, texts: dict[str, str], key: str) -> RubricScore:
         cache = getattr(self.client, "cache", None)
         stored = cache.get(key) if cache is not None else None
         if stored is not None:
             self.client.stats["cache_hits"] += 1
-            return JudgeScore(**stored)
+            return RubricScore(**stored)
         request = self.rubric.render(**texts)
         response = await self.client.chat(messages=request.messages, temperature=0.0, max_tokens=self.max_tokens)
         reply = (response["choices"][0].get("message") or {}).get("content") or ""
         verdict = request.verdict(reply)
         usage = response.get("usage") or {}
         normalized = self.rubric.normalise(verdict.score)
-        result = JudgeScore(verdict.score if normalized is not None else None, normalized, verdict.reason,
+        result = RubricScore(verdict.score if normalized is not None else None, normalized, verdict.reason,
                             int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
         if cache is not None and normalized is not None:  # an unreadable verdict is asked again on a rerun
             cache.put(key, result.__dict__)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..data.audio import AudioError
 from ..data.schema import EmotionRecord, RecordError, iter_records
 from .client import EndpointClient, RequestFailed, ResponseCache
-from .judge import Judge
+from .judge import RubricJudge
 from .metrics import compute_metrics
 from .report import write_report
 from .strategies import STRATEGIES, ItemResult, StrategyContext
@@ -55,7 +55,7 @@ async def _run_item(strategy, ctx: StrategyContext, record: EmotionRecord, label
     return result
 
 
-async def _evaluate(suite: Suite, records: list[EmotionRecord], client: EndpointClient, judge: Judge | None,
+async def _evaluate(suite: Suite, records: list[EmotionRecord], client: EndpointClient, judge: RubricJudge | None,
                     progress: bool, verifier: AudioVerifier | None = None) -> dict[str, list[ItemResult]]:
     ctx = StrategyContext(client=client, labels=suite.labels, prompts=PromptSet.load(suite.prompts),
                           data_root=suite.data_root, max_tokens=suite.max_tokens,
@@ -184,7 +184,7 @@ async def run_suite_async(
                                       concurrency=concurrency or suite.concurrency, timeout=timeout or suite.timeout,
                                       max_retries=suite.retries if retries is None else retries, backoff=backoff,
                                       cache=cache)
-        judge = Judge(judge_client, judge_cfg.get("rubric", "groundedness"))
+        judge = RubricJudge(judge_client, judge_cfg.get("rubric", "groundedness"))
     verifier, verifier_client = None, None
     if any(STRATEGIES[s.name].__name__ in AUDIO_VERIFIED or s.params.get("verifier") == "audio"
            for s in suite.strategies):

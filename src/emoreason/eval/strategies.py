@@ -75,7 +75,7 @@ class StrategyContext:
     max_tokens: int = 256
     include_transcript: bool = False
     audio_transport: str = "input_audio"
-    judge: Any = None  # emoreason.eval.judge.Judge
+    judge: Any = None  # emoreason.eval.judge.RubricJudge
     verifier: Any = None  # emoreason.eval.verifier.AudioVerifier
     seed: int = 0  # the suite's seed; each request carries one derived from it and the record
 

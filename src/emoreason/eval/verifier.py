@@ -13,20 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from ..data.judging import Rubric, load_rubric
 from ..data.schema import EmotionRecord
 from .client import EndpointClient
-
-
-@dataclass
-class VerifierScore:
-    score: float | None  # on the rubric's scale; None when the reply had no readable verdict
-    normalized: float | None  # in [0, 1]
-    reason: str | None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+from .judge import RubricScore
 
 
 class AudioVerifier:
@@ -53,13 +45,13 @@ class AudioVerifier:
         return "verifier:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     async def score(self, record: EmotionRecord, audio_part: dict, rationale: str, answer: str | None,
-                    seed: int | None = None) -> VerifierScore:
+                    seed: int | None = None) -> RubricScore:
         cache = self.client.cache
         key = self._key(record, audio_part, rationale, answer)
         stored = cache.get(key) if cache is not None else None
         if stored is not None:
             self.client.stats["cache_hits"] += 1
-            return VerifierScore(**stored)
+            return RubricScore(**stored)
         messages, request = self.messages(audio_part, rationale, answer)
         body = {"messages": messages, "temperature": 0.0, "max_completion_tokens": self.max_tokens}
         if seed is not None:
@@ -69,7 +61,7 @@ class AudioVerifier:
         verdict = request.verdict(reply)
         normalized = self.rubric.normalise(verdict.score)
         usage = response.get("usage") or {}
-        result = VerifierScore(verdict.score if normalized is not None else None, normalized, verdict.reason,
+        result = RubricScore(verdict.score if normalized is not None else None, normalized, verdict.reason,
                                int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
         if cache is not None and normalized is not None:  # an unreadable verdict is asked again on a rerun
             cache.put(key, asdict(result))

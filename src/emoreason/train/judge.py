@@ -31,7 +31,7 @@ class JudgeUnavailable(RuntimeError):
     """The judge endpoint cannot be reached (at start, or after every retry of a request)."""
 
 
-class Judge(Protocol):
+class RewardJudge(Protocol):
     def score(self, rationales: Sequence[str], contexts: Sequence[Mapping[str, Any]]) -> list[float | None]: ...
 
 
@@ -132,14 +132,14 @@ class RewardModelJudge:
         return torch.sigmoid(logits.float()).tolist()
 
 
-JUDGES: dict[str, Callable[..., Judge]] = {
+JUDGES: dict[str, Callable[..., RewardJudge]] = {
     "cue_heuristic": CueHeuristicJudge,
     "openai": OpenAIJudge,
     "reward_model": RewardModelJudge,
 }
 
 
-def get_judge(name: str, **options) -> Judge:
+def get_judge(name: str, **options) -> RewardJudge:
     if name not in JUDGES:
         raise ValueError(f"unknown judge {name!r}; known: {', '.join(JUDGES)}")
     return JUDGES[name](**options)
