@@ -65,7 +65,7 @@ def without_audio(messages):
 def test_sft_grpo_dpo_and_eval_build_the_same_prompt(tiny, dialogue):
     from emoreason.data.collators import SFTCollator
     from emoreason.eval.strategies import StrategyContext
-    from emoreason.eval.suite import PromptSet
+    from emoreason.eval.prompts import PromptSet
     from emoreason.train.dpo import load_pairs
     from emoreason.train.dpo_trainer import PreferenceCollator
     from emoreason.train.grpo import load_examples

@@ -13,7 +13,7 @@ from emoreason.eval.client import EndpointClient
 from emoreason.eval.judge import RubricJudge
 from emoreason.eval.scripted import create_scripted_app, last_user_text, pseudo_logprob
 from emoreason.eval.strategies import STRATEGIES, StrategyContext, vote
-from emoreason.eval.suite import PromptSet
+from emoreason.eval.prompts import PromptSet
 from emoreason.eval.verifier import AudioVerifier
 from emoreason.serve.background import BackgroundServer
 
@@ -324,3 +324,40 @@ def test_alm_verifier_selects_and_weights_by_what_the_clip_sounds_like(record, s
     assert best.requests == 4 and best.verifier_prompt_tokens == 3 * 10
     assert best.prompt_tokens == 10 + 3 * 10 and best.verifier_completion_tokens > 0
     assert best.completion_tokens == sum(len(s.split()) for s in samples) + best.verifier_completion_tokens
+
+
+def test_strategies_declare_what_they_need_and_eval_modules_form_no_cycle():
+    """A strategy says what it needs when it registers (the runner builds the audio verifier or asks for a judge from
+    that, never from strategy names), and strategies / suite / prompts import one way."""
+    import ast
+    import inspect
+
+    from emoreason.eval import runner, strategies, suite
+    from emoreason.eval.strategies import STRATEGIES, strategy_needs
+
+    assert strategy_needs("alm_verifier") == {"audio_verifier"}
+    assert strategy_needs("weighted_alm_verifier") == {"audio_verifier"}
+    assert strategy_needs("best_of_n") == set() and strategy_needs("best_of_n", {"verifier": "loglik"}) == set()
+    assert strategy_needs("best_of_n", {"verifier": "audio"}) == {"audio_verifier"}
+    assert strategy_needs("weighted_vote", {"verifier": "judge"}) == {"judge"}
+    assert all(strategy_needs(name) <= {"judge", "audio_verifier"} for name in STRATEGIES)
+    assert "__name__" not in inspect.getsource(runner.run_suite_async)
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(inspect.getsource(module))
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+    assert "suite" not in imported(strategies) and "strategies" in imported(suite)
+
+
+def test_a_strategy_that_needs_a_judge_without_one_is_a_clear_error(tmp_path, synth_corpus):
+    import asyncio
+
+    from emoreason.eval.runner import run_suite_async
+
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(f"name: needs-judge\nrecords: {synth_corpus}\nlabels: [neutral, happy, sad, angry]\n"
+                          "strategies:\n  - {name: best_of_n, n: 2, verifier: judge}\n")
+    with pytest.raises(ValueError, match=r"\['best_of_n'\] need a judge"):
+        asyncio.run(run_suite_async(suite_file, "http://127.0.0.1:9/v1", "m", tmp_path / "out", limit=1,
+                                    progress=False))

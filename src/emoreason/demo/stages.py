@@ -168,7 +168,7 @@ def eval_system_prompt() -> str:
     """Train with the system turn the evaluator sends: a tiny model does not generalise across system prompts."""
     import yaml
 
-    from ..eval.suite import DEFAULT_PROMPTS, PromptSet
+    from ..eval.prompts import DEFAULT_PROMPTS, PromptSet
 
     suite = yaml.safe_load((REPO / EVAL_SUITE).read_text())
     return PromptSet.load(REPO / suite.get("prompts", DEFAULT_PROMPTS)).system or ""

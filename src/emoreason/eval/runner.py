@@ -22,12 +22,12 @@ from .client import EndpointClient, RequestFailed, ResponseCache
 from .judge import RubricJudge
 from .metrics import compute_metrics
 from .report import write_report
-from .strategies import STRATEGIES, ItemResult, StrategyContext
-from .suite import PromptSet, Suite, load_suite
+from .strategies import STRATEGIES, ItemResult, StrategyContext, strategy_needs
+from .prompts import PromptSet
+from .suite import Suite, load_suite
 from .verifier import AudioVerifier
 
 logger = logging.getLogger(__name__)
-AUDIO_VERIFIED = ("alm_verifier", "weighted_alm_verifier")  # strategies that need the audio verifier
 
 
 def select_records(suite: Suite) -> tuple[list[EmotionRecord], dict[str, int]]:
@@ -186,8 +186,12 @@ async def run_suite_async(
                                       cache=cache)
         judge = RubricJudge(judge_client, judge_cfg.get("rubric", "groundedness"))
     verifier, verifier_client = None, None
-    if any(STRATEGIES[s.name].__name__ in AUDIO_VERIFIED or s.params.get("verifier") == "audio"
-           for s in suite.strategies):
+    needs = set().union(*(strategy_needs(s.name, s.params) for s in suite.strategies))
+    if "judge" in needs and judge is None:
+        judged = [s.label for s in suite.strategies if "judge" in strategy_needs(s.name, s.params)]
+        raise ValueError(f"suite {suite.name}: strategies {judged} need a judge: add `judge:` to the suite or pass "
+                         "--judge-endpoint")
+    if "audio_verifier" in needs:
         if suite.verifier is not None and not isinstance(suite.verifier, dict):
             raise ValueError(f"suite {suite.name}: verifier must be a mapping {{endpoint, model, api_key, rubric}}")
         verifier_cfg = dict(suite.verifier or {})

@@ -29,15 +29,14 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..data.conversation import input_audio_part, record_conversation
 from ..data.response_format import ParsedResponse, parse_answer
 from ..data.schema import EmotionRecord
 from .client import EndpointClient
 
-if TYPE_CHECKING:  # suite.py imports this module to validate strategy names
-    from .suite import PromptSet
+from .prompts import PromptSet
 
 
 @dataclass
@@ -112,12 +111,33 @@ Strategy = Callable[..., Awaitable[ItemResult]]
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def register_strategy(name: str) -> Callable[[Strategy], Strategy]:
+# What a strategy needs beyond the evaluated endpoint, declared when it registers: a fixed set, or a function of the
+# suite's parameters for the strategy (best_of_n needs the audio verifier only with `verifier: audio`).
+NEEDS = ("judge", "audio_verifier")
+STRATEGY_NEEDS: dict[str, Callable[[dict[str, Any]], set[str]]] = {}
+
+
+def register_strategy(name: str, needs: tuple[str, ...] | Callable[[dict[str, Any]], Any] = ()
+                      ) -> Callable[[Strategy], Strategy]:
     def decorator(fn: Strategy) -> Strategy:
         STRATEGIES[name] = fn
+        STRATEGY_NEEDS[name] = needs if callable(needs) else (lambda params, fixed=frozenset(needs): set(fixed))
         return fn
 
     return decorator
+
+
+def strategy_needs(name: str, params: dict[str, Any] | None = None) -> set[str]:
+    """What strategy ``name`` with ``params`` needs besides the endpoint (names from :data:`NEEDS`)."""
+    needs = set(STRATEGY_NEEDS[name](dict(params or {})))
+    unknown = needs - set(NEEDS)
+    if unknown:
+        raise ValueError(f"strategy {name!r} declares unknown needs {sorted(unknown)}; known: {NEEDS}")
+    return needs
+
+
+def _verifier_needs(params: dict[str, Any]) -> set[str]:
+    return {"audio": {"audio_verifier"}, "judge": {"judge"}}.get(params.get("verifier", "loglik"), set())
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
@@ -274,7 +294,7 @@ async def sample_distribution(ctx: StrategyContext, record: EmotionRecord, n: in
                                 max_tokens, alpha=alpha)
 
 
-@register_strategy("best_of_n")
+@register_strategy("best_of_n", needs=_verifier_needs)
 async def best_of_n(ctx: StrategyContext, record: EmotionRecord, n: int = 8, temperature: float = 0.8,
                     top_p: float = 1.0, verifier: str = "loglik", max_tokens: int | None = None) -> ItemResult:
     result = ItemResult(record.id, "best_of_n")
@@ -291,7 +311,7 @@ async def best_of_n(ctx: StrategyContext, record: EmotionRecord, n: int = 8, tem
     return result
 
 
-@register_strategy("weighted_vote")
+@register_strategy("weighted_vote", needs=_verifier_needs)
 async def weighted_vote(ctx: StrategyContext, record: EmotionRecord, n: int = 8, temperature: float = 0.8,
                         top_p: float = 1.0, verifier: str = "loglik", max_tokens: int | None = None) -> ItemResult:
     result = ItemResult(record.id, "weighted_vote")
@@ -314,7 +334,7 @@ async def weighted_vote(ctx: StrategyContext, record: EmotionRecord, n: int = 8,
     return result
 
 
-@register_strategy("alm_verifier")
+@register_strategy("alm_verifier", needs=("audio_verifier",))
 async def alm_verifier(ctx: StrategyContext, record: EmotionRecord, n: int = 8, temperature: float = 0.8,
                        top_p: float = 1.0, max_tokens: int | None = None) -> ItemResult:
     """Best-of-N where an audio LLM hears the clip and scores each candidate (ALM-as-verifier)."""
@@ -324,7 +344,7 @@ async def alm_verifier(ctx: StrategyContext, record: EmotionRecord, n: int = 8, 
     return result
 
 
-@register_strategy("weighted_alm_verifier")
+@register_strategy("weighted_alm_verifier", needs=("audio_verifier",))
 async def weighted_alm_verifier(ctx: StrategyContext, record: EmotionRecord, n: int = 8, temperature: float = 0.8,
                                 top_p: float = 1.0, max_tokens: int | None = None) -> ItemResult:
     """Votes weighted by an audio LLM's score of each candidate, the clip heard (weighted ALM-verifier)."""

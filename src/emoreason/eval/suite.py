@@ -15,14 +15,11 @@ from typing import Any
 import yaml
 
 from ..data.labels import EMOTIONS
+from .prompts import DEFAULT_PROMPTS, SuiteError
+from .strategies import STRATEGIES
 
-DEFAULT_PROMPTS = "eval/prompts/emotion.yaml"
 DEFAULT_METRICS = ("classification", "multilabel", "distribution", "calibration", "ambiguity", "groups",
                    "reasoning", "judge")
-
-
-class SuiteError(ValueError):
-    """A suite file that cannot be used; the message names the file and the field."""
 
 
 @dataclass
@@ -30,23 +27,6 @@ class StrategySpec:
     name: str
     label: str
     params: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class PromptSet:
-    system: str | None
-    styles: dict[str, str]
-    transcript: str | None = None
-    refine: str | None = None
-    budget_wait: str = "Wait,"
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> PromptSet:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(data.get("styles"), dict) or not data["styles"]:
-            raise SuiteError(f"{path}: 'styles' must map style names (direct, cot) to prompts")
-        return cls(system=data.get("system"), styles=dict(data["styles"]), transcript=data.get("transcript"),
-                   refine=data.get("refine"), budget_wait=data.get("budget_wait", "Wait,"))
 
 
 @dataclass
@@ -85,8 +65,6 @@ def load_suite(path: str | os.PathLike, records: str | os.PathLike | None = None
                data_root: str | os.PathLike | None = None) -> Suite:
     """Read and validate a suite; ``records`` / ``data_root`` override the file's (data root defaults to the records'
     folder)."""
-    from .strategies import STRATEGIES
-
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
