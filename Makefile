@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	@# torch first, pinned to the CPU build, so nothing below pulls CUDA wheels.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -c constraints.txt -e ".[train,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[train,dev,ray]"
 	@touch $(STAMP)
 
 setup: $(STAMP) system-deps

@@ -7,6 +7,8 @@ Overrides, for the demo and quick runs (each also settable as ``--set key=value`
   --teacher NAME      teacher.name (template | self | openai)
   --model PATH        teacher.model (self: an EmoReason checkpoint or an LLM; openai: the served model name)
   --limit N           generate for a deterministic subset of N clips
+  --executor NAME     local (default: this machine) | ray (Ray Data over a cluster; docs/data.md "Ray")
+  --ray-address ADDR  ray.address: a running cluster ("auto", HOST:PORT); default a local Ray on 127.0.0.1
   --set key=value     any config key, e.g. --set teacher.num_samples=4 --set filters.answer_must_match=consensus
 """
 
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher")
     parser.add_argument("--model")
     parser.add_argument("--limit", type=int)
+    parser.add_argument("--executor", choices=("local", "ray"))
+    parser.add_argument("--ray-address")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -38,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..data.corpora import CorpusError
     from ..data.schema import RecordError
-    from .pipeline import ConfigError, load_config, run
+    from .executors import run
+    from .pipeline import ConfigError, load_config
     from .teachers import TeacherUnavailable
 
     overrides = []
@@ -56,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"teacher.model={json.dumps(args.model)}")
     if args.limit is not None:
         overrides.append(f"limit={args.limit}")
+    if args.executor:
+        overrides.append(f"executor={args.executor}")
+    if args.ray_address:
+        overrides.append(f"ray.address={json.dumps(args.ray_address)}")
     if args.no_progress:
         overrides.append("progress=false")
     try:

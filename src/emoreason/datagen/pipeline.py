@@ -56,6 +56,7 @@ from ..data.schema import EmotionRecord, RecordError, read_records, write_record
 from .acoustic import MIN_VOICED_SECONDS, SILENCE_FLOOR_DBFS, Calibration, analyze, no_speech_reason
 from .filters import FilterConfig, run_filters, think_hash
 from .pairs import PAIR_KINDS, accept_rejected, pair_requests
+from .ray_config import RayConfig
 from .seed import PromptTemplate, SeedDescription, answer_format, load_pool, pick
 from .teachers import TeacherConfig, TeacherFailure, TeacherRequest, get_teacher
 
@@ -105,7 +106,12 @@ class DatagenConfig:
     seed: int = 0
     shard_size: int = 512  # records per generation shard: one teacher call each (fills vLLM's batches)
     limit: int | None = None  # generate for a deterministic subset of this many clips (all clips get cues)
-    num_workers: int = 1  # processes/GPUs/nodes sharing one run: each generates the shards i % num_workers == index
+    # Where the passes run: "local" (this process, a process pool for the acoustic pass) or "ray" (Ray Data over a
+    # cluster: datagen/ray_executor.py, settings under ``ray``). Both write the same shards and the same outputs.
+    executor: str = "local"
+    ray: RayConfig = field(default_factory=RayConfig)
+    # Without Ray: processes/GPUs/nodes started by hand share one run; each generates shards i % num_workers == index
+    num_workers: int = 1
     worker_index: int = 0
     splits: list[str] | None = None  # generate for these splits only (default: all)
     acoustic: AcousticConfig = field(default_factory=AcousticConfig)
@@ -143,7 +149,9 @@ def _build(cls, data: dict, where: str):
 
 NESTED = {(DatagenConfig, "corpus"): CorpusConfig, (DatagenConfig, "acoustic"): AcousticConfig,
           (DatagenConfig, "teacher"): TeacherConfig, (DatagenConfig, "prompt"): PromptConfig,
-          (DatagenConfig, "filters"): FilterConfig, (DatagenConfig, "pairs"): PairsConfig}
+          (DatagenConfig, "filters"): FilterConfig, (DatagenConfig, "pairs"): PairsConfig,
+          (DatagenConfig, "ray"): RayConfig}
+EXECUTORS = ("local", "ray")  # the classes: datagen/executors.py
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -181,6 +189,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ConfigError(f"worker_index must be in [0, num_workers), got {cfg.worker_index} of {cfg.num_workers}")
     if cfg.num_workers > 1 and cfg.dedup_scope == "run":
         raise ConfigError("dedup_scope: run needs one worker (workers cannot see each other's kept rationales)")
+    if cfg.executor not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {list(EXECUTORS)}, got {cfg.executor!r}")
+    if cfg.executor != "local" and cfg.num_workers > 1:
+        raise ConfigError(f"executor {cfg.executor} spreads the shards itself: leave num_workers at 1")
+    if cfg.executor != "local" and cfg.dedup_scope == "run":
+        raise ConfigError("dedup_scope: run needs the local executor (actors cannot see each other's rationales)")
     return cfg
 
 
@@ -364,7 +378,27 @@ def acoustic_order(num_shards: int, num_workers: int, worker_index: int) -> list
     return mine + [i for i in reversed(range(num_shards)) if i % num_workers != worker_index]
 
 
-def analyze_corpus(records: list[EmotionRecord], root: Path, out: Path, cfg: DatagenConfig) -> dict[str, dict]:
+class LocalExecutor:
+    """Runs both passes on this machine: acoustic shards in a process pool of ``acoustic.workers``, generation shards
+    one after the other in this process. The Ray executor (ray_executor.py) has the same two methods."""
+
+    def analyze(self, jobs: list[tuple], cfg: DatagenConfig):
+        """``(index, rows)`` for each acoustic job (``_analyze_shard``'s arguments), its shard file written."""
+        if cfg.acoustic.workers > 1 and len(jobs) > 1:
+            with worker_pool(cfg.acoustic.workers) as pool:
+                yield from pool.map(_analyze_shard, jobs)
+        else:
+            for job in jobs:
+                yield _analyze_shard(job)
+
+    def generate(self, generator: Generator, jobs: list[tuple[int, list[EmotionRecord]]]):
+        """``(index, outputs)`` for each ``(shard index, records)``, in order (``dedup_scope: run`` needs it)."""
+        for index, records in jobs:
+            yield index, generator.shard(records)
+
+
+def analyze_corpus(records: list[EmotionRecord], root: Path, out: Path, cfg: DatagenConfig,
+                   executor=None) -> dict[str, dict]:
     by_id = {r.id: r for r in records}
     shards = _plan(out, "acoustic", _shards([r.id for r in records], cfg.acoustic.shard_size))
     shard_dir = out / "acoustic"
@@ -381,16 +415,9 @@ def analyze_corpus(records: list[EmotionRecord], root: Path, out: Path, cfg: Dat
         else:
             todo.append((index, [by_id[i] for i in shards[index]], str(root), limits, shard_dir))
     bar = _progress(len(records), len(results), "acoustic", cfg.progress)
-    if cfg.acoustic.workers > 1 and len(todo) > 1:
-        with worker_pool(cfg.acoustic.workers) as pool:
-            for _, rows in pool.map(_analyze_shard, todo):
-                results.update({row["id"]: row for row in rows})
-                bar.update(len(rows))
-    else:
-        for job in todo:
-            _, rows = _analyze_shard(job)
-            results.update({row["id"]: row for row in rows})
-            bar.update(len(rows))
+    for _, rows in (executor or LocalExecutor()).analyze(todo, cfg):
+        results.update({row["id"]: row for row in rows})
+        bar.update(len(rows))
     bar.close()
     return results
 
@@ -545,7 +572,12 @@ def _select(records: list[EmotionRecord], cfg: DatagenConfig) -> list[EmotionRec
     return chosen
 
 
-def run(cfg: DatagenConfig) -> dict:
+def run(cfg: DatagenConfig, executor=None) -> dict:
+    """The run on ``executor`` (default :class:`LocalExecutor`; ``executors.run`` picks the one ``cfg.executor``
+    names). Plan, shard files, resume, teacher-failure retries and the merge are the same for every executor."""
+    if executor is None and cfg.executor != "local":
+        raise ConfigError(f"executor {cfg.executor}: start the run with emoreason.datagen.executors.run")
+    executor = executor or LocalExecutor()
     start = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -557,7 +589,7 @@ def run(cfg: DatagenConfig) -> dict:
     if duplicates:
         raise CorpusError(f"duplicate record ids in the corpus, e.g. {duplicates[:3]}")
 
-    acoustic = analyze_corpus(records, root, out, cfg)
+    acoustic = analyze_corpus(records, root, out, cfg, executor)
 
     calibration_path = out / "calibration.json"
     if cfg.acoustic.calibration:
@@ -602,14 +634,19 @@ def run(cfg: DatagenConfig) -> dict:
     if retry:
         logger.info("generating again %d record(s) whose teacher request failed, in %d finished shard(s)",
                     sum(map(len, retry.values())), len(retry))
+    jobs = []  # (shard, records to generate): a whole missing shard, or the failed records of a finished one
     for index in mine:
+        if (shard_root / f"{index:05d}").is_dir():
+            if index in retry:
+                jobs.append((index, [by_id[i] for i in shards[index] if i in retry[index]]))
+            continue
+        jobs.append((index, [by_id[i] for i in shards[index]]))
+    for index, result in executor.generate(generator, jobs):
         ids = shards[index]
         final = shard_root / f"{index:05d}"
         if final.is_dir():
-            if index in retry:
-                _retry_shard(generator, final, ids, retry[index], by_id, tmp_suffix)
+            _retry_shard(result, final, ids, retry[index], tmp_suffix)
             continue
-        result = generator.shard([by_id[i] for i in ids])
         tmp = shard_root / f"{index:05d}{tmp_suffix}"
         tmp.mkdir()
         for name, rows in result.items():
@@ -632,13 +669,13 @@ def _teacher_failures(shard: Path) -> set[str]:
     return {row["id"] for row in _read_jsonl(shard / "rejected.jsonl") if row.get("reason") == "teacher_error"}
 
 
-def _retry_shard(generator: Generator, final: Path, ids: list[str], retry_ids: set[str], by_id: dict,
+def _retry_shard(result: dict[str, list[dict]], final: Path, ids: list[str], retry_ids: set[str],
                  tmp_suffix: str) -> None:
-    """Generate ``retry_ids`` again and rewrite the shard: their old rows out, the new ones in, in the plan's order.
+    """Rewrite a shard with ``result``, ``retry_ids`` generated again: their old rows out, the new ones in, in the
+    plan's order.
 
     The new shard is written beside the old one and swapped in with two renames; a crash between them leaves no
     finished shard, which the next start then generates whole (the stale copy is removed on start)."""
-    result = generator.shard([by_id[i] for i in ids if i in retry_ids])
     rank = {record_id: k for k, record_id in enumerate(ids)}
     tmp = final.with_name(final.name + tmp_suffix)
     tmp.mkdir()

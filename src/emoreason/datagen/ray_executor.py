@@ -1,0 +1,366 @@
+"""The Ray executor (``executor: ray``): both passes of a datagen run as Ray Data pipelines on a cluster.
+
+The run itself stays in pipeline.py (plan, calibration, shard files, resume, teacher-failure retries, merge); this
+module only says where shards are computed, through the two methods of pipeline.LocalExecutor:
+
+* acoustic pass: a dataset of the missing acoustic shards, ``map_batches`` over a pool of CPU actors (one shard per
+  batch, the same ``_analyze_one`` per clip as the local executor);
+* teacher pass: a dataset of the missing generation shards over a pool of teacher actors, each holding a
+  ``pipeline.Generator`` with its own teacher (template; openai: a shard's requests concurrently from each actor;
+  self with transformers: the model loaded once per actor, on a GPU with ``ray.teacher_gpus``). The ``self`` teacher
+  goes through Ray Data's vLLM processor instead (``ray.data.llm.build_processor``) where vLLM is installed: see
+  :class:`ProcessorGeneration`.
+
+Actors send back text; only the driver writes shard files, each atomically and in the local executor's layout, so a
+task that Ray retries after its worker died can never write a shard twice, and a restarted run (by either executor)
+skips the shards already written. Ray Data creates its actors with ``max_restarts=-1`` and ``max_task_retries=-1``: a
+killed actor is restarted and its shard computed again.
+
+Ray is an optional dependency (``pip install emoreason[ray]``): it is imported when an executor is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from ..data.schema import EmotionRecord
+from .pipeline import DatagenConfig, Generator, _analyze_one
+from .ray_config import RayConfig
+from .teachers import TeacherFailure, TeacherRequest, get_teacher
+
+logger = logging.getLogger(__name__)
+KILL_ONCE_ENV = "EMOREASON_DATAGEN_RAY_KILL_ONCE"  # "<phase>:<n>[,<phase>:<n>]": fault tests of the Ray executor
+
+
+class KillOnce:
+    """Test hook: SIGKILL the actor's process at its n-th item of a phase, once per run (a marker file in the run's
+    folder records the kill), so that the task Ray retries afterwards completes."""
+
+    def __init__(self, spec: str, phase: str, marker_dir: str):
+        limits = dict(part.split(":", 1) for part in spec.split(",") if ":" in part)
+        self.limit = int(limits[phase]) if limits.get(phase, "").isdigit() else None
+        self.marker = Path(marker_dir) / f"ray-killed-{phase}"
+        self.count = 0
+
+    def tick(self, item: str = "") -> None:
+        if self.limit is None:
+            return
+        self.count += 1
+        if self.count < self.limit:
+            return
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, json.dumps({"pid": os.getpid(), "item": item, "count": self.count}).encode())
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# -- actors (constructed by Ray Data in worker processes) -------------------------------------------------------
+class AcousticActor:
+    """Analyses one acoustic shard per batch; returns the shard's JSONL text (the driver writes it)."""
+
+    def __init__(self, jobs_ref: list, kill_spec: str, marker_dir: str):
+        import ray
+
+        self.jobs = ray.get(jobs_ref[0])  # {shard index: (records, root, limits)}
+        self.hook = KillOnce(kill_spec, "acoustic", marker_dir)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        texts = []
+        for index in batch["index"]:
+            records, root, limits = self.jobs[int(index)]
+            rows = []
+            for record in records:
+                rows.append(_analyze_one(record, root, limits))
+                self.hook.tick(record.id)
+            texts.append(_jsonl(rows))
+        return {"index": batch["index"], "text": np.array(texts, dtype=object)}
+
+
+class _HookForGenerator:
+    def __init__(self, hook: KillOnce):
+        self.hook = hook
+
+    def tick(self) -> None:
+        self.hook.tick()
+
+
+class TeacherActor:
+    """Generates one shard per batch with its own teacher; returns the shard's outputs as JSON text."""
+
+    def __init__(self, state_ref: list, kill_spec: str, marker_dir: str):
+        import ray
+
+        state = ray.get(state_ref[0])
+        self.generator: Generator = state["generator"]
+        self.generator.teacher = get_teacher(self.generator.cfg.teacher, work_dir=state["work_dir"])
+        self.generator.hook = _HookForGenerator(KillOnce(kill_spec, "generate", marker_dir))
+        self.jobs: dict[int, list[EmotionRecord]] = state["jobs"]
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        texts = [json.dumps(self.generator.shard(self.jobs[int(index)]), ensure_ascii=False)
+                 for index in batch["index"]]
+        return {"index": batch["index"], "result": np.array(texts, dtype=object)}
+
+
+def _portable(generator: Generator) -> Generator:
+    """The driver's generator without its teacher (a client or an engine does not travel; each actor makes its
+    own) and without the driver's kill hook."""
+    import copy
+
+    clone = copy.copy(generator)
+    clone.teacher = None
+    clone.hook = None
+    return clone
+
+
+# -- the executor ---------------------------------------------------------------------------------------------
+class RayExecutor:
+    """``analyze`` and ``generate`` of pipeline.LocalExecutor, on Ray. Use as a context manager: it connects to
+    ``config.address`` (or starts a local Ray on 127.0.0.1) unless Ray is already initialised in this process, and
+    disconnects what it connected."""
+
+    def __init__(self, config: RayConfig, cfg: DatagenConfig):
+        self.config = config
+        self.cfg = cfg
+        self.marker_dir = str(Path(cfg.output_dir).resolve())
+        self.kill_spec = os.environ.get(KILL_ONCE_ENV, "")
+        self._connected = False
+
+    def __enter__(self) -> RayExecutor:
+        import ray
+
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"runtime_env": self.config.runtime_env or None, "log_to_driver": False}
+            if self.config.address:
+                ray.init(address=self.config.address, **kwargs)
+            else:
+                ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **kwargs)
+            self._connected = True
+        ray.data.DataContext.get_current().enable_progress_bars = bool(self.cfg.progress)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._connected:
+            import ray
+
+            ray.shutdown()
+            self._connected = False
+
+    def _dataset(self, indices: list[int]):
+        import ray
+
+        return ray.data.from_items([{"index": i} for i in indices], override_num_blocks=max(1, len(indices)))
+
+    def analyze(self, jobs: list[tuple], cfg: DatagenConfig):
+        if not jobs:
+            return
+        import ray
+
+        shard_dir = Path(jobs[0][4])
+        by_index = {index: (records, root, limits) for index, records, root, limits, _ in jobs}
+        jobs_ref = ray.put(by_index)
+        actors = max(1, min(self.config.acoustic_actors, len(jobs)))
+        ds = self._dataset(sorted(by_index)).map_batches(
+            AcousticActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=self.config.acoustic_cpus, fn_constructor_kwargs={
+                "jobs_ref": [jobs_ref], "kill_spec": self.kill_spec, "marker_dir": self.marker_dir})
+        for row in ds.iter_rows():
+            index, text = int(row["index"]), row["text"]
+            _atomic_text(shard_dir / f"{index:05d}.jsonl", text)
+            yield index, [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def generate(self, generator: Generator, jobs: list[tuple[int, list[EmotionRecord]]]):
+        if not jobs:
+            return
+        if self._use_processor(generator):
+            yield from ProcessorGeneration(self, generator).run(jobs)
+            return
+        import ray
+
+        state_ref = ray.put({"generator": _portable(generator), "jobs": dict(jobs),
+                             "work_dir": str(Path(self.cfg.output_dir).resolve())})
+        actors = max(1, min(self.config.teacher_actors, len(jobs)))
+        ds = self._dataset([index for index, _ in jobs]).map_batches(
+            TeacherActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=self.config.teacher_cpus, num_gpus=self.config.teacher_gpus or None,
+            fn_constructor_kwargs={"state_ref": [state_ref], "kill_spec": self.kill_spec,
+                                   "marker_dir": self.marker_dir})
+        for row in ds.iter_rows():
+            yield int(row["index"]), json.loads(row["result"])
+
+    def _use_processor(self, generator: Generator) -> bool:
+        teacher = self.cfg.teacher
+        mode = self.config.vllm_processor
+        if teacher.name != "self" or mode == "off" or teacher.backend == "transformers":
+            return False
+        if mode not in ("auto", "on"):
+            raise ValueError(f"ray.vllm_processor must be auto, on or off, got {mode!r}")
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            if mode == "on" or teacher.backend == "vllm":
+                raise ValueError("ray.vllm_processor: on (or teacher.backend: vllm) needs vLLM on the driver "
+                                 "(requirements-vllm.txt); without it use teacher.backend: transformers") from None
+            return False
+        return True
+
+
+# -- the self teacher through Ray Data's vLLM processor -----------------------------------------------------------
+class _NeedAnswers(Exception):
+    def __init__(self, requests: list[TeacherRequest]):
+        super().__init__(f"{len(requests)} request(s) to send to the engine")
+        self.requests = requests
+
+
+def request_digest(request: TeacherRequest) -> str:
+    payload = json.dumps([request.key, request.kind, request.prompt, request.n, request.seed], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class ReplayTeacher:
+    """Answers requests from the engine's answers of earlier rounds; the first unanswered batch stops the shard
+    (``_NeedAnswers``), to be asked of the processor and the shard replayed. A shard asks twice (rationales, then
+    its pairs' negatives), so it is done on its third round."""
+
+    def __init__(self, answers: dict[str, list[str]], name: str, model_id: str, backend: str | None):
+        self.answers = answers  # provenance as the driver's teacher states it
+        self.name, self.model_id, self.backend = name, model_id, backend
+
+    def generate(self, requests: list[TeacherRequest]) -> list[list[str] | TeacherFailure]:
+        missing = [r for r in requests if request_digest(r) not in self.answers]
+        if missing:
+            raise _NeedAnswers(missing)
+        return [self.answers[request_digest(r)] for r in requests]
+
+
+class ReplayActor:
+    """One shard per batch: its outputs when every teacher request is answered, else the requests still missing."""
+
+    def __init__(self, state_ref: list, answers_ref: list):
+        import ray
+
+        state = ray.get(state_ref[0])
+        self.generator: Generator = state["generator"]
+        self.generator.teacher = ReplayTeacher(ray.get(answers_ref[0]), *state["teacher"])
+        self.generator.hook = _HookForGenerator(KillOnce("", "generate", "."))
+        self.jobs = state["jobs"]
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        results, needs = [], []
+        for index in batch["index"]:
+            try:
+                results.append(json.dumps(self.generator.shard(self.jobs[int(index)]), ensure_ascii=False))
+                needs.append("")
+            except _NeedAnswers as need:
+                results.append("")
+                needs.append(json.dumps([{"digest": request_digest(r), "messages": r.messages, "n": r.n,
+                                          "seed": r.seed} for r in need.requests], ensure_ascii=False))
+        return {"index": batch["index"], "result": np.array(results, dtype=object),
+                "needs": np.array(needs, dtype=object)}
+
+
+def processor_config(teacher, config: RayConfig, model_source: str):
+    """Ray Data's ``vLLMEngineProcessorConfig`` for the ``self`` teacher: ``ray.vllm_engines`` replicas of
+    ``teacher.vllm_kwargs`` (e.g. ``tensor_parallel_size``), ``ray.vllm_batch_size`` prompts per batch."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    engine_kwargs = {"max_model_len": 4096, **teacher.vllm_kwargs, "trust_remote_code": False}
+    return vLLMEngineProcessorConfig(model_source=model_source, engine_kwargs=engine_kwargs,
+                                     concurrency=config.vllm_engines, batch_size=config.vllm_batch_size)
+
+
+def sampling_rows(need_rows: list[dict], teacher) -> list[dict]:
+    """One processor row per sample: n samples of a request are n rows seeded seed, seed+1, ... (as the openai
+    teacher asks for the samples it still misses)."""
+    rows = []
+    for need in need_rows:
+        for sample in range(need["n"]):
+            rows.append({"digest": need["digest"], "sample": sample, "messages": need["messages"],
+                         "sampling_params": {"n": 1, "temperature": teacher.temperature, "top_p": teacher.top_p,
+                                             "max_tokens": teacher.max_new_tokens, "seed": need["seed"] + sample}})
+    return rows
+
+
+class ProcessorGeneration:
+    """Rounds of (replay the shards on CPU actors -> ask the vLLM processor what they miss) until every shard is
+    done: the processor sees every shard's prompts of a round together, as vLLM's batches want."""
+
+    max_rounds = 3
+
+    def __init__(self, executor: RayExecutor, generator: Generator, processor=None):
+        self.executor = executor
+        self.generator = generator
+        self.processor = processor  # a Dataset -> Dataset callable; default: build_processor(processor_config(...))
+
+    def _model_source(self) -> str:
+        from .teachers import _is_emoreason_checkpoint, export_language_model
+
+        teacher = self.generator.cfg.teacher
+        if _is_emoreason_checkpoint(teacher.model):
+            return str(export_language_model(teacher.model, Path(self.generator.cfg.output_dir) / "teacher_lm"))
+        return teacher.model
+
+    def _build_processor(self):
+        from ray.data.llm import build_processor
+
+        config = processor_config(self.generator.cfg.teacher, self.executor.config, self._model_source())
+        return build_processor(config, postprocess=lambda row: {"digest": row["digest"], "sample": row["sample"],
+                                                                  "text": row["generated_text"]})
+
+    def run(self, jobs: list[tuple[int, list[EmotionRecord]]]):
+        import ray
+
+        processor = self.processor or self._build_processor()
+        portable, teacher = _portable(self.generator), self.generator.teacher
+        state_ref = ray.put({"generator": portable, "jobs": dict(jobs),
+                             "teacher": (teacher.name, teacher.model_id, "vllm")})
+        answers: dict[str, list[str]] = {}
+        pending = [index for index, _ in jobs]
+        for _ in range(self.max_rounds):
+            answers_ref = ray.put(answers)
+            ds = self.executor._dataset(pending).map_batches(
+                ReplayActor, batch_size=1, num_cpus=self.executor.config.teacher_cpus,
+                compute=ray.data.ActorPoolStrategy(size=max(1, min(self.executor.config.teacher_actors,
+                                                                   len(pending)))),
+                fn_constructor_kwargs={"state_ref": [state_ref], "answers_ref": [answers_ref]})
+            needs, pending = [], []
+            for row in ds.iter_rows():
+                if row["result"]:
+                    yield int(row["index"]), json.loads(row["result"])
+                else:
+                    pending.append(int(row["index"]))
+                    needs.extend(json.loads(row["needs"]))
+            if not pending:
+                return
+            samples: dict[str, dict[int, str]] = {}
+            rows = sampling_rows(needs, self.generator.cfg.teacher)
+            for out in processor(ray.data.from_items(rows)).iter_rows():
+                samples.setdefault(out["digest"], {})[int(out["sample"])] = out["text"]
+            for digest, texts in samples.items():
+                answers[digest] = [texts[k] for k in sorted(texts)]
+        raise RuntimeError(f"{len(pending)} shard(s) still asked the teacher after {self.max_rounds} rounds")
