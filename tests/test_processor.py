@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -78,3 +79,23 @@ def test_chat_template_renders_audio_parts_and_round_trips(tiny, tmp_path):
     again = EmoReasonProcessor.from_pretrained(tmp_path)
     assert again.apply_chat_template(messages, add_generation_prompt=True) == text
     assert (again.stack_factor, again.audio_token_id) == (processor.stack_factor, processor.audio_token_id)
+
+
+def test_a_processor_saved_with_another_stack_factor_than_its_model_is_refused_at_load(tiny_model_dir, tmp_path):
+    """The model's config.json holds the audio token rule; a processor_config.json that disagrees would expand
+    `<audio>` to a token count the model does not produce: an error naming both files, not a silent mismatch."""
+    import json
+    import shutil
+
+    from emoreason.modeling import EmoReasonProcessor
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, folder)
+    assert EmoReasonProcessor.from_pretrained(folder).stack_factor == json.loads(
+        (folder / "config.json").read_text())["stack_factor"]
+    processor_config = folder / "processor_config.json"
+    saved = json.loads(processor_config.read_text())
+    saved["stack_factor"] = saved["stack_factor"] * 2
+    processor_config.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"processor_config\.json: stack_factor 8 \(config\.json: 4\)"):
+        EmoReasonProcessor.from_pretrained(folder)

@@ -6,7 +6,7 @@ import os
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
 
-from .audio_tokens import num_audio_tokens, num_audio_tokens_for_duration
+from .audio_tokens import DEFAULT_STACK_FACTOR, num_audio_tokens, num_audio_tokens_for_duration
 from .configuration_emoreason import EmoReasonConfig
 from .loading import SAFE_LOAD_KWARGS, safe_load_kwargs
 from .modeling_emoreason import (
@@ -28,16 +28,22 @@ def build_from_components(
     content_encoder: str | os.PathLike,
     paralinguistic_encoder: str | os.PathLike,
     language_model: str | os.PathLike,
-    stack_factor: int = 4,
+    stack_factor: int = DEFAULT_STACK_FACTOR,
+    processor: EmoReasonProcessor | None = None,
     **model_kwargs,
 ) -> tuple[EmoReasonForConditionalGeneration, EmoReasonProcessor]:
     """Assemble model and processor from three pretrained checkpoints (hub ids or local folders).
 
     The tokenizer gains the `<audio>` token (embeddings resized to match) and a chat template; the projector is new.
+    A ``processor`` already built from the same parts (``EmoReasonProcessor.from_components``) is used as it is.
     """
-    processor = EmoReasonProcessor.from_components(
-        content_encoder, paralinguistic_encoder, language_model, stack_factor=stack_factor
-    )
+    if processor is None:
+        processor = EmoReasonProcessor.from_components(
+            content_encoder, paralinguistic_encoder, language_model, stack_factor=stack_factor
+        )
+    elif processor.stack_factor != stack_factor:
+        raise ValueError(f"the processor's stack_factor {processor.stack_factor} differs from the model's "
+                         f"{stack_factor}")
     model = EmoReasonForConditionalGeneration.from_components(
         content_encoder,
         paralinguistic_encoder,

@@ -13,6 +13,7 @@ import math
 SAMPLE_RATE = 16_000
 HOP_LENGTH = 160  # samples per mel frame
 MIN_SAMPLES = SAMPLE_RATE // 10  # 0.1 s: every clip yields at least one token
+DEFAULT_STACK_FACTOR = 4  # encoder frames (50 Hz) per audio token: 12.5 tokens per second
 
 
 def max_samples_for(max_source_positions: int) -> int:

@@ -8,6 +8,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig
 
+from .audio_tokens import DEFAULT_STACK_FACTOR
 from .fusion import get_fusion
 
 try:
@@ -52,7 +53,7 @@ class EmoReasonConfig(PreTrainedConfig):
     content_config: dict | PreTrainedConfig | None = None
     paralinguistic_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
-    stack_factor: int = 4
+    stack_factor: int = DEFAULT_STACK_FACTOR
     fusion: str = "concat"  # a key of FUSION_MODES (a registry, so not a Literal)
     projector_hidden_size: int = 0
     projector_hidden_act: str = "gelu"

@@ -17,7 +17,7 @@ from transformers import AutoFeatureExtractor, AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from ..data.audio import TARGET_SAMPLE_RATE, load_audio, prepare_waveform
-from .audio_tokens import HOP_LENGTH, MIN_SAMPLES, max_samples_for, num_audio_tokens
+from .audio_tokens import DEFAULT_STACK_FACTOR, HOP_LENGTH, MIN_SAMPLES, max_samples_for, num_audio_tokens
 
 AUDIO_TOKEN = "<audio>"
 
@@ -40,7 +40,7 @@ class EmoReasonProcessor(ProcessorMixin):
         tokenizer=None,
         chat_template: str | None = None,
         audio_token: str = AUDIO_TOKEN,
-        stack_factor: int = 4,
+        stack_factor: int = DEFAULT_STACK_FACTOR,
         max_source_positions: int = 1500,
     ):
         self.audio_token = audio_token
@@ -202,6 +202,37 @@ class EmoReasonProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "input_features", "input_features_mask", "input_values",
                 "input_values_mask"]
 
+    # -- loading ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load the processor; in a checkpoint folder the model's ``config.json`` is the authority on the audio
+        token rule (``stack_factor`` and the content encoder's window): a processor saved with other values would
+        expand `<audio>` to a token count the model does not produce, so that is an error naming both files."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        processor.check_model_config(pretrained_model_name_or_path)
+        return processor
+
+    def check_model_config(self, folder) -> None:
+        import json
+        from pathlib import Path
+
+        config_file = Path(folder) / "config.json"
+        if not config_file.is_file():
+            return
+        config = json.loads(config_file.read_text())
+        if config.get("model_type") != "emoreason":
+            return
+        expected = {"stack_factor": config.get("stack_factor", DEFAULT_STACK_FACTOR),
+                    "max_source_positions": (config.get("content_config") or {}).get("max_source_positions",
+                                                                                    self.max_source_positions)}
+        found = {"stack_factor": self.stack_factor, "max_source_positions": self.max_source_positions}
+        wrong = {k: (found[k], v) for k, v in expected.items() if found[k] != v}
+        if wrong:
+            detail = ", ".join(f"{k} {got} (config.json: {want})" for k, (got, want) in wrong.items())
+            raise ValueError(f"{Path(folder) / 'processor_config.json'}: {detail}; the processor and the model of one "
+                             "checkpoint must share the audio token rule (save both from the same run, or fix the "
+                             "processor's value)")
+
     # -- assembly ---------------------------------------------------------------------------------------------
     @classmethod
     def from_components(
@@ -209,7 +240,7 @@ class EmoReasonProcessor(ProcessorMixin):
         content_encoder: str | os.PathLike,
         paralinguistic_encoder: str | os.PathLike,
         language_model: str | os.PathLike,
-        stack_factor: int = 4,
+        stack_factor: int = DEFAULT_STACK_FACTOR,
         chat_template: str | None = None,
     ) -> EmoReasonProcessor:
         from transformers import WhisperConfig, WhisperFeatureExtractor

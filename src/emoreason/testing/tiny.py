@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..modeling.audio_tokens import DEFAULT_STACK_FACTOR
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 _VOCAB_TEXT = """
@@ -191,7 +193,7 @@ def build_components(out_dir: str | Path, seed: int = 0, hidden: int = 64) -> di
     return paths
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden: int = 64, stack_factor: int = 4,
+def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden: int = 64, stack_factor: int = DEFAULT_STACK_FACTOR,
                      fusion: str = "concat", random_feature_stats: bool = False) -> Path:
     """Build components, assemble them through ``build_from_components``, save model + processor to ``out_dir``.
 
@@ -227,7 +229,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--stack-factor", type=int, default=4)
+    parser.add_argument("--stack-factor", type=int, default=DEFAULT_STACK_FACTOR)
     parser.add_argument("--fusion", default="concat", choices=["concat", "sum", "gated"])
     parser.add_argument("--random-feature-stats", action="store_true",
                         help="install seeded feature-normalisation statistics (serving tests); default: unmeasured")

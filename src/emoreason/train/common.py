@@ -22,6 +22,7 @@ import torch
 from trl import ModelConfig, ScriptArguments
 
 from ..modeling import EmoReasonForConditionalGeneration, EmoReasonProcessor, build_from_components
+from ..modeling.audio_tokens import DEFAULT_STACK_FACTOR
 from ..modeling.fusion import FUSION_MODES
 from ..modeling.loading import checkpoint_base, safe_load_kwargs
 from ..modeling.lora import language_model_lora_config
@@ -42,7 +43,7 @@ class EmoReasonModelArguments(ModelConfig):
         default=None, metadata={"help": "WavLM / HuBERT / wav2vec2 checkpoint (e.g. microsoft/wavlm-large)"}
     )
     language_model: str | None = field(default=None, metadata={"help": "causal LM (e.g. Qwen/Qwen2.5-7B-Instruct)"})
-    stack_factor: int = field(default=4, metadata={"help": "50 Hz encoder frames per audio token"})
+    stack_factor: int = field(default=DEFAULT_STACK_FACTOR, metadata={"help": "50 Hz encoder frames per audio token"})
     fusion: str = field(default="concat", metadata={"help": f"fusion mode: {' | '.join(FUSION_MODES)}"})
     projector_hidden_size: int = field(default=0, metadata={"help": "0: the LM's hidden size"})
     train_content_encoder: bool = field(default=False)
@@ -118,6 +119,7 @@ def get_model(model_args: EmoReasonModelArguments, processor: EmoReasonProcessor
         model_args.paralinguistic_encoder,
         model_args.language_model,
         stack_factor=model_args.stack_factor,
+        processor=processor,
         fusion=model_args.fusion,
         projector_hidden_size=model_args.projector_hidden_size,
         train_content_encoder=model_args.train_content_encoder,
