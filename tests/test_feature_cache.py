@@ -95,3 +95,35 @@ def test_trainable_encoders_refuse_the_cache(tiny_model_dir, cache_dir):
     model.model.config.train_paralinguistic_encoder = True
     with pytest.raises(ValueError, match="trainable"):
         FeatureCache.for_model(cache_dir, model, processor)
+
+
+def test_batched_encoding_equals_each_clip_alone(tiny, synth_corpus):
+    """cache-features and the normalisation fit encode clips in batches: each clip's states (cut at its own length)
+    are what encoding it alone gives, whatever it is batched with (group-norm WavLM included)."""
+    from emoreason.train.feature_cache import encode_clip, encode_clips, encode_in_batches
+
+    model, processor = tiny
+    wavs = [processor.load(str(synth_corpus.parent / r.audio)) for r in read_records(synth_corpus)[:5]]
+    assert len({w.shape[0] for w in wavs}) > 1
+    alone = [encode_clip(model, processor, w) for w in wavs]
+    batched = encode_clips(model, processor, wavs)
+    streamed = dict(encode_in_batches(model, processor, lambda i: wavs[i], list(range(5)), batch_size=2))
+    for i, one in enumerate(alone):
+        for states in (batched[i], streamed[i]):
+            assert states["content"].shape == one["content"].shape
+            assert states["paralinguistic"].shape == one["paralinguistic"].shape
+            assert int(states["num_samples"]) == int(one["num_samples"])
+            torch.testing.assert_close(states["content"], one["content"], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(states["paralinguistic"], one["paralinguistic"], atol=1e-5, rtol=1e-4)
+
+
+def test_cache_features_calls_each_tower_once_per_batch(tiny, synth_corpus, tmp_path, monkeypatch):
+    """One tower call per batch of clips, not per clip (the first GPU run: 6 clips/s, one clip per call)."""
+    model, processor = tiny
+    inner = model.model
+    calls = []
+    original = type(inner).encode_content
+    monkeypatch.setattr(type(inner), "encode_content", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    records = read_records(synth_corpus)[:10]
+    cache_features(model, processor, records, synth_corpus.parent, tmp_path, batch_size=4)
+    assert len(calls) == 3  # 10 clips, 4 per call

@@ -52,16 +52,19 @@ def _projector(model):
 
 
 def fit_feature_norm(model, processor, clips: Iterable[Mapping], data_root: str | os.PathLike,
-                     feature_cache=None, max_clips: int = 256, show_progress: bool = True) -> dict:
+                     feature_cache=None, max_clips: int = 256, show_progress: bool = True,
+                     batch_size: int | None = None) -> dict:
     """Measure and install the statistics over up to ``max_clips`` distinct clips (rows with ``clip_id``/``id`` and
     ``audio``). Returns a summary ({clips, frames, from_cache}); a model with ``feature_norm: none`` is left alone.
 
-    Every clip is encoded alone, as the feature cache does, so padding never enters the statistics. Deterministic for
-    a given list of clips: every rank of a distributed run computes the same numbers.
+    Clips are encoded as the feature cache encodes them: in batches (``batch_size``, default
+    ``feature_cache.encode_batch_size``) sorted by length, each clip's states cut at its own length and independent of its
+    batch, so padding never enters the statistics. Deterministic for a given list of clips: every rank of a
+    distributed run computes the same numbers.
     """
     from tqdm.auto import tqdm
 
-    from .feature_cache import encode_clip
+    from .feature_cache import encode_in_batches
 
     inner, projector = _projector(model)
     if projector.feature_norm != "global_mvn":
@@ -78,19 +81,30 @@ def fit_feature_norm(model, processor, clips: Iterable[Mapping], data_root: str 
     if not chosen:
         raise ValueError("fit_feature_norm: no clips to measure the feature statistics on")
     content, para = _Moments(), _Moments()
-    from_cache = 0
-    was_training = model.training
-    model.eval()
-    for clip_id, audio in tqdm(chosen, desc="feature statistics", unit="clip", disable=not show_progress):
-        if feature_cache is not None and clip_id in feature_cache:
-            states = feature_cache.get(clip_id)
-            from_cache += 1
-        else:
-            wav = processor.load(str(resolve_under_root(audio, data_root, record=clip_id)))
-            states = encode_clip(inner, processor, wav)
+
+    def add(states):
         content.add(states["content"])
         p = states["paralinguistic"]
         para.add(p if p.dim() == 3 else p[None])  # (layers, frames, D) or (frames, D) -> one layer
+
+    cached = [c for c in chosen if feature_cache is not None and c[0] in feature_cache]
+    live = [c for c in chosen if not (feature_cache is not None and c[0] in feature_cache)]
+    was_training = model.training
+    model.eval()
+    progress = tqdm(total=len(chosen), desc="feature statistics", unit="clip", disable=not show_progress)
+    for clip_id, _ in cached:
+        add(feature_cache.get(clip_id))
+        progress.update(1)
+
+    def load(item):
+        clip_id, audio = item
+        return processor.load(str(resolve_under_root(audio, data_root, record=clip_id)))
+
+    for _, states in encode_in_batches(inner, processor, load, live, batch_size=batch_size):
+        add(states)
+        progress.update(1)
+    progress.close()
+    from_cache = len(cached)
     model.train(was_training)
     content_mean, content_std = content.result()
     para_mean, para_std = para.result()
