@@ -17,7 +17,10 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emoreason eval", description=__doc__.splitlines()[0])
     p.add_argument("--suite", required=True, help="suite YAML (eval/suites/*.yaml)")
-    p.add_argument("--endpoint", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--endpoint", "--base-url", dest="endpoint", action="append", required=True,
+                   help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1; repeat it for replicas of the "
+                        "model (requests go to the least busy; a failing one is taken out, its requests sent to the "
+                        "others)")
     p.add_argument("--model", required=True, help="model name the endpoint serves")
     p.add_argument("--out", default="runs/eval", help="output folder (report, plots, predictions, cache)")
     p.add_argument("--records", default=None, help="override the suite's records file (JSONL or parquet)")
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = run_suite(
-            args.suite, args.endpoint, args.model, args.out, records=args.records, data_root=args.data_root,
+            args.suite, args.endpoint[0] if len(args.endpoint) == 1 else args.endpoint, args.model, args.out,
+            records=args.records, data_root=args.data_root,
             api_key=args.api_key, strategies=args.strategies, limit=args.limit, max_tokens=args.max_tokens,
             concurrency=args.concurrency,
             timeout=args.timeout, retries=args.retries, backoff=args.backoff, cache_path=args.cache,

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..data.audio import AudioError
 from ..data.schema import EmotionRecord, RecordError, iter_records
 from .client import EndpointClient, RequestFailed, ResponseCache
+from .endpoints import make_client
 from .judge import RubricJudge
 from .metrics import compute_metrics
 from .report import write_report
@@ -75,7 +76,7 @@ async def _evaluate(suite: Suite, records: list[EmotionRecord], client: Endpoint
 
     # Items hold their encoded audio while they wait for the client: bound them too, or a large corpus would load
     # every clip at once before the first answer came back.
-    item_slots = asyncio.Semaphore(2 * max(1, suite.concurrency))
+    item_slots = asyncio.Semaphore(2 * max(1, suite.concurrency) * getattr(client, "replicas", 1))
 
     async def tracked(i, coro):
         async with item_slots:
@@ -133,7 +134,7 @@ def _summary(items: list[ItemResult], judge_scores: list | None = None) -> dict[
 
 async def run_suite_async(
     suite: Suite | str | Path,
-    endpoint: str,
+    endpoint: str | list[str],  # several: replicas of the model (endpoints.EndpointPool)
     model: str,
     out_dir: str | Path,
     *,
@@ -173,9 +174,9 @@ async def run_suite_async(
     if not chosen:
         raise ValueError(f"suite {suite.name}: no records left from {suite.records} (left out: {skipped})")
     cache = ResponseCache(cache_path or out / "responses.sqlite")
-    client = EndpointClient(endpoint, model, api_key=api_key, concurrency=concurrency or suite.concurrency,
-                            timeout=timeout or suite.timeout,
-                            max_retries=suite.retries if retries is None else retries, backoff=backoff, cache=cache)
+    client = make_client(endpoint, model, api_key=api_key, concurrency=concurrency or suite.concurrency,
+                         timeout=timeout or suite.timeout,
+                         max_retries=suite.retries if retries is None else retries, backoff=backoff, cache=cache)
     judge, judge_client = None, None
     judge_cfg = dict(suite.judge or {})
     if judge_endpoint or judge_cfg.get("endpoint"):
