@@ -70,3 +70,33 @@ def test_rl_runs_write_training_info_and_export_says_the_method(method, tiny_mod
     card = (exported / "README.md").read_text()
     assert f"- method: {method}" in card and str(recipe) in card and "method: unknown" not in card
     assert json.loads((exported / TRAINING_INFO_FILE).read_text())["method"] == method
+
+
+def test_sft_grpo_and_dpo_build_their_datasets_through_one_helper(monkeypatch):
+    """One rule for the three methods (train.common.get_datasets): train_records of train_split ('all' keeps every
+    record); a separate eval_records file is read whole; otherwise train_records of eval_split; no eval set when the
+    run does not evaluate."""
+    from types import SimpleNamespace
+
+    from emoreason.train import common, dpo, grpo, sft
+
+    calls = []
+
+    def rows(path, split, limit):
+        calls.append((path, split, limit))
+        return [{"id": f"{path}:{split}"}]
+
+    script = SimpleNamespace(train_records="train.jsonl", eval_records=None, max_train_records=7)
+    args = SimpleNamespace(train_split="all", eval_split="validation", eval_strategy="steps")
+    train, evaluation = common.get_datasets(script, args, rows)
+    assert calls == [("train.jsonl", None, 7), ("train.jsonl", "validation", None)] and len(evaluation) == 1
+    calls.clear()
+    common.get_datasets(SimpleNamespace(**{**vars(script), "eval_records": "dev.jsonl"}),
+                        SimpleNamespace(**{**vars(args), "train_split": "train"}), rows)
+    assert calls == [("train.jsonl", "train", 7), ("dev.jsonl", None, None)]
+    calls.clear()
+    assert common.get_datasets(script, SimpleNamespace(**{**vars(args), "eval_strategy": "no"}), rows)[1] is None
+    for module in (sft, grpo, dpo):  # each entry point goes through it
+        assert "get_datasets" in vars(module)
+    assert {f.name for f in __import__("dataclasses").fields(grpo.EmoReasonGRPOConfig)} >= {"train_split", "eval_split"}
+    assert {f.name for f in __import__("dataclasses").fields(dpo.EmoReasonDPOConfig)} >= {"train_split", "eval_split"}

@@ -138,6 +138,30 @@ def name_base(model, base_dir: str | os.PathLike) -> None:
     model.config._name_or_path = path
 
 
+def split_filter(name: str | None) -> str | None:
+    """A split name as the readers take it: ``all`` (or empty) keeps every record."""
+    return None if name in (None, "", "all") else name
+
+
+def get_datasets(script_args: EmoReasonScriptArguments, training_args,
+                 rows: Callable[[str, str | None, int | None], list[dict[str, Any]]]):
+    """(train, eval or None) datasets, the same way for SFT, GRPO and DPO: ``rows(path, split, max_records)`` reads
+    one method's rows (tasks, prompts, pairs). Training reads ``train_records`` of ``train_split``; when the run
+    evaluates, a separate ``eval_records`` file is taken whole (it is already the evaluation split), else
+    ``train_records`` of ``eval_split``."""
+    import datasets
+
+    train = rows(script_args.train_records, split_filter(training_args.train_split), script_args.max_train_records)
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        if script_args.eval_records:
+            eval_rows = rows(script_args.eval_records, None, None)
+        else:
+            eval_rows = rows(script_args.train_records, split_filter(training_args.eval_split), None)
+        eval_dataset = datasets.Dataset.from_list(eval_rows)
+    return datasets.Dataset.from_list(train), eval_dataset
+
+
 def get_peft_config(model_args: EmoReasonModelArguments):
     """LoRA on the language model only (+ the projector as a saved module), or None when ``use_peft`` is off."""
     if not model_args.use_peft:

@@ -17,7 +17,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import datasets
 import transformers
 from trl import DPOConfig, TrlParser
 
@@ -26,6 +25,7 @@ from ..data.schema import read_records, resolve_under_root
 from .common import (
     EmoReasonModelArguments,
     EmoReasonScriptArguments,
+    get_datasets,
     get_model,
     get_peft_config,
     get_processor,
@@ -57,7 +57,9 @@ class EmoReasonDPOConfig(DPOConfig):
         metadata={"help": "margin reduced by gamma * (log p_text(chosen) - log p_text(rejected)); 0 turns it off"},
     )
     system_prompt: str | None = field(default=None, metadata={"help": "optional system turn before each prompt"})
-    eval_split: str = field(default="validation", metadata={"help": "split of eval_records (or train_records) to eval"})
+    train_split: str = field(default="train", metadata={"help": "records of this split train ('all': every record)"})
+    eval_split: str = field(default="validation", metadata={"help": "split of train_records to evaluate on (a "
+                                                                   "separate eval_records file is taken whole)"})
 
     def __post_init__(self):
         if isinstance(self.rejected_kind_weights, str):
@@ -118,14 +120,8 @@ def load_pairs(path: str, data_root: str, split: str | None = "train", kind_weig
 def get_dataset(script_args: EmoReasonScriptArguments, training_args: EmoReasonDPOConfig):
     options = dict(kind_weights=training_args.rejected_kind_weights,
                    max_rejected=training_args.max_rejected_per_chosen, seed=training_args.seed)
-    train = load_pairs(script_args.train_records, script_args.data_root, "train",
-                       max_records=script_args.max_train_records, **options)
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        source = script_args.eval_records or script_args.train_records
-        eval_dataset = datasets.Dataset.from_list(
-            load_pairs(source, script_args.data_root, training_args.eval_split, **options))
-    return datasets.Dataset.from_list(train), eval_dataset
+    return get_datasets(script_args, training_args, lambda path, split, limit: load_pairs(
+        path, script_args.data_root, split, max_records=limit, **options))
 
 
 # -- entry point ----------------------------------------------------------------------------------------------------

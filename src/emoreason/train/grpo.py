@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
 import transformers
 from trl import GRPOConfig, TrlParser
 
@@ -27,6 +26,7 @@ from ..data.schema import EmotionRecord, read_records
 from .common import (
     EmoReasonModelArguments,
     EmoReasonScriptArguments,
+    get_datasets,
     get_model,
     get_peft_config,
     get_processor,
@@ -54,7 +54,9 @@ class EmoReasonGRPOConfig(GRPOConfig):
                           " (a JSON string on the command line)"},
     )
     system_prompt: str | None = field(default=None, metadata={"help": "optional system turn before each prompt"})
-    eval_split: str = field(default="validation", metadata={"help": "split of eval_records (or train_records) to eval"})
+    train_split: str = field(default="train", metadata={"help": "records of this split train ('all': every record)"})
+    eval_split: str = field(default="validation", metadata={"help": "split of train_records to evaluate on (a "
+                                                                   "separate eval_records file is taken whole)"})
 
     def __post_init__(self):
         if isinstance(self.reward_funcs, str):
@@ -110,16 +112,8 @@ def load_examples(path: str, data_root: str, split: str | None, system_prompt: s
 
 
 def get_dataset(script_args: EmoReasonScriptArguments, training_args: EmoReasonGRPOConfig):
-    train = load_examples(script_args.train_records, script_args.data_root, "train", training_args.system_prompt,
-                          training_args.seed, script_args.max_train_records)
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        source = script_args.eval_records or script_args.train_records
-        eval_dataset = datasets.Dataset.from_list(
-            load_examples(source, script_args.data_root, training_args.eval_split, training_args.system_prompt,
-                          training_args.seed)
-        )
-    return datasets.Dataset.from_list(train), eval_dataset
+    return get_datasets(script_args, training_args, lambda path, split, limit: load_examples(
+        path, script_args.data_root, split, training_args.system_prompt, training_args.seed, limit))
 
 
 # -- entry point ----------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from ..modeling.loading import checkpoint_base
 from .common import (
     EmoReasonModelArguments,
     EmoReasonScriptArguments,
+    get_datasets,
     get_model,
     get_peft_config,
     get_processor,
@@ -38,6 +39,7 @@ from .common import (
     resolve_checkpoint,
     run_cli,
     setup_logging,
+    split_filter,
     train_and_save,
 )
 from .tasks import TaskAlternatingSampler, build_task_examples, label_only_response, parse_task_specs
@@ -204,10 +206,6 @@ def instruction_pools(specs) -> dict[str, list[str]]:
     return pools
 
 
-def _split(name: str) -> str | None:
-    return None if name in ("all", "", None) else name
-
-
 @torch.no_grad()
 def label_accuracy(model, processor, rows: Sequence[dict], data_root: str | Path, labels: Sequence[str] | None = None,
                    silence: bool = False, batch_size: int = 8, system_prompt: str | None = None) -> dict[str, Any]:
@@ -256,17 +254,9 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
 
     # data
     specs = parse_task_specs(training_args.tasks)
-    train_rows = build_task_examples(specs, script_args.train_records, split=_split(training_args.train_split),
-                                     seed=training_args.seed, max_records=script_args.max_train_records)
-    from datasets import Dataset
-
-    train_dataset = Dataset.from_list(train_rows)
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_rows = build_task_examples(specs, script_args.eval_records or script_args.train_records,
-                                        split=None if script_args.eval_records else _split(training_args.eval_split),
-                                        seed=training_args.seed)
-        eval_dataset = Dataset.from_list(eval_rows)
+    train_dataset, eval_dataset = get_datasets(script_args, training_args, lambda path, split, limit: (
+        build_task_examples(specs, path, split=split, seed=training_args.seed, max_records=limit)))
+    train_rows = train_dataset.to_list()
 
     # model
     processor = get_processor(model_args)
@@ -348,7 +338,7 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
 
             records = read_records(script_args.eval_records or script_args.train_records)
             rows = build_task_examples([TaskSpec("emotion_label")], records,
-                                       split=_split(training_args.label_accuracy_split), seed=training_args.seed)
+                                       split=split_filter(training_args.label_accuracy_split), seed=training_args.seed)
             labels = sorted({r["label"] for r in build_task_examples(
                 [TaskSpec("emotion_label")], records, split=None, seed=0)} & set(EMOTIONS))
             scoring_model = trainer.accelerator.unwrap_model(trainer.model)
