@@ -134,6 +134,25 @@ def _ray_listeners() -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
+def test_a_local_ray_started_by_the_executor_listens_on_loopback_only(tmp_path, monkeypatch):
+    """Runs before the module's cluster exists: the executor starts (and stops) its own local Ray."""
+    from ray._private import ray_constants
+
+    from emoreason.datagen.pipeline import DatagenConfig
+    from emoreason.datagen.ray_executor import RayExecutor
+
+    assert not ray.is_initialized()
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)  # as on any Linux machine
+    cfg = DatagenConfig(output_dir=str(tmp_path), executor="ray")
+    with RayExecutor(cfg.ray, cfg):
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {LOOPBACK}
+        listeners = _ray_listeners()
+    assert not ray.is_initialized()  # it disconnected what it connected
+    assert listeners and all(ip in (LOOPBACK, f"::ffff:{LOOPBACK}") for ip, _ in listeners), listeners
+
+
+@pytest.mark.slow
 def test_cluster_has_three_nodes_all_on_loopback(ray_cluster):
     nodes = [n for n in ray.nodes() if n["Alive"]]
     assert len(nodes) == 3 and {n["NodeManagerAddress"] for n in nodes} == {LOOPBACK}

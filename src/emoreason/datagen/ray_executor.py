@@ -137,6 +137,19 @@ def _portable(generator: Generator) -> Generator:
 
 
 # -- the executor ---------------------------------------------------------------------------------------------
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+def keep_on_loopback() -> None:
+    """On Linux Ray swaps 127.0.0.1 in an address for the machine's outward IP, and a local Ray binds its servers to
+    every interface even with ``_node_ip_address="127.0.0.1"``. Ray's switch for Windows/macOS (the variable, read by
+    the processes Ray spawns, and its constant, read by this one) keeps a local Ray on loopback."""
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 class RayExecutor:
     """``analyze`` and ``generate`` of pipeline.LocalExecutor, on Ray. Use as a context manager: it connects to
     ``config.address`` (or starts a local Ray on 127.0.0.1) unless Ray is already initialised in this process, and
@@ -154,8 +167,11 @@ class RayExecutor:
 
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"runtime_env": self.config.runtime_env or None, "log_to_driver": False}
-            if self.config.address:
-                ray.init(address=self.config.address, **kwargs)
+            address = self.config.address
+            if not address or address.rsplit(":", 1)[0] in LOOPBACK_HOSTS:
+                keep_on_loopback()
+            if address:
+                ray.init(address=address, **kwargs)
             else:
                 ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **kwargs)
             self._connected = True
