@@ -91,7 +91,7 @@ async def _evaluate(suite: Suite, records: list[EmotionRecord], client: Endpoint
     return results
 
 
-async def _judge_items(judge: Judge, records: dict[str, EmotionRecord], items: list[ItemResult]) -> list:
+async def _judge_items(judge: RubricJudge, records: dict[str, EmotionRecord], items: list[ItemResult]) -> list:
     from ..data.response_format import parse_response
 
     async def one(item):
