@@ -273,3 +273,41 @@ def test_processor_rounds_give_what_one_teacher_call_per_shard_gives(ray_cluster
         summary = pipeline.run(cfg, executor)
     assert summary["kept"] > 0 and summary["pairs"] > 0 and len(rounds) == 2  # rationales, then pair negatives
     _assert_same_outputs(local, out)
+
+
+@pytest.mark.slow
+def test_openai_teacher_from_actors_gives_what_the_local_run_gives(ray_cluster, synth_corpus, tmp_path):
+    """The openai teacher in Ray's teacher actors (each sends its shard's requests concurrently) against a scripted
+    endpoint on 127.0.0.1 that answers a function of (prompt, seed): the local executor's outputs, and the same
+    number of requests (none asked twice)."""
+    from emoreason.eval.scripted import create_scripted_app, last_user_text
+    from emoreason.serve.background import BackgroundServer
+
+    def script(body):
+        return [echo_answer(last_user_text(body), body["seed"] + k) for k in range(body.get("n", 1))]
+
+    app = create_scripted_app(script, model="served")
+    with BackgroundServer(app) as server:
+        teacher = ["teacher.name=openai", "teacher.model=served", f"teacher.base_url={server.url}/v1",
+                   "teacher.concurrency=4", "limit=24"]
+        executors.run(_config(tmp_path / "local", synth_corpus, *teacher))
+        local_hits = app.state.hits
+        summary = executors.run(_config(tmp_path / "ray", synth_corpus, *teacher, executor="ray"))
+    assert summary["kept"] > 0 and summary["pairs"] > 0 and summary["teacher_failures"] == 0
+    assert app.state.hits == 2 * local_hits
+    _assert_same_outputs(tmp_path / "local", tmp_path / "ray")
+
+
+@pytest.mark.slow
+def test_self_teacher_with_transformers_in_an_actor_pool(ray_cluster, synth_corpus, tiny_model_dir, tmp_path):
+    """Without vLLM the self teacher runs in the teacher actors, the model loaded once per actor; greedy, it writes
+    what the local executor writes."""
+    teacher = ["teacher.name=self", f"teacher.model={json.dumps(str(tiny_model_dir))}", "teacher.backend=transformers",
+               "teacher.device=cpu", "teacher.temperature=0", "teacher.num_samples=1", "teacher.max_new_tokens=12",
+               "limit=6", "shard_size=3"]
+    executors.run(_config(tmp_path / "local", synth_corpus, *teacher))
+    summary = executors.run(_config(tmp_path / "ray", synth_corpus, *teacher, executor="ray"))
+    assert summary["inputs"] == 6 and summary["shards"] == 2
+    rejected = read_outputs(tmp_path / "ray")["rejected"]
+    assert rejected and all(r["text"] is not None for r in rejected if r["sample"] is not None)
+    _assert_same_outputs(tmp_path / "local", tmp_path / "ray")
