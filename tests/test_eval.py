@@ -257,6 +257,12 @@ def test_judge_scores_groundedness(tmp_path, corpus):
                                                                       "unreadable": 0}
     # Identical judge requests (same transcript and rationale) are asked once.
     assert judge_app.state.hits == len({(r.transcript, r.label) for r in records[:3]})
+    # each clip keeps its grade: in the predictions and on the report page's rows
+    predictions = (tmp_path / "out" / "predictions" / "cot_greedy.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in predictions]
+    assert [r["judge_score"] for r in rows] == [0.75] * 3
+    clips = json.loads((tmp_path / "out" / "report.json").read_text())["clips"]
+    assert [c["strategies"]["cot_greedy"]["judge"] for c in clips] == [0.75] * 3
 
 
 def test_identical_requests_in_flight_are_sent_once(tmp_path, corpus):

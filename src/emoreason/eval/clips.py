@@ -266,7 +266,7 @@ def build_clips(report: dict, items: dict[str, list[ItemResult]], records: dict[
             clip["strategies"][name] = {
                 "prediction": item.prediction, "distribution": dict(zip(labels, dist)),
                 "rationale": item.final_text, "claims": _claims(item, records[item.record_id], labels),
-                "judge": None, "failure": item.failure, "notes": item.notes, "scores": scores}
+                "judge": item.judge_score, "failure": item.failure, "notes": item.notes, "scores": scores}
     return clips
 
 

@@ -215,6 +215,8 @@ async def run_suite_async(
             judge_scores = None
             if judge is not None and "judge" in suite.metrics:
                 judge_scores = await _judge_items(judge, by_id, items)
+                for item, judged in zip(items, judge_scores):  # kept per clip (predictions, the report page)
+                    item.judge_score = judged.normalized if judged is not None else None
             metrics = compute_metrics(items, by_id, suite.labels, suite.metrics, ambiguity_bins=suite.ambiguity_bins,
                                       group_by=suite.group_by, judge_scores=judge_scores,
                                       min_group_count=suite.min_group_count)

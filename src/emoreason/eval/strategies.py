@@ -59,6 +59,7 @@ class ItemResult:
     failed: bool = False
     failure: str | None = None
     notes: list[str] = field(default_factory=list)  # what the strategy had to fall back on
+    judge_score: float | None = None  # the suite judge's grade of the final rationale in [0, 1], when one ran
 
     @property
     def valid(self) -> bool:
