@@ -311,3 +311,19 @@ def test_self_teacher_with_transformers_in_an_actor_pool(ray_cluster, synth_corp
     rejected = read_outputs(tmp_path / "ray")["rejected"]
     assert rejected and all(r["text"] is not None for r in rejected if r["sample"] is not None)
     _assert_same_outputs(tmp_path / "local", tmp_path / "ray")
+
+
+@pytest.mark.slow
+def test_an_unreachable_teacher_stops_the_run_as_locally(ray_cluster, synth_corpus, tmp_path):
+    import socket
+
+    from emoreason.datagen.teachers import TeacherUnavailable
+
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind((LOOPBACK, 0))
+        port = sock.getsockname()[1]
+    teacher = ["teacher.name=openai", "teacher.model=served", f"teacher.base_url=http://{LOOPBACK}:{port}/v1",
+               "teacher.timeout=5", "limit=8"]
+    with pytest.raises(TeacherUnavailable, match="cannot be reached"):
+        executors.run(_config(tmp_path / "ray", synth_corpus, *teacher, executor="ray"))
+    assert not (tmp_path / "ray" / "summary.json").exists() and (tmp_path / "ray" / "acoustic").is_dir()

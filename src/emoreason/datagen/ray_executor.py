@@ -32,7 +32,7 @@ from typing import Any
 from ..data.schema import EmotionRecord
 from .pipeline import DatagenConfig, Generator, _analyze_one
 from .ray_config import RayConfig
-from .teachers import TeacherFailure, TeacherRequest, get_teacher
+from .teachers import TeacherFailure, TeacherRequest, TeacherUnavailable, get_teacher
 
 logger = logging.getLogger(__name__)
 KILL_ONCE_ENV = "EMOREASON_DATAGEN_RAY_KILL_ONCE"  # "<phase>:<n>[,<phase>:<n>]": fault tests of the Ray executor
@@ -120,9 +120,16 @@ class TeacherActor:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        texts = [json.dumps(self.generator.shard(self.jobs[int(index)]), ensure_ascii=False)
-                 for index in batch["index"]]
-        return {"index": batch["index"], "result": np.array(texts, dtype=object)}
+        texts, unreachable = [], []
+        for index in batch["index"]:
+            try:
+                texts.append(json.dumps(self.generator.shard(self.jobs[int(index)]), ensure_ascii=False))
+                unreachable.append("")
+            except TeacherUnavailable as err:  # not worth a retry: the driver stops the run with it
+                texts.append("")
+                unreachable.append(str(err))
+        return {"index": batch["index"], "result": np.array(texts, dtype=object),
+                "unreachable": np.array(unreachable, dtype=object)}
 
 
 def _portable(generator: Generator) -> Generator:
@@ -225,6 +232,8 @@ class RayExecutor:
             fn_constructor_kwargs={"state_ref": [state_ref], "kill_spec": self.kill_spec,
                                    "marker_dir": self.marker_dir})
         for row in ds.iter_rows():
+            if row["unreachable"]:  # stop the run, as the local executor does (the finished shards stay)
+                raise TeacherUnavailable(row["unreachable"])
             yield int(row["index"]), json.loads(row["result"])
 
     def _use_processor(self, generator: Generator) -> bool:
