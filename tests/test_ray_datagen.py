@@ -116,6 +116,37 @@ def test_vllm_processor_config_for_n_engines():
     assert rows[0]["sampling_params"] == {"n": 1, "temperature": 0.7, "top_p": 0.9, "max_tokens": 128, "seed": 7}
 
 
+def test_the_self_teacher_takes_the_vllm_processor_only_where_vllm_imports(monkeypatch):
+    import builtins
+    import sys
+    import types
+
+    from emoreason.datagen.ray_executor import RayExecutor
+
+    real_import = builtins.__import__
+
+    def without_vllm(name, *args, **kwargs):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError("no vLLM here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_vllm)
+
+    def uses(*overrides):
+        cfg = load_config(CONFIG, ["executor=ray", "teacher.name=self", "teacher.model=/ckpt", *overrides])
+        return RayExecutor(cfg.ray, cfg)._use_processor()
+
+    assert not uses()  # auto without vLLM: the transformers actor pool
+    assert not uses("teacher.name=template") and not uses("ray.vllm_processor=off")
+    with pytest.raises(ValueError, match="needs vLLM"):
+        uses("ray.vllm_processor=on")
+    with pytest.raises(ValueError, match="needs vLLM"):
+        uses("teacher.backend=vllm")
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # vLLM importable
+    assert uses() and not uses("teacher.backend=transformers")
+
+
 def _ray_listeners() -> list[tuple[str, str]]:
     import psutil
 

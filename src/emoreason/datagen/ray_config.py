@@ -16,7 +16,7 @@ class RayConfig:
     teacher_gpus: float = 0.0  # self teacher with transformers on GPU nodes: 1
     # self teacher: Ray Data's vLLM processor (ray.data.llm) when vLLM is importable on the driver; "off" uses the
     # transformers actor pool above; "on" insists (an error without vLLM). Engine kwargs: teacher.vllm_kwargs.
-    vllm_processor: str = "auto"
+    vllm_processor: str | bool = "auto"  # (YAML reads on/off as true/false: both spellings work)
     vllm_engines: int = 1  # engine replicas (data parallel); each takes tensor_parallel_size GPUs
     vllm_batch_size: int = 64  # prompts per batch sent to an engine
     runtime_env: dict = field(default_factory=dict)  # passed to ray.init (env_vars, working_dir, ...)

@@ -97,14 +97,6 @@ class AcousticActor:
         return {"index": batch["index"], "text": np.array(texts, dtype=object)}
 
 
-class _HookForGenerator:
-    def __init__(self, hook: KillOnce):
-        self.hook = hook
-
-    def tick(self) -> None:
-        self.hook.tick()
-
-
 class TeacherActor:
     """Generates one shard per batch with its own teacher; returns the shard's outputs as JSON text."""
 
@@ -114,7 +106,7 @@ class TeacherActor:
         state = ray.get(state_ref[0])
         self.generator: Generator = state["generator"]
         self.generator.teacher = get_teacher(self.generator.cfg.teacher, work_dir=state["work_dir"])
-        self.generator.hook = _HookForGenerator(KillOnce(kill_spec, "generate", marker_dir))
+        self.generator.hook = KillOnce(kill_spec, "generate", marker_dir)
         self.jobs: dict[int, list[EmotionRecord]] = state["jobs"]
 
     def __call__(self, batch: dict) -> dict:
@@ -218,7 +210,7 @@ class RayExecutor:
     def generate(self, generator: Generator, jobs: list[tuple[int, list[EmotionRecord]]]):
         if not jobs:
             return
-        if self._use_processor(generator):
+        if self._use_processor():
             yield from ProcessorGeneration(self, generator).run(jobs)
             return
         import ray
@@ -236,9 +228,10 @@ class RayExecutor:
                 raise TeacherUnavailable(row["unreachable"])
             yield int(row["index"]), json.loads(row["result"])
 
-    def _use_processor(self, generator: Generator) -> bool:
+    def _use_processor(self) -> bool:
         teacher = self.cfg.teacher
         mode = self.config.vllm_processor
+        mode = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode  # YAML reads off as false
         if teacher.name != "self" or mode == "off" or teacher.backend == "transformers":
             return False
         if mode not in ("auto", "on"):
@@ -290,7 +283,7 @@ class ReplayActor:
         state = ray.get(state_ref[0])
         self.generator: Generator = state["generator"]
         self.generator.teacher = ReplayTeacher(ray.get(answers_ref[0]), *state["teacher"])
-        self.generator.hook = _HookForGenerator(KillOnce("", "generate", "."))
+        self.generator.hook = KillOnce("", "generate", ".")  # no kills: a replay is not the first attempt
         self.jobs = state["jobs"]
 
     def __call__(self, batch: dict) -> dict:
