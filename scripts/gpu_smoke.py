@@ -41,13 +41,6 @@ GPU_SIZES = {  # a few steps per stage; batch sizes stay the recipe's
     "grpo": {"max_steps": 2, "max_completion_length": 128, "gradient_accumulation_steps": 1, "logging_steps": 1},
     "dpo": {"max_steps": 3, "logging_steps": 1},
 }
-SMALL_SIZES = {
-    "sft": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
-            "per_device_eval_batch_size": 2, "feature_norm_clips": 8, "logging_steps": 1},
-    "grpo": {"max_steps": 1, "per_device_train_batch_size": 4, "num_generations": 4, "gradient_accumulation_steps": 1,
-             "max_completion_length": 16, "logging_steps": 1},
-    "dpo": {"max_steps": 1, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1},
-}
 
 
 def peak_tflops(explicit: float | None) -> float | None:
@@ -98,7 +91,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from emoreason.testing.recipe_chain import Chain, StageFailed, StageResult, format_table, head_records
+    from emoreason.testing.recipe_chain import (
+        CPU_SIZES,
+        Chain,
+        StageFailed,
+        StageResult,
+        format_table,
+        head_records,
+    )
     from emoreason.testing.recipe_parts import build_recipe_parts
 
     recipe = (REPO / args.recipe).resolve() if not Path(args.recipe).is_absolute() else Path(args.recipe)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(StageResult(f"build parts ({scale})", time.perf_counter() - start))
     n_params = lm_parameters(parts["language_model"])
     chain = Chain(recipe, work / "chain", data, device="cuda" if on_gpu else "cpu",
-                  sizes=GPU_SIZES if on_gpu else SMALL_SIZES, repo=REPO, peak_tflops=peak_tflops(args.peak_tflops),
+                  sizes=GPU_SIZES if on_gpu else CPU_SIZES, repo=REPO, peak_tflops=peak_tflops(args.peak_tflops),
                   stage_timeout=args.stage_timeout)
     failed = None
     try:

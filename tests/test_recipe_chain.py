@@ -20,6 +20,7 @@ import pytest
 
 from emoreason.testing.recipe_chain import (
     ALLOWED_OVERRIDES,
+    CPU_SIZES,
     Chain,
     format_table,
     head_records,
@@ -31,14 +32,6 @@ from emoreason.testing.recipe_parts import RECIPE_PARTS, build_recipe_parts
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_RECIPES = sorted(p for p in (REPO / "recipes").iterdir() if p.is_dir() and p.name != "tiny-cpu")
-# Steps and sizes only: a handful of steps, short completions, small feature-norm fits.
-CPU_SIZES = {
-    "sft": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
-            "per_device_eval_batch_size": 2, "feature_norm_clips": 8, "logging_steps": 1},
-    "grpo": {"max_steps": 1, "per_device_train_batch_size": 4, "num_generations": 4, "gradient_accumulation_steps": 1,
-             "max_completion_length": 16, "logging_steps": 1},
-    "dpo": {"max_steps": 1, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1},
-}
 JUDGE_KEY = "chain-judge-key"
 
 

@@ -48,6 +48,17 @@ ALLOWED_OVERRIDES = frozenset({
 })
 
 
+# Steps and sizes for a chain at tiny widths on a CPU (the recipe-chain test, `scripts/gpu_smoke.py --small`): a
+# handful of steps, short completions, a small feature-norm fit; everything else as the recipe writes it.
+CPU_SIZES: dict[str, dict[str, Any]] = {
+    "sft": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+            "per_device_eval_batch_size": 2, "feature_norm_clips": 8, "logging_steps": 1},
+    "grpo": {"max_steps": 1, "per_device_train_batch_size": 4, "num_generations": 4, "gradient_accumulation_steps": 1,
+             "max_completion_length": 16, "logging_steps": 1},
+    "dpo": {"max_steps": 1, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1},
+}
+
+
 @dataclass
 class StageResult:
     stage: str
