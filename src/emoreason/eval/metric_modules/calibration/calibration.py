@@ -62,7 +62,7 @@ class Calibration(evaluate.Metric):
             confidence = np.where(answered, probs[np.arange(len(refs)), np.where(answered, answer, 0)],
                                   probs.max(axis=1))
             correct = (answered & (answer == refs)).astype(float)
-        edges = np.linspace(0.0, 1.0, n_bins + 1)
+        edges = np.arange(n_bins + 1) / n_bins  # exactly b / n_bins (linspace gives 0.6000000000000001 for 6/10)
         # Bins are (lower, upper], the first one also taking confidence 0.
         which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
         ece, table = 0.0, []
