@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
 
     from emoreason.data.audio import write_wav
-    from emoreason.data.collators import SFTCollator
+    from emoreason.train.collators import SFTCollator
     from emoreason.train.feature_cache import encode_clip
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -258,7 +258,7 @@ def recipe_main(args) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from emoreason.data.collators import SFTCollator
+    from emoreason.train.collators import SFTCollator
     from emoreason.modeling import build_from_components
     from emoreason.modeling.lora import apply_lora, language_model_lora_config
     from emoreason.testing.recipe_parts import build_recipe_parts

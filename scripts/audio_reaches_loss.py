@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: bf16 on a GPU that supports it, else float32")
     args = parser.parse_args(argv)
 
-    from emoreason.data.collators import SFTCollator
+    from emoreason.train.collators import SFTCollator
     from emoreason.train.common import EmoReasonModelArguments, get_model, get_processor
     from emoreason.train.tasks import build_task_examples, parse_task_specs
 

@@ -8,7 +8,7 @@ Checks, each printed as PASS/FAIL with what was seen:
   models         GET /v1/models lists the served model
   input_audio    a chat completion with a base64 WAV (`input_audio` part), greedy, returns text and usage
   audio_tokens   the audio costs what it lasts: prompt tokens with the clip minus without it equals the clip's
-                 `<audio>` token count (emoreason.modeling.audio_tokens), within --token-slack for the separator
+                 `<audio>` token count (emoreason.data.audio_tokens), within --token-slack for the separator
   audio_url      a `data:` URL audio part, n=2, temperature, top_p, seed, stop, logprobs/top_logprobs all honoured
   seed           the same seeded sampled request twice gives the same text
   concurrent     --concurrency requests at once all succeed (the server batches them)
@@ -37,7 +37,7 @@ SAMPLE_RATE = 16_000
 
 
 def num_audio_tokens(num_samples: int, stack_factor: int, max_source_positions: int = 1500) -> int:
-    """`<audio>` tokens of a 16 kHz clip: emoreason.modeling.audio_tokens.num_audio_tokens, restated so this script
+    """`<audio>` tokens of a 16 kHz clip: emoreason.data.audio_tokens.num_audio_tokens, restated so this script
     needs nothing installed (tests_vllm/test_smoke_script.py checks the two agree)."""
     samples = max(SAMPLE_RATE // 10, min(int(num_samples), max_source_positions * 2 * 160))
     encoder_frames = (samples // 160 - 1) // 2 + 1

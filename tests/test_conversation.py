@@ -63,7 +63,7 @@ def without_audio(messages):
 
 
 def test_sft_grpo_dpo_and_eval_build_the_same_prompt(tiny, dialogue):
-    from emoreason.data.collators import SFTCollator
+    from emoreason.train.collators import SFTCollator
     from emoreason.eval.strategies import StrategyContext
     from emoreason.eval.prompts import PromptSet
     from emoreason.train.dpo import load_pairs

@@ -31,7 +31,7 @@ def lora_run(tiny_model_dir, synth_corpus, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_merged_export_matches_the_adapter_and_carries_a_card(lora_run, synth_corpus, tmp_path):
-    from emoreason.data.collators import SFTCollator
+    from emoreason.train.collators import SFTCollator
     from emoreason.modeling import load_pretrained
     from emoreason.train.export import cli, load_checkpoint
     from emoreason.train.tasks import build_task_examples, parse_task_specs

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emoreason.data.collators import SAMPLES_PER_FRAME, FeatureAugment, SFTCollator
-from emoreason.modeling.audio_tokens import num_audio_tokens
+from emoreason.train.collators import SAMPLES_PER_FRAME, FeatureAugment, SFTCollator
+from emoreason.data.audio_tokens import num_audio_tokens
 
 
 def cached_batch(frames=(40, 25), layers=3, dim=8):

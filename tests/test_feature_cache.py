@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from emoreason.data.collators import SFTCollator
+from emoreason.train.collators import SFTCollator
 from emoreason.data.schema import read_records
 from emoreason.modeling import load_pretrained
 from emoreason.train.feature_cache import FeatureCache, cache_features, encoder_fingerprint

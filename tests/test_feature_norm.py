@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from emoreason.data.collators import SFTCollator
+from emoreason.train.collators import SFTCollator
 from emoreason.data.schema import read_records
 from emoreason.modeling import EmoReasonConfig, load_pretrained
 from emoreason.train.feature_cache import FeatureCache, cache_features, encode_clip

@@ -116,7 +116,7 @@ def test_hubert_large_layout_encodes_a_batch_of_unequal_clips(llama_parts):
 
 # -- defect 5: Llama 3.x tokenizers add BOS and their template writes one too ------------------------------------
 def test_llama_prompts_carry_one_bos_in_processor_and_collator_alike(llama_parts, synth_corpus):
-    from emoreason.data.collators import IGNORE_INDEX, SFTCollator
+    from emoreason.train.collators import IGNORE_INDEX, SFTCollator
     processor = EmoReasonProcessor.from_components(*llama_parts.values())
     tokenizer = processor.tokenizer
     bos = tokenizer.bos_token_id

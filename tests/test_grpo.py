@@ -20,6 +20,7 @@ from emoreason.testing.grpo_recipe import (  # noqa: F401  (other test modules i
     run_learning_recipe,
     synthetic_cues,
 )
+from emoreason.train.collators import SFTCollator
 
 
 # -- fixtures -------------------------------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def test_grpo_raises_the_mean_reward(tiny_model_dir, rl_records, tmp_path):
     steps at 1e-3 moved it only -0.56 -> -0.51, and 24 steps at 1e-3 rose on 1 thread but not on 2; 24 steps at
     3e-3 reach 0.00 on 1 and on 2 threads."""
     records_file, _, data_root = rl_records
-    result = run_learning_recipe(make_trainer, tiny_model_dir, records_file, data_root, tmp_path)
+    result = run_learning_recipe(make_trainer, SFTCollator, tiny_model_dir, records_file, data_root, tmp_path)
     print(f"GRPO (HF generate): {describe(result)}")
     assert result["after"]["eval_reward"] > result["before"]["eval_reward"] + 0.2
     curve = rise(result["curve"])  # and the training reward, beyond its step-to-step noise

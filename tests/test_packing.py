@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emoreason.data.collators import IGNORE_INDEX, SFTCollator
+from emoreason.train.collators import IGNORE_INDEX, SFTCollator
 from emoreason.data.schema import read_records
 from emoreason.train.tasks import build_task_examples, parse_task_specs
 

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from emoreason.modeling.audio_tokens import MIN_SAMPLES, num_audio_tokens
+from emoreason.data.audio_tokens import MIN_SAMPLES, num_audio_tokens
 
 SR = 16_000
 

@@ -23,11 +23,11 @@ from pathlib import Path
 
 
 def _load_audio_tokens():
-    """emoreason.modeling.audio_tokens without running emoreason.modeling's __init__ (which imports transformers)."""
+    """emoreason.data.audio_tokens, loaded by path: the stub runs before the package's audio dependencies may be there."""
     import importlib.util
 
     package = Path(importlib.util.find_spec("emoreason").origin).parent
-    spec = importlib.util.spec_from_file_location("_audio_tokens", package / "modeling" / "audio_tokens.py")
+    spec = importlib.util.spec_from_file_location("_audio_tokens", package / "data" / "audio_tokens.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -128,7 +128,7 @@ def test_greedy_output_matches_the_builtin_server(greedy_answers):
 
 def test_prompt_tokens_grow_with_the_clip(greedy_answers):
     """The audio costs what it lasts in vLLM too: longer clips, more prompt tokens (the plugin's token count)."""
-    from emoreason.modeling.audio_tokens import num_audio_tokens
+    from emoreason.data.audio_tokens import num_audio_tokens
 
     prompt_tokens = [answer["usage"]["prompt_tokens"] for answer, _ in greedy_answers]
     expected = [num_audio_tokens(int(16_000 * s), 4) for s in SECONDS]

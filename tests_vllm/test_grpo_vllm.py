@@ -268,6 +268,7 @@ def test_the_reward_rises_on_the_vllm_path_as_with_hf_generate(trainer, tmp_path
     )
     from emoreason.testing.synth_corpus import synthesize
     from emoreason.testing.tiny import build_tiny_model
+    from emoreason.train.collators import SFTCollator
 
     # One engine per process at a time: the module's engine goes first (its fixture's own close is then a no-op).
     trainer.vllm_generation.close()
@@ -280,7 +281,7 @@ def test_the_reward_rises_on_the_vllm_path_as_with_hf_generate(trainer, tmp_path
     for path, options in (("HF generate", {}), ("vLLM colocate", dict(use_vllm=True, vllm_mode="colocate",
                                                                        vllm_max_model_length=1024))):
         try:
-            results[path] = run_learning_recipe(make_learning_trainer, model_dir, records_file, manifest.parent,
+            results[path] = run_learning_recipe(make_learning_trainer, SFTCollator, model_dir, records_file, manifest.parent,
                                                 tmp_path / path.split()[0], bf16=False, **options)
         finally:  # later tests (test_model.py) set up vLLM's parallel state of their own
             for learner in LEARNING_TRAINERS:
@@ -322,10 +323,11 @@ def test_two_ranks_each_sample_from_an_engine_synced_with_the_policy(tiny_checkp
 
     from emoreason.data.schema import write_records
     from emoreason.testing.grpo_recipe import reasoning_records, warm_start
+    from emoreason.train.collators import SFTCollator
 
     records, _ = reasoning_records(small_corpus)
     records_file = write_records(records, tmp_path / "records.jsonl")
-    start = warm_start(tiny_checkpoint, records_file, small_corpus.parent, tmp_path / "sft")
+    start = warm_start(SFTCollator, tiny_checkpoint, records_file, small_corpus.parent, tmp_path / "sft")
     recipe = yaml.safe_load((REPO / "recipes/tiny-cpu/grpo.yaml").read_text())
     recipe.update(reward_funcs=["format", "length"], reward_weights=[1.0, 1.0], learning_rate=3e-3,
                   reward_kwargs={"length": {"target_tokens": 12, "max_penalty": 3.0}})

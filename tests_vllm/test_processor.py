@@ -33,7 +33,7 @@ def vllm_audio_token_counts(mm_processor, model_config, prompt: str, clips: list
 
 @pytest.mark.parametrize("seconds", DURATIONS)
 def test_placeholder_count_matches_our_processor(seconds, mm_processor, model_config, hf_model_and_processor):
-    from emoreason.modeling.audio_tokens import num_audio_tokens
+    from emoreason.data.audio_tokens import num_audio_tokens
 
     _, processor = hf_model_and_processor
     wav = clip(seconds)
@@ -73,7 +73,7 @@ def test_features_match_our_processor(mm_processor, hf_model_and_processor):
 
 
 def test_dummy_inputs_profile_the_longest_clip(mm_processor, model_config):
-    from emoreason.modeling.audio_tokens import max_samples_for, num_audio_tokens
+    from emoreason.data.audio_tokens import max_samples_for, num_audio_tokens
 
     config = model_config.hf_config
     longest = num_audio_tokens(max_samples_for(config.content_config.max_source_positions), config.stack_factor)

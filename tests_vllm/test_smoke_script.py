@@ -15,7 +15,7 @@ def load_smoke_script():
 
 
 def test_token_count_formula_matches_the_model():
-    from emoreason.modeling.audio_tokens import num_audio_tokens
+    from emoreason.data.audio_tokens import num_audio_tokens
 
     smoke = load_smoke_script()
     for stack_factor in (1, 2, 4, 5, 8):

@@ -6,7 +6,7 @@ import os
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
 
-from .audio_tokens import DEFAULT_STACK_FACTOR, num_audio_tokens, num_audio_tokens_for_duration
+from ..data.audio_tokens import DEFAULT_STACK_FACTOR, num_audio_tokens, num_audio_tokens_for_duration
 from .configuration_emoreason import EmoReasonConfig
 from .loading import SAFE_LOAD_KWARGS, safe_load_kwargs
 from .modeling_emoreason import (

@@ -8,7 +8,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig
 
-from .audio_tokens import DEFAULT_STACK_FACTOR
+from ..data.audio_tokens import DEFAULT_STACK_FACTOR
 from .fusion import get_fusion
 
 try:

@@ -6,7 +6,7 @@ is ``model`` + ``lm_head``, so TRL trainers (``model.base_model`` + ``get_output
 unchanged.
 
 Audio costs what it lasts: each batch is encoded for its longest clip, never padded to Whisper's 30 s window. The
-number of audio tokens of a clip is :func:`~emoreason.modeling.audio_tokens.num_audio_tokens` of its length, the same
+number of audio tokens of a clip is :func:`~emoreason.data.audio_tokens.num_audio_tokens` of its length, the same
 function the processor uses.
 """
 
@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import logging as hf_logging
 
-from .audio_tokens import num_encoder_frames_from_mel
+from ..data.audio_tokens import num_encoder_frames_from_mel
 from .configuration_emoreason import EmoReasonConfig
 from .fusion import get_fusion
 from .loading import attn_implementation_per_part, safe_load_kwargs

@@ -1,7 +1,7 @@
 """EmoReasonProcessor: Whisper mel features + paralinguistic waveform features + tokenizer + chat template.
 
 Takes waveforms or files (any sample rate, mono or stereo), resamples to 16 kHz, expands each `<audio>` in the text to
-the clip's token count (:func:`~emoreason.modeling.audio_tokens.num_audio_tokens`), and pads a batch to its longest
+the clip's token count (:func:`~emoreason.data.audio_tokens.num_audio_tokens`), and pads a batch to its longest
 clip, never to 30 s.
 """
 
@@ -17,7 +17,7 @@ from transformers import AutoFeatureExtractor, AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from ..data.audio import TARGET_SAMPLE_RATE, load_audio, prepare_waveform
-from .audio_tokens import DEFAULT_STACK_FACTOR, HOP_LENGTH, MIN_SAMPLES, max_samples_for, num_audio_tokens
+from ..data.audio_tokens import DEFAULT_STACK_FACTOR, HOP_LENGTH, MIN_SAMPLES, max_samples_for, num_audio_tokens
 
 AUDIO_TOKEN = "<audio>"
 

@@ -14,7 +14,7 @@ Split of work:
 - The **processor** computes features with our own :class:`~emoreason.modeling.EmoReasonProcessor` one clip at a time
   (a clip's features never depend on what it is batched with); the encoders then run once per scheduled batch of
   clips, padded and masked as in training and expands each ``<audio>`` to
-  :func:`~emoreason.modeling.audio_tokens.num_audio_tokens` of the clip's length: the count the model produces.
+  :func:`~emoreason.data.audio_tokens.num_audio_tokens` of the clip's length: the count the model produces.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 
 from emoreason.data.audio import AudioError
-from emoreason.modeling.audio_tokens import SAMPLE_RATE, max_samples_for, num_audio_tokens
+from emoreason.data.audio_tokens import SAMPLE_RATE, max_samples_for, num_audio_tokens
 from emoreason.modeling.configuration_emoreason import EmoReasonConfig
 from emoreason.modeling.modeling_emoreason import EmoReasonModel, EmoReasonProjector
 from emoreason.modeling.processing_emoreason import AUDIO_TOKEN, EmoReasonProcessor

@@ -60,13 +60,15 @@ def reasoning_records(manifest: str | Path) -> tuple[list[EmotionRecord], list[E
     return records, pairs
 
 
-def warm_start(model_dir, records_file, data_root, out_dir, steps=60, lr=5e-3, batch_size=4):
-    """A few plain SFT steps on short canonical answers, so that completions end (and vary) before GRPO starts."""
+def warm_start(collator_class, model_dir, records_file, data_root, out_dir, steps=60, lr=5e-3, batch_size=4):
+    """A few plain SFT steps on short canonical answers, so that completions end (and vary) before GRPO starts.
+
+    ``collator_class``: :class:`emoreason.train.collators.SFTCollator`, passed in (this package sits beside
+    ``emoreason.train``, not above it)."""
     import random
 
     import torch
 
-    from ..data.collators import SFTCollator
     from ..modeling import load_pretrained
 
     torch.manual_seed(0)
@@ -74,7 +76,7 @@ def warm_start(model_dir, records_file, data_root, out_dir, steps=60, lr=5e-3, b
     rows = [{"id": r.id, "audio": r.audio, "instruction": r.instruction,
              "response": format_response(f"The pitch is {r.cues['pitch_level']}.", r.label)}
             for r in read_records(records_file) if r.split == "train"]
-    collate = SFTCollator(processor, data_root)
+    collate = collator_class(processor, data_root)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     rng = random.Random(0)
     model.train()
@@ -107,10 +109,11 @@ def grpo_options(out_dir, reward_funcs=("format", "accuracy"), **config) -> dict
     return options
 
 
-def run_learning_recipe(make_trainer, model_dir, records_file, data_root, out_dir, **config) -> dict:
+def run_learning_recipe(make_trainer, collator_class, model_dir, records_file, data_root, out_dir, **config) -> dict:
     """Warm start, then the learning schedule (``config`` adds to it: ``use_vllm=True, vllm_mode="colocate"`` for the
     vLLM path); the mean reward on a fixed probe of prompts is measured before and after.
 
+    ``collator_class`` as in :func:`warm_start`.
     ``make_trainer(model_dir, records_file, data_root, out_dir, n_prompts=..., **grpo_config)`` returns (an
     ``AudioGRPOTrainer`` on the first ``n_prompts`` training records, those rows), its config built with
     :func:`grpo_options`. Returns ``{"before": eval metrics, "after": eval metrics, "curve": per-step training
@@ -118,7 +121,7 @@ def run_learning_recipe(make_trainer, model_dir, records_file, data_root, out_di
     import datasets
 
     out_dir = Path(out_dir)
-    start = warm_start(model_dir, records_file, data_root, out_dir / "sft")
+    start = warm_start(collator_class, model_dir, records_file, data_root, out_dir / "sft")
     trainer, rows = make_trainer(start, records_file, data_root, out_dir, n_prompts=LEARNING_PROMPTS,
                                  **{**LEARNING_CONFIG, **config})
     probe = datasets.Dataset.from_list(rows[:LEARNING_PROBE_PROMPTS])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..modeling.audio_tokens import DEFAULT_STACK_FACTOR
+from ..data.audio_tokens import DEFAULT_STACK_FACTOR
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

@@ -22,7 +22,7 @@ import torch
 from trl import ModelConfig, ScriptArguments
 
 from ..modeling import EmoReasonForConditionalGeneration, EmoReasonProcessor, build_from_components
-from ..modeling.audio_tokens import DEFAULT_STACK_FACTOR
+from ..data.audio_tokens import DEFAULT_STACK_FACTOR
 from ..modeling.fusion import FUSION_MODES
 from ..modeling.loading import checkpoint_base, safe_load_kwargs
 from ..modeling.lora import language_model_lora_config

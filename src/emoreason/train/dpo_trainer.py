@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from trl import DPOTrainer
 
-from ..data.collators import SFTCollator
+from .collators import SFTCollator
 from .grpo_trainer import pin_reference_attention, sync_reference_adapter
 
 logger = logging.getLogger(__name__)

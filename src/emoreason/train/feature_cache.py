@@ -77,7 +77,7 @@ def _inner_model(model):
 
 # -- reading --------------------------------------------------------------------------------------------------
 class FeatureCache:
-    """Read side: clip ids -> padded tower states for :class:`~emoreason.data.collators.SFTCollator`."""
+    """Read side: clip ids -> padded tower states for :class:`~emoreason.train.collators.SFTCollator`."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)

@@ -6,7 +6,7 @@
 
 Command-line flags override the recipe. ``main`` follows the order every method shares: seed, logging, resume, data,
 model, trainer, train, save, card. Rows come from :mod:`emoreason.train.tasks` (one or many tasks, one task per
-batch), batches from :class:`emoreason.data.collators.SFTCollator` (loss on the response only), tower outputs from the
+batch), batches from :class:`emoreason.train.collators.SFTCollator` (loss on the response only), tower outputs from the
 feature cache when one matches the encoders (:mod:`emoreason.train.feature_cache`).
 """
 
@@ -25,7 +25,7 @@ import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer, TrlParser
 
-from ..data.collators import IGNORE_INDEX, FeatureAugment, SFTCollator
+from .collators import IGNORE_INDEX, FeatureAugment, SFTCollator
 from ..data.labels import EMOTIONS
 from ..modeling.loading import checkpoint_base
 from .common import (
@@ -62,7 +62,7 @@ class EmoReasonSFTConfig(SFTConfig):
     pack_batches: bool = field(
         default=False,
         metadata={"help": "padding-free batches: each batch's examples in one row, position ids restarting per example "
-                          "(emoreason.data.collators.SFTCollator(packing=True); TRL's own packing/padding_free act on "
+                          "(emoreason.train.collators.SFTCollator(packing=True); TRL's own packing/padding_free act on "
                           "datasets TRL tokenizes, not on ours). Attention stays within each example with sdpa and "
                           "eager (a block-diagonal mask: no compute saved on attention) and flash-attention (varlen); "
                           "length_group_size still orders the batches"},
@@ -92,7 +92,7 @@ class EmoReasonSFTConfig(SFTConfig):
     feature_augment: dict | str | None = field(
         default=None,
         metadata={"help": "training-time augmentation of cached tower states, drawn afresh every batch (see "
-                          "emoreason.data.collators.FeatureAugment): {crop: min fraction of frames kept, time_mask: "
+                          "emoreason.train.collators.FeatureAugment): {crop: min fraction of frames kept, time_mask: "
                           "fraction of frames masked, mask_span: frames per masked span, noise: std units, "
                           "content_dropout: probability}; YAML or a JSON string. Needs feature_cache_dir"},
     )

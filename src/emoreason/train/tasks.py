@@ -20,7 +20,7 @@ then orders the examples so that every batch holds one task, alternating on a sc
 interleave in proportion to the weights; ``weighted``: each batch's task drawn at random with those weights), and,
 within a task, clips of similar duration share a batch.
 
-The dataset rows built here (:func:`build_task_examples`) are what :class:`emoreason.data.collators.SFTCollator`
+The dataset rows built here (:func:`build_task_examples`) are what :class:`emoreason.train.collators.SFTCollator`
 consumes. GRPO builds its prompts from the records itself (``train.grpo``: the conversation of
 :mod:`emoreason.data.conversation` with the clip as an audio part) and DPO reads preference pairs (``train.dpo``).
 """

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from trl.generation.vllm_generation import VLLMGeneration, extract_logprobs
 
-from emoreason.modeling.audio_tokens import SAMPLE_RATE
+from emoreason.data.audio_tokens import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 

@@ -25,18 +25,20 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .audio import TARGET_SAMPLE_RATE
-from .conversation import build_conversation
-from .schema import resolve_under_root
+from ..data.audio import TARGET_SAMPLE_RATE
+from ..data.audio_tokens import HOP_LENGTH, MIN_SAMPLES, num_encoder_frames_from_mel
+from ..data.conversation import build_conversation
+from ..data.schema import resolve_under_root
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
 
-# Samples per 50 Hz encoder frame at 16 kHz (two 10 ms mel frames; Whisper's second convolution has stride 2).
-SAMPLES_PER_FRAME = 320
-MIN_FRAMES = 5  # 0.1 s (the processor pads shorter clips, which would change their token count)
+# Samples per 50 Hz encoder frame (two mel frames: Whisper's second convolution has stride 2), and the frames of the
+# shortest clip the processor encodes as is (it pads shorter ones, which would change their token count).
+SAMPLES_PER_FRAME = 2 * HOP_LENGTH
+MIN_FRAMES = num_encoder_frames_from_mel(MIN_SAMPLES // HOP_LENGTH)
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class FeatureAugment:
             para = para.unsqueeze(0)
         contents, paras, samples = [], [], []
         for i, n in enumerate(cached["num_samples"]):
-            frames = max(1, min(content.shape[1], (int(n) // (SAMPLES_PER_FRAME // 2) - 1) // 2 + 1))
+            frames = max(1, min(content.shape[1], num_encoder_frames_from_mel(int(n) // HOP_LENGTH)))
             c = content[i, :frames]
             p = para[:, i, : min(frames, para.shape[2])]
             keep = frames
