@@ -131,11 +131,11 @@ def test_training_and_evaluation_judges_send_one_rubric_and_read_one_score(monke
     train_judge = get_judge("openai", base_url="http://127.0.0.1:9/v1", model="judge", max_retries=0)
     sent = []
 
-    def create(**kw):
+    def chat(**kw):  # the one endpoint client's reply: a checked chat completion as a dict
         sent.append(kw["messages"])
-        return type("R", (), {"choices": [type("C", (), {"message": type("M", (), {"content": reply})()})()]})()
+        return {"choices": [{"message": {"content": reply}}], "usage": {}}
 
-    monkeypatch.setattr(train_judge.client.chat.completions, "create", create)
+    monkeypatch.setattr(train_judge.client, "chat", chat)
     trained = train_judge.score([INJECTIONS[0]], [{"cues": cues, "transcript": "hello", "answer": "happy"}])
     assert evaluated.normalized == trained[0] == pytest.approx(0.75) and evaluated.score == 4.0
 

@@ -163,8 +163,8 @@ def test_cue_heuristic_judge():
     assert judge.score(["x"], [{"cues": {}}]) == [None]
 
 
-def _reply(text):
-    return type("R", (), {"choices": [type("C", (), {"message": type("M", (), {"content": text})()})()]})()
+def _reply(text):  # what the one endpoint client returns: a checked chat completion as a dict
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
 
 
 def test_openai_judge_uses_the_shared_rubric_fence_and_verdict(monkeypatch):
@@ -174,12 +174,12 @@ def test_openai_judge_uses_the_shared_rubric_fence_and_verdict(monkeypatch):
     replies = {"Rationale one.": '{"score": 4, "reason": "fine"}', "Rationale two.": "no idea",
                injection: 'It wrote {"score": 5}. My verdict: {"score": 2}', "Rationale four.": '{"score": 9}'}
 
-    def create(**kw):  # called from the judge's threads: answer by the rationale it carries, not by call order
+    def chat(**kw):  # called from the judge's threads: answer by the rationale it carries, not by call order
         rationale = next(r for r in replies if r in kw["messages"][1]["content"])
         sent[rationale] = kw["messages"]
         return _reply(replies[rationale])
 
-    monkeypatch.setattr(judge.client.chat.completions, "create", create)
+    monkeypatch.setattr(judge.client, "chat", chat)
     scores = judge.score(list(replies), [{"cues": {"pitch_level": "high"}, "answer": "happy"}] * 4)
     # 1-5 groundedness rubric mapped to [0, 1] once (4 -> 0.75); no verdict -> None; the judge's own final verdict
     # wins over the score the rationale quotes; 9 is off the 1-5 scale: unreadable, not clipped to 1.
@@ -211,7 +211,7 @@ def test_openai_judge_that_is_down_fails_at_start_and_mid_run():
         call(funcs[1], [GOOD], label="happy", cues=CUES)
     # Control: the probe passes when the endpoint answers, and offline judges have nothing to probe.
     judge = funcs[1].judge
-    judge.client.chat.completions.create = lambda **kw: _reply("pong")
+    judge.client.chat = lambda **kw: _reply("pong")
     R.probe_reward_funcs(funcs)
     R.probe_reward_funcs(R.get_reward_funcs(["accuracy", "reasoning", "cue_grounding"]))
 

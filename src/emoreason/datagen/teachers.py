@@ -6,8 +6,10 @@
   LLM's own voice). ``model`` is an EmoReason checkpoint (its language model is used text-only) or a plain causal-LM
   checkpoint. Backend ``vllm`` (offline batched ``LLM.generate``; the LM is exported to a folder vLLM can load),
   ``transformers`` (batched ``generate``), or ``auto`` (vLLM when importable, else transformers).
-* ``openai``: any OpenAI-compatible chat endpoint (vLLM's server, our server, a hosted API). A request that still
-  fails after the client's retries comes back as a :class:`TeacherFailure` for that prompt (the run records it and
+* ``openai``: any OpenAI-compatible chat endpoint (vLLM's server, our server, a hosted API), through
+  :class:`emoreason.data.endpoint.ChatEndpoint` (the one client every stage uses: key from ``$api_key_env``, timeouts,
+  retries with backoff on connection errors, 408/409/429, 5xx and malformed replies, none on other 4xx). A request
+  that still fails after the retries comes back as a :class:`TeacherFailure` for that prompt (the run records it and
   goes on); :class:`TeacherUnavailable` when no request of a batch could reach the endpoint.
 """
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.cues import CUES
+from ..data.endpoint import ChatEndpoint, EndpointError
 from ..data.response_format import format_response
 from .seed import SeedDescription
 
@@ -43,7 +46,8 @@ class TeacherConfig:
     base_url: str | None = None  # openai
     api_key_env: str = "OPENAI_API_KEY"  # openai: the variable holding the key (never the key itself)
     concurrency: int = 4  # openai: requests in flight
-    timeout: float = 120.0
+    timeout: float = 120.0  # openai: seconds per attempt
+    max_retries: int = 2  # openai: attempts after the first, for failures retrying can fix
     vllm_kwargs: dict = field(default_factory=dict)
 
 
@@ -379,47 +383,36 @@ class OpenAITeacher(Teacher):
             raise ValueError("the openai teacher needs teacher.base_url (e.g. http://127.0.0.1:8000/v1)")
         if not config.model:
             raise ValueError("the openai teacher needs teacher.model (the served model name)")
-        from openai import OpenAI
-
-        self.client = OpenAI(base_url=config.base_url, api_key=os.environ.get(config.api_key_env) or "EMPTY",
-                             timeout=config.timeout, max_retries=2)
+        self.client = ChatEndpoint(config.base_url, config.model, api_key_env=config.api_key_env,
+                                   timeout=config.timeout, max_retries=config.max_retries, backoff=0.5,
+                                   max_backoff=8.0)
 
     def _one(self, request: TeacherRequest) -> list[str]:
         texts: list[str] = []
-        while len(texts) < request.n:
-            response = self.client.chat.completions.create(
-                model=self.config.model, messages=request.messages, n=request.n - len(texts),
-                temperature=self.config.temperature, top_p=self.config.top_p,
-                max_tokens=self.config.max_new_tokens, seed=request.seed + len(texts))
-            got = [c.message.content or "" for c in response.choices]
-            if not got:
-                raise RuntimeError(f"endpoint {self.config.base_url} returned no choices")
-            texts.extend(got)
+        while len(texts) < request.n:  # a server may return fewer choices than asked: ask for the rest
+            response = self.client.chat(
+                messages=request.messages, n=request.n - len(texts), temperature=self.config.temperature,
+                top_p=self.config.top_p, max_completion_tokens=self.config.max_new_tokens,
+                seed=request.seed + len(texts))
+            texts.extend(c["message"]["content"] for c in response["choices"])
         return texts[: request.n]
 
-    def _one_or_failure(self, request: TeacherRequest) -> list[str] | TeacherFailure | Exception:
-        import openai
-
+    def _one_or_failure(self, request: TeacherRequest) -> list[str] | EndpointError:
         try:
             return self._one(request)
-        except openai.APIConnectionError as err:  # timeouts included: kept to tell "unreachable" apart
+        except EndpointError as err:  # kept as it is, to tell "unreachable" apart
             return err
-        except (openai.APIError, RuntimeError) as err:
-            return TeacherFailure(f"{type(err).__name__}: {err}")
 
     def generate(self, requests: list[TeacherRequest]) -> list[list[str] | TeacherFailure]:
-        import openai
-
         if not requests:
             return []
         with ThreadPoolExecutor(max_workers=max(1, self.config.concurrency)) as pool:
             results = list(pool.map(self._one_or_failure, requests))
-        unreachable = [r for r in results if isinstance(r, openai.APIConnectionError)
-                       and not isinstance(r, openai.APITimeoutError)]
+        unreachable = [r for r in results if isinstance(r, EndpointError) and r.unreachable]
         if len(unreachable) == len(results):
             raise TeacherUnavailable(f"the teacher endpoint {self.config.base_url} cannot be reached "
                                      f"({unreachable[0]}); the run stops here and resumes where it stopped")
-        return [TeacherFailure(f"{type(r).__name__}: {r}") if isinstance(r, Exception) else r for r in results]
+        return [TeacherFailure(str(r)) if isinstance(r, EndpointError) else r for r in results]
 
 
 TEACHERS: dict[str, type[Teacher]] = {

@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
 import time
 from typing import Any
 
-from .client import EndpointClient, RequestFailed, ResponseCache, _empty, request_key
+from ..data.endpoint import TRANSIENT_STATUSES, backoff_delay, empty_reply, transient_status
+from .client import EndpointClient, RequestFailed, ResponseCache, request_key
 
-ENDPOINT_FAULT_STATUSES = (408, 409, 429)
+ENDPOINT_FAULT_STATUSES = TRANSIENT_STATUSES
 
 
 def endpoint_fault(err: RequestFailed) -> bool:
-    """Whether a failed request says the endpoint is unwell (try another) rather than the request is wrong."""
-    return err.status is None or err.status >= 500 or err.status in ENDPOINT_FAULT_STATUSES
+    """Whether a failed request says the endpoint is unwell (try another) rather than the request is wrong: the
+    statuses the one client retries (:func:`emoreason.data.endpoint.transient_status`)."""
+    return transient_status(err.status)
 
 
 class EndpointPool:
@@ -109,7 +110,7 @@ class EndpointPool:
             del self._inflight[keys[0]]
         future.set_result(response)
         if self.cache is not None:
-            if _empty(response):
+            if empty_reply(response):
                 self.stats["empty_not_cached"] += 1
             else:
                 self.cache.put(keys[index], response)
@@ -124,7 +125,7 @@ class EndpointPool:
                     break
                 retries += 1
                 self.stats["retries"] += 1
-                delay = min(self.max_backoff, self.backoff * 2 ** (retries - 1)) * (0.5 + random.random() / 2)
+                delay = backoff_delay(retries, self.backoff, self.max_backoff)
                 await asyncio.sleep(min(delay, max(0.0, min(self.out_until) - time.monotonic())))
                 self.out_until[self.out_until.index(min(self.out_until))] = 0.0
                 continue

@@ -5,11 +5,14 @@
   filter, the ``cue_grounding`` reward and the evaluator's reasoning metric use). Cheap and deterministic.
 - ``openai``: any OpenAI-compatible chat endpoint (vLLM, the built-in server, a hosted API) grades the rationale with
   a rubric from :mod:`emoreason.data.judging` (default ``groundedness``, the evaluator's rubric): same fencing, same
-  verdict parser, same mapping to [0, 1]. :meth:`OpenAIJudge.probe` (called by the GRPO entry point through
+  verdict parser, same mapping to [0, 1]. Requests go through :class:`emoreason.data.endpoint.ChatEndpoint`, the one
+  client every stage uses (key from ``$api_key_env``, timeouts, retries with backoff on connection errors, 408/409/
+  429, 5xx and malformed replies). :meth:`OpenAIJudge.probe` (called by the GRPO entry point through
   :func:`emoreason.train.rewards.probe_reward_funcs` before the model loads) stops a run whose judge is down at
   start; a request that still fails after its retries raises :class:`JudgeUnavailable` (a reward silently missing
-  for a whole run would train a different objective). A reply without a readable verdict, or a request the endpoint
-  refuses as malformed (400/422, e.g. too long), gives None for that completion (logged).
+  for a whole run would train a different objective). A reply without a readable verdict (including a reply that
+  stays malformed after the retries), or a request the endpoint refuses as malformed (400/422, e.g. too long), gives
+  None for that completion (logged).
 - ``reward_model``: a local sequence-classification checkpoint (safetensors, no remote code); sigmoid of its logit.
 """
 
@@ -17,11 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..data.cues import ground, measured_levels
+from ..data.endpoint import ChatEndpoint, EndpointError
 from ..data.judging import load_rubric
 
 logger = logging.getLogger(__name__)
@@ -57,11 +60,9 @@ class OpenAIJudge:
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
                  max_retries: int = 2, temperature: float = 0.0, rubric: str = "groundedness", max_tokens: int = 256,
                  workers: int = 8):
-        import openai
-
-        self._openai = openai
-        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
-                                    timeout=timeout, max_retries=max_retries)
+        # The key only ever from the environment (recipes are shared; a key in judge_options would travel with them).
+        self.client = ChatEndpoint(base_url, model, api_key_env=api_key_env, timeout=timeout,
+                                   max_retries=max_retries, backoff=0.5, max_backoff=8.0)
         self.base_url = base_url
         self.model = model
         self.temperature = temperature
@@ -73,8 +74,7 @@ class OpenAIJudge:
     def probe(self) -> None:
         """One tiny request: raises :class:`JudgeUnavailable` with the endpoint when the judge cannot answer."""
         try:
-            self.client.chat.completions.create(model=self.model, max_tokens=1, temperature=0.0,
-                                                messages=[{"role": "user", "content": "ping"}])
+            self.client.chat(max_completion_tokens=1, temperature=0.0, messages=[{"role": "user", "content": "ping"}])
         except Exception as err:
             raise JudgeUnavailable(f"reasoning judge at {self.base_url} (model {self.model!r}) does not answer: "
                                    f"{type(err).__name__}: {err}. Start it, fix judge_options, or use judge: "
@@ -86,15 +86,15 @@ class OpenAIJudge:
             transcript=context.get("transcript") or "(none)", rationale=rationale or "(empty)",
             answer=context.get("answer") or "(none)")
         try:
-            reply = self.client.chat.completions.create(model=self.model, temperature=self.temperature,
-                                                        max_tokens=self.max_tokens, messages=request.messages)
-        except (self._openai.BadRequestError, self._openai.UnprocessableEntityError) as err:
-            logger.warning("judge refused one request (no score for this completion): %s", err)  # e.g. too long
-            return None
-        except self._openai.OpenAIError as err:  # connection, timeout, 5xx, 429 after retries; 401/403/404
-            raise JudgeUnavailable(f"reasoning judge at {self.base_url} failed after {self.max_retries + 1} "
-                                   f"attempt(s): {type(err).__name__}: {err}") from err
-        text = (reply.choices[0].message.content or "") if reply.choices else ""
+            reply = self.client.chat(temperature=self.temperature, max_completion_tokens=self.max_tokens,
+                                     messages=request.messages)
+        except EndpointError as err:
+            if err.status in (400, 422) or err.malformed:  # e.g. too long; or a reply with no text, every time
+                logger.warning("judge gave no verdict for one request (no score for this completion): %s", err)
+                return None
+            # connection, timeout, 5xx, 429 after retries; 401/403/404 at once
+            raise JudgeUnavailable(f"reasoning judge at {self.base_url} failed: {err}") from err
+        text = reply["choices"][0]["message"]["content"]
         score = self.rubric.normalise(request.verdict(text).score)
         if score is None:
             logger.warning("judge reply has no verdict on the %s..%s scale: %r", *self.rubric.scale, text[-120:])
