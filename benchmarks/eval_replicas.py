@@ -17,57 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from emoreason.testing.server import ServeProcess, stop_all
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_throughput import make_clips, messages  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_replica(model_dir: str, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "emoreason.cli", "serve", "--model", str(model_dir), "--served-model-name", "tiny",
-           "--host", "127.0.0.1", "--port", str(port), "--num-threads", "1"]
-    log = open(log_path, "w")  # noqa: SIM115 (closed with the process)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"replica exited ({proc.returncode}); log:\n{log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"replica at {url} not healthy after {timeout:.0f} s")
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def measure(urls: list[str], clips: list[dict], max_tokens: int, concurrency: int) -> tuple[float, dict]:
@@ -97,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args(argv)
 
-    procs: list[subprocess.Popen] = []
+    servers: list[ServeProcess] = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
@@ -105,14 +63,12 @@ def main(argv: list[str] | None = None) -> int:
 
             model_dir = build_tiny_model(Path(tmp) / "tiny")
         try:
-            urls = []
-            for i in range(max(args.replicas)):
-                proc, url = start_replica(model_dir, Path(tmp) / f"replica{i}.log")
-                procs.append(proc)
-                urls.append(url)
-            for i, (proc, url) in enumerate(zip(procs, urls)):
-                wait_healthy(url, proc, Path(tmp) / f"replica{i}.log")
-            base = [u + "/v1" for u in urls]
+            for i in range(max(args.replicas)):  # all started at once, then waited for: their loads overlap
+                servers.append(ServeProcess(model_dir, "tiny", log=Path(tmp) / f"replica{i}.log", num_threads=1,
+                                            health_timeout=300).launch())
+            for server in servers:
+                server.wait_healthy()
+            base = [server.url for server in servers]
             clips = make_clips(args.items)
             seconds = {n: 0.0 for n in args.replicas}
             spread = {}
@@ -122,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "endpoints" in stats:
                     spread[n] = [e["answered"] for e in stats["endpoints"].values()]
         finally:
-            stop(procs)
+            stop_all(servers)
     rates = {n: 2 * args.items / s for n, s in seconds.items()}
     print(f"built-in server replicas (tiny model, 1 torch thread each, loopback), {args.items} items x 2 passes, "
           f"max_tokens={args.max_tokens}, {args.concurrency} in flight per replica, {os.cpu_count()} CPU(s)")

@@ -12,14 +12,14 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..testing.server import ServeProcess, ServerFailed
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -87,12 +87,6 @@ def _worth_showing(line: str) -> bool:
     return bool(line.strip()) and not any(q in line for q in quiet)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_stages(stages: list[Stage], ctx: DemoContext, force: str | None = None,
                until: str | None = None) -> dict[str, dict]:
     markers = ctx.out / ".stages"
@@ -137,44 +131,27 @@ def run_stages(stages: list[Stage], ctx: DemoContext, force: str | None = None,
 
 
 class Server:
-    """The built-in server on loopback for the evaluation stage; stopped on exit whatever happens."""
+    """The built-in server on loopback for the evaluation stage (:class:`emoreason.testing.server.ServeProcess`);
+    stopped on exit whatever happens."""
 
     def __init__(self, ctx: DemoContext, model: Path, name: str):
         self.ctx, self.model, self.name = ctx, model, name
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
+        # one generation thread leaves the other core to the evaluator's client
+        self.process = ServeProcess(model, name, log=ctx.out / "logs" / "server.log", cwd=ctx.repo, num_threads=1,
+                                    health_timeout=180, stop_timeout=20)
+        self.port = self.process.port
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return self.process.url
 
     def __enter__(self) -> Server:
-        import urllib.request
-
-        log = open(self.ctx.out / "logs" / "server.log", "a", encoding="utf-8")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "emoreason.cli", "serve", "--model", str(self.model), "--served-model-name",
-               self.name, "--host", "127.0.0.1", "--port", str(self.port),
-               # one generation thread leaves the other core to the evaluator's client
-               "--num-threads", "1"]
-        print(f"  $ {shlex.join(cmd)}", flush=True)
-        self.proc = subprocess.Popen(cmd, cwd=self.ctx.repo, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise StageFailed(f"server exited with status {self.proc.returncode}; log: {log.name}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                time.sleep(1)
-        raise StageFailed(f"server did not become healthy in 180 s; log: {log.name}")
+        print(f"  $ {shlex.join(self.process.command)}", flush=True)
+        try:
+            self.process.start()
+        except ServerFailed as err:
+            raise StageFailed(str(err)) from None
+        return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.process.stop()

@@ -18,15 +18,15 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .server import ServeProcess, ServerFailed
 
 METHODS = ("sft", "grpo", "dpo")
 # What a chain may override; anything else reaches the trainer as the recipe wrote it.
@@ -82,12 +82,6 @@ class StageResult:
 
 class StageFailed(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def head_records(src: str | Path, dst: str | Path, n: int) -> Path:
@@ -251,37 +245,17 @@ class Chain:
     def server(self, model: Path, name: str, api_key: str | None = None,
                health_timeout: float = 240) -> Iterator[str]:
         """``emoreason serve`` (the built-in server) on a free loopback port; yields its /v1 URL; always stopped."""
-        port = free_port()
-        log = open(self.work / "logs" / f"serve-{name}.log", "w", encoding="utf-8")  # noqa: SIM115
-        cmd = [self.python, "-m", "emoreason.cli", "serve", "--model", str(model), "--served-model-name", name,
-               "--host", "127.0.0.1", "--port", str(port), "--num-threads", "1",
-               *(["--api-key", api_key] if api_key else [])]
-        proc = subprocess.Popen(cmd, cwd=self.repo, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        server = ServeProcess(model, name, log=self.work / "logs" / f"serve-{name}.log", python=self.python,
+                              cwd=self.repo, env=self.env, api_key=api_key, num_threads=1,
+                              health_timeout=health_timeout)
         try:
-            deadline = time.time() + health_timeout
-            while True:
-                if proc.poll() is not None:
-                    raise StageFailed(f"serve {name} exited with status {proc.returncode}; log {log.name}")
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.time() > deadline:
-                    raise StageFailed(f"serve {name}: not healthy in {health_timeout:.0f} s; log {log.name}")
-                time.sleep(0.5)
-            yield f"http://127.0.0.1:{port}/v1"
+            server.start()
+        except ServerFailed as err:
+            raise StageFailed(str(err)) from None
+        try:
+            yield server.url
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            log.close()
+            server.stop()
 
     def evaluate(self, suite: str | Path, url: str, name: str, limit: int, max_tokens: int,
                  strategies: Sequence[str], api_key: str | None = None) -> StageResult:
