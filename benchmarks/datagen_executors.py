@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def config(out: Path, corpus: Path, executor: str, cpus: int):
-    from emoreason.datagen.pipeline import load_config
+    from emoreason.datagen.config import load_config
 
     return load_config(REPO / "data_gen" / "configs" / "synthetic.yaml", [
         f"corpus.options.manifest={json.dumps(str(corpus))}", f"corpus.root={json.dumps(str(corpus.parent))}",
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from emoreason.datagen import executors
+    from emoreason.datagen import pipeline
     from emoreason.testing.synth_corpus import synthesize
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, executor in enumerate(("local", "ray", "ray", "local")):
                 out = Path(tmp) / f"{executor}-{i}"
                 start = time.perf_counter()
-                summary = executors.run(config(out, corpus, executor, args.cpus))
+                summary = pipeline.run(config(out, corpus, executor, args.cpus))
                 seconds[executor] += time.perf_counter() - start
                 assert summary["complete"] and summary["inputs"] == clips
             same = all((Path(tmp) / "local-0" / name).read_bytes() == (Path(tmp) / "ray-1" / name).read_bytes()

@@ -19,7 +19,8 @@ from emoreason.data.response_format import parse_response
 from emoreason.data.schema import EmotionRecord, Vote, read_records
 from emoreason.datagen.cli import main as datagen_main
 from emoreason.datagen.filters import FilterConfig, contradictions, run_filters
-from emoreason.datagen.pipeline import ConfigError, load_config, read_outputs
+from emoreason.datagen.config import ConfigError, load_config
+from emoreason.datagen.pipeline import read_outputs
 from emoreason.datagen.seed import load_pool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -373,7 +374,7 @@ def test_every_shipped_config_parses_and_names_real_adapter_options(path):
     import inspect
 
     from emoreason.data.corpora import get_adapter
-    from emoreason.datagen.pipeline import resolve_input
+    from emoreason.datagen.config import resolve_input
     from emoreason.datagen.teachers import TEACHERS
 
     cfg = load_config(path)

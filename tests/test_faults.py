@@ -395,7 +395,7 @@ def test_teacher_request_failures_are_recorded_per_record_and_the_run_goes_on(sy
 _POOL_SCRIPT = textwrap.dedent("""
     import sys, time
     from concurrent.futures import ProcessPoolExecutor
-    from emoreason.datagen.pipeline import worker_pool
+    from emoreason.datagen.executors import worker_pool
     import os
     pool = worker_pool(2) if sys.argv[1] == "ours" else ProcessPoolExecutor(max_workers=2)
     futures = [pool.submit(time.sleep, 120) for _ in range(2)]
@@ -435,36 +435,40 @@ def test_acoustic_pool_workers_exit_with_their_parent(pool):
 
 # -- issue 16 item 5: datagen workers share acoustic work, the teacher export is atomic, shards fill vLLM ----------
 def test_acoustic_analysis_is_split_between_datagen_workers(synth_corpus, tmp_path, monkeypatch):
-    from emoreason.datagen import pipeline
-    from emoreason.datagen.pipeline import acoustic_order, analyze_corpus, load_config
+    from emoreason.datagen import acoustic_phase
+    from emoreason.datagen.acoustic_phase import AnalysisLimits, acoustic_order, analyze_corpus, analyze_shard
+    from emoreason.datagen.config import load_config
+    from emoreason.datagen.executors import LocalExecutor
+    from emoreason.datagen.run_files import fixed_plan
 
     assert acoustic_order(6, 2, 1) == [1, 3, 5, 4, 2, 0]
     records = read_records(synth_corpus)[:24]
     analysed = []
-    real = pipeline._analyze_one
-    monkeypatch.setattr(pipeline, "_analyze_one", lambda record, *a: analysed.append(record.id) or real(record, *a))
+    real = acoustic_phase.analyze_clip
+    monkeypatch.setattr(acoustic_phase, "analyze_clip",
+                        lambda record, *a: analysed.append(record.id) or real(record, *a))
     out = tmp_path / "run"
     out.mkdir()
     cfg = load_config(CONFIG, ["acoustic.shard_size=4", "num_workers=2", "worker_index=0", "progress=false"])
     # Worker 1 already finished its share (shards 1, 3, 5): worker 0 analyses only its own.
     cfg1 = load_config(CONFIG, ["acoustic.shard_size=4", "num_workers=2", "worker_index=1", "progress=false"])
     shards = [[r.id for r in records[i:i + 4]] for i in range(0, 24, 4)]
-    pipeline._plan(out, "acoustic", shards)
+    fixed_plan(out, "acoustic", shards)
     (out / "acoustic").mkdir()
-    limits = pipeline._AnalysisLimits(60.0, 500.0, 30.0, 0.1, -60.0)
+    limits = AnalysisLimits(60.0, 500.0, 30.0, 0.1, -60.0)
     by_id = {r.id: r for r in records}
     for index in (1, 3, 5):
-        pipeline._analyze_shard((index, [by_id[i] for i in shards[index]], str(synth_corpus.parent), limits,
-                                 out / "acoustic"))
+        analyze_shard((index, [by_id[i] for i in shards[index]], str(synth_corpus.parent), limits,
+                       out / "acoustic"))
     analysed.clear()
-    results = analyze_corpus(records, synth_corpus.parent, out, cfg)
+    results = analyze_corpus(records, synth_corpus.parent, out, cfg, LocalExecutor())
     assert sorted(analysed) == sorted(i for s in (0, 2, 4) for i in shards[s])
     assert set(results) == {r.id for r in records}
     # A lone worker (the other never came) completes the run: its share first, then the rest from the far end.
     lone = tmp_path / "lone"
     lone.mkdir()
     analysed.clear()
-    assert set(analyze_corpus(records, synth_corpus.parent, lone, cfg1)) == {r.id for r in records}
+    assert set(analyze_corpus(records, synth_corpus.parent, lone, cfg1, LocalExecutor())) == {r.id for r in records}
     assert analysed == [i for s in (1, 3, 5, 4, 2, 0) for i in shards[s]]
 
 
@@ -505,7 +509,7 @@ def test_teacher_export_is_atomic_under_racing_workers(tiny_model_dir, tmp_path,
 
 
 def test_generation_shards_are_sized_for_vllm_batches():
-    from emoreason.datagen.pipeline import DatagenConfig, load_config
+    from emoreason.datagen.config import DatagenConfig, load_config
 
     cfg = DatagenConfig()
     assert cfg.shard_size >= 512 and cfg.acoustic.shard_size == 64

@@ -19,9 +19,10 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray")
 
-from emoreason.datagen import executors  # noqa: E402
-from emoreason.datagen.pipeline import ConfigError, load_config, read_outputs  # noqa: E402
-from emoreason.datagen.ray_executor import KILL_ONCE_ENV  # noqa: E402
+from emoreason.datagen import executors, pipeline  # noqa: E402
+from emoreason.datagen.config import EXECUTOR_NAMES, ConfigError, load_config  # noqa: E402
+from emoreason.datagen.faults import KILL_ONCE_ENV  # noqa: E402
+from emoreason.datagen.pipeline import read_outputs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "data_gen" / "configs" / "synthetic.yaml"
@@ -78,11 +79,11 @@ def _assert_same_outputs(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def local_run(synth_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("datagen-local")
-    executors.run(_config(out, synth_corpus))
+    pipeline.run(_config(out, synth_corpus))
     return out
 
 
-def test_executor_settings_are_checked():
+def test_executor_settings_are_checked(monkeypatch):
     with pytest.raises(ConfigError, match="executor must be one of"):
         load_config(CONFIG, ["executor=dask"])
     with pytest.raises(ConfigError, match="leave num_workers at 1"):
@@ -91,10 +92,14 @@ def test_executor_settings_are_checked():
         load_config(CONFIG, ["executor=ray", "dedup_scope=run"])
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(CONFIG, ["ray.workers=3"])
-    from emoreason.datagen.pipeline import run
+    assert set(executors.EXECUTORS) == set(EXECUTOR_NAMES)
 
-    with pytest.raises(ConfigError, match="executors.run"):  # pipeline.run alone would silently run locally
-        run(load_config(CONFIG, ["executor=ray"]))
+    def ray_stand_in(cfg):
+        raise RuntimeError("the ray executor was opened")
+
+    monkeypatch.setitem(executors.EXECUTORS, "ray", ray_stand_in)
+    with pytest.raises(RuntimeError, match="ray executor was opened"):  # pipeline.run never falls back to local
+        pipeline.run(load_config(CONFIG, ["executor=ray"]))
 
 
 def test_vllm_processor_config_for_n_engines():
@@ -169,7 +174,7 @@ def test_a_local_ray_started_by_the_executor_listens_on_loopback_only(tmp_path, 
     """Runs before the module's cluster exists: the executor starts (and stops) its own local Ray."""
     from ray._private import ray_constants
 
-    from emoreason.datagen.pipeline import DatagenConfig
+    from emoreason.datagen.config import DatagenConfig
     from emoreason.datagen.ray_executor import RayExecutor
 
     assert not ray.is_initialized()
@@ -195,7 +200,7 @@ def test_cluster_has_three_nodes_all_on_loopback(ray_cluster):
 @pytest.mark.slow
 def test_ray_executor_writes_what_the_local_executor_writes(ray_cluster, local_run, synth_corpus, tmp_path):
     out = tmp_path / "ray"
-    summary = executors.run(_config(out, synth_corpus, executor="ray"))
+    summary = pipeline.run(_config(out, synth_corpus, executor="ray"))
     assert summary["complete"] and summary["inputs"] == 40 and summary["kept"] > 30 and summary["pairs"] > 30
     _assert_same_outputs(local_run, out)
 
@@ -206,7 +211,7 @@ def test_a_killed_actor_is_retried_and_nothing_is_lost_or_duplicated(ray_cluster
     out = tmp_path / "ray-killed"
     # SIGKILL an acoustic actor at its 20th clip and a teacher actor at its 5th record, once each
     monkeypatch.setenv(KILL_ONCE_ENV, "acoustic:20,generate:5")
-    summary = executors.run(_config(out, synth_corpus, executor="ray"))
+    summary = pipeline.run(_config(out, synth_corpus, executor="ray"))
     kills = {phase: json.loads((out / f"ray-killed-{phase}").read_text()) for phase in ("acoustic", "generate")}
     assert kills["acoustic"]["count"] == 20 and kills["generate"]["count"] == 5
     outputs = read_outputs(out)
@@ -239,7 +244,7 @@ def test_a_restart_skips_finished_shards_of_either_executor(ray_cluster, local_r
     (out / "calibration.json").unlink()
     kept = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*.jsonl")}
     kept.update({p: p.stat().st_mtime_ns for p in (out / "acoustic").glob("*.jsonl")})
-    executors.run(_config(out, synth_corpus, executor="ray"))
+    pipeline.run(_config(out, synth_corpus, executor="ray"))
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in kept.items())  # finished shards were not redone
     _assert_same_outputs(local_run, out)
 
@@ -280,7 +285,6 @@ def test_processor_rounds_give_what_one_teacher_call_per_shard_gives(ray_cluster
                                                                      monkeypatch):
     """The self teacher's Ray path (replay the shards, ask the processor what they miss, again) against the local
     executor with a teacher answering the same function of (prompt, seed) in place: the same outputs."""
-    from emoreason.datagen import pipeline
     from emoreason.datagen.ray_executor import ProcessorGeneration, RayExecutor
 
     import sys
@@ -290,7 +294,7 @@ def test_processor_rounds_give_what_one_teacher_call_per_shard_gives(ray_cluster
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     monkeypatch.setattr(pipeline, "get_teacher", lambda config, work_dir=None: EchoTeacher(config))
     local = tmp_path / "local"
-    executors.run(_config(local, synth_corpus, "teacher.num_samples=2"))
+    pipeline.run(_config(local, synth_corpus, "teacher.num_samples=2"))
     out = tmp_path / "processor"
     cfg = _config(out, synth_corpus, "teacher.num_samples=2", executor="ray")
     rounds = []
@@ -321,9 +325,9 @@ def test_openai_teacher_from_actors_gives_what_the_local_run_gives(ray_cluster, 
     with BackgroundServer(app) as server:
         teacher = ["teacher.name=openai", "teacher.model=served", f"teacher.base_url={server.url}/v1",
                    "teacher.concurrency=4", "limit=24"]
-        executors.run(_config(tmp_path / "local", synth_corpus, *teacher))
+        pipeline.run(_config(tmp_path / "local", synth_corpus, *teacher))
         local_hits = app.state.hits
-        summary = executors.run(_config(tmp_path / "ray", synth_corpus, *teacher, executor="ray"))
+        summary = pipeline.run(_config(tmp_path / "ray", synth_corpus, *teacher, executor="ray"))
     assert summary["kept"] > 0 and summary["pairs"] > 0 and summary["teacher_failures"] == 0
     assert app.state.hits == 2 * local_hits
     _assert_same_outputs(tmp_path / "local", tmp_path / "ray")
@@ -336,8 +340,8 @@ def test_self_teacher_with_transformers_in_an_actor_pool(ray_cluster, synth_corp
     teacher = ["teacher.name=self", f"teacher.model={json.dumps(str(tiny_model_dir))}", "teacher.backend=transformers",
                "teacher.device=cpu", "teacher.temperature=0", "teacher.num_samples=1", "teacher.max_new_tokens=12",
                "limit=6", "shard_size=3"]
-    executors.run(_config(tmp_path / "local", synth_corpus, *teacher))
-    summary = executors.run(_config(tmp_path / "ray", synth_corpus, *teacher, executor="ray"))
+    pipeline.run(_config(tmp_path / "local", synth_corpus, *teacher))
+    summary = pipeline.run(_config(tmp_path / "ray", synth_corpus, *teacher, executor="ray"))
     assert summary["inputs"] == 6 and summary["shards"] == 2
     rejected = read_outputs(tmp_path / "ray")["rejected"]
     assert rejected and all(r["text"] is not None for r in rejected if r["sample"] is not None)
@@ -356,5 +360,5 @@ def test_an_unreachable_teacher_stops_the_run_as_locally(ray_cluster, synth_corp
     teacher = ["teacher.name=openai", "teacher.model=served", f"teacher.base_url=http://{LOOPBACK}:{port}/v1",
                "teacher.timeout=5", "limit=8"]
     with pytest.raises(TeacherUnavailable, match="cannot be reached"):
-        executors.run(_config(tmp_path / "ray", synth_corpus, *teacher, executor="ray"))
+        pipeline.run(_config(tmp_path / "ray", synth_corpus, *teacher, executor="ray"))
     assert not (tmp_path / "ray" / "summary.json").exists() and (tmp_path / "ray" / "acoustic").is_dir()

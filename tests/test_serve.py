@@ -372,7 +372,7 @@ NO_SPEECH = {
 def test_silent_and_too_short_clips_are_refused_by_the_rule_datagen_uses(client, tmp_path, name):
     from emoreason.data.schema import EmotionRecord
     from emoreason.datagen.acoustic import MIN_VOICED_SECONDS, SILENCE_FLOOR_DBFS
-    from emoreason.datagen.pipeline import _AnalysisLimits, _analyze_one
+    from emoreason.datagen.acoustic_phase import AnalysisLimits, analyze_clip
 
     data, reason = NO_SPEECH[name]
     part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": "wav"}}
@@ -380,8 +380,8 @@ def test_silent_and_too_short_clips_are_refused_by_the_rule_datagen_uses(client,
         client.chat.completions.create(model=MODEL, messages=audio_message(part), max_tokens=2)
     (tmp_path / "clip.wav").write_bytes(data)
     record = EmotionRecord(id=name, audio="clip.wav", duration=1.0, corpus="c", label="happy")
-    limits = _AnalysisLimits(60.0, 500.0, 30.0, MIN_VOICED_SECONDS, SILENCE_FLOOR_DBFS)
-    datagen_reason = _analyze_one(record, str(tmp_path), limits)["reason"]
+    limits = AnalysisLimits(60.0, 500.0, 30.0, MIN_VOICED_SECONDS, SILENCE_FLOOR_DBFS)
+    datagen_reason = analyze_clip(record, str(tmp_path), limits)["reason"]
     assert datagen_reason.split(": ", 1)[1] in str(refused.value)  # one rule, one reason, both stages
 
 

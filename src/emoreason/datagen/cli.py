@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..data.corpora import CorpusError
     from ..data.schema import RecordError
-    from .executors import run
-    from .pipeline import ConfigError, load_config
+    from .config import ConfigError, load_config
+    from .pipeline import run
     from .teachers import TeacherUnavailable
 
     overrides = []

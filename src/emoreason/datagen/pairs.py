@@ -9,6 +9,7 @@ seed descriptions. Each rejected response records its kind:
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from ..data.response_format import parse_response
 from ..data.schema import EmotionRecord
 from .filters import allowed_answers, normalise
 from .seed import PromptTemplate, SeedDescription, answer_format, hallucinate_cue, spurious_detail
-from .teachers import TeacherRequest
+from .teachers import TeacherFailure, TeacherRequest
 
 PAIR_KINDS = ("hallucinated_cue", "wrong_emotion", "spurious_cue")
 
@@ -89,3 +90,36 @@ def accept_rejected(kind: str, text: str, chosen: str, record: EmotionRecord, cu
     if normalise(text) == normalise(chosen):
         return "same_as_chosen"
     return None
+
+
+def pair_lines(kept: list[EmotionRecord], jobs: list[tuple[EmotionRecord, PairRequest]],
+               outputs: list[list[str] | TeacherFailure], rejected: list[dict]) -> list[dict]:
+    """DPO lines for the kept records from the teacher's ``outputs`` for their pair ``jobs``: a record with at least
+    one usable negative gets a line (``meta["rejected"]``; the unusable ones in ``meta["unusable_negatives"]``). A
+    negative whose teacher request failed is also listed in ``rejected``."""
+    rejected_by_record: dict[str, list[dict]] = {}
+    failures: dict[str, list[dict]] = {}
+    for (record, job), answer in zip(jobs, outputs):
+        entry = {"text": None, "kind": job.kind, "detail": job.detail}
+        if isinstance(answer, TeacherFailure):
+            failures.setdefault(record.id, []).append({**entry, "unusable": f"teacher_error: {answer.reason}"})
+            rejected.append({"id": record.id, "sample": None, "reason": "teacher_error", "detail": answer.reason,
+                             "text": None, "outcome": f"no_{job.kind}_negative"})
+            continue
+        text = answer[0] if answer else ""
+        problem = accept_rejected(job.kind, text, record.response or "", record, record.cues)
+        entry["text"] = text
+        if problem:
+            failures.setdefault(record.id, []).append({**entry, "unusable": problem})
+        else:
+            rejected_by_record.setdefault(record.id, []).append(entry)
+    lines = []
+    for record in kept:
+        if record.id in rejected_by_record:
+            meta = {**record.meta, "rejected": rejected_by_record[record.id]}
+            if record.id in failures:
+                meta["unusable_negatives"] = failures[record.id]
+            lines.append(dataclasses.replace(record, meta=meta).to_dict())
+    return lines
+
+

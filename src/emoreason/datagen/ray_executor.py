@@ -1,12 +1,12 @@
 """The Ray executor (``executor: ray``): both passes of a datagen run as Ray Data pipelines on a cluster.
 
 The run itself stays in pipeline.py (plan, calibration, shard files, resume, teacher-failure retries, merge); this
-module only says where shards are computed, through the two methods of pipeline.LocalExecutor:
+module only says where shards are computed, through the two methods of executors.LocalExecutor:
 
 * acoustic pass: a dataset of the missing acoustic shards, ``map_batches`` over a pool of CPU actors (one shard per
-  batch, the same ``_analyze_one`` per clip as the local executor);
+  batch, the same ``acoustic_phase.analyze_clip`` per clip as the local executor);
 * teacher pass: a dataset of the missing generation shards over a pool of teacher actors, each holding a
-  ``pipeline.Generator`` with its own teacher (template; openai: a shard's requests concurrently from each actor;
+  ``generation.Generator`` with its own teacher (template; openai: a shard's requests concurrently from each actor;
   self with transformers: the model loaded once per actor, on a GPU with ``ray.teacher_gpus``). The ``self`` teacher
   goes through Ray Data's vLLM processor instead (``ray.data.llm.build_processor``) where vLLM is installed: see
   :class:`ProcessorGeneration`.
@@ -25,52 +25,19 @@ import hashlib
 import json
 import logging
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
 from ..data.schema import EmotionRecord
-from .pipeline import DatagenConfig, Generator, _analyze_one
+from .acoustic_phase import analyze_clip
+from .config import DatagenConfig
+from .faults import KILL_ONCE_ENV, KillOnce
+from .generation import Generator
 from .ray_config import RayConfig
+from .run_files import atomic_text, jsonl_text
 from .teachers import TeacherFailure, TeacherRequest, TeacherUnavailable, get_teacher
 
 logger = logging.getLogger(__name__)
-KILL_ONCE_ENV = "EMOREASON_DATAGEN_RAY_KILL_ONCE"  # "<phase>:<n>[,<phase>:<n>]": fault tests of the Ray executor
-
-
-class KillOnce:
-    """Test hook: SIGKILL the actor's process at its n-th item of a phase, once per run (a marker file in the run's
-    folder records the kill), so that the task Ray retries afterwards completes."""
-
-    def __init__(self, spec: str, phase: str, marker_dir: str):
-        limits = dict(part.split(":", 1) for part in spec.split(",") if ":" in part)
-        self.limit = int(limits[phase]) if limits.get(phase, "").isdigit() else None
-        self.marker = Path(marker_dir) / f"ray-killed-{phase}"
-        self.count = 0
-
-    def tick(self, item: str = "") -> None:
-        if self.limit is None:
-            return
-        self.count += 1
-        if self.count < self.limit:
-            return
-        try:
-            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.write(fd, json.dumps({"pid": os.getpid(), "item": item, "count": self.count}).encode())
-        os.close(fd)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # -- actors (constructed by Ray Data in worker processes) -------------------------------------------------------
@@ -91,9 +58,9 @@ class AcousticActor:
             records, root, limits = self.jobs[int(index)]
             rows = []
             for record in records:
-                rows.append(_analyze_one(record, root, limits))
+                rows.append(analyze_clip(record, root, limits))
                 self.hook.tick(record.id)
-            texts.append(_jsonl(rows))
+            texts.append(jsonl_text(rows))
         return {"index": batch["index"], "text": np.array(texts, dtype=object)}
 
 
@@ -150,7 +117,7 @@ def keep_on_loopback() -> None:
 
 
 class RayExecutor:
-    """``analyze`` and ``generate`` of pipeline.LocalExecutor, on Ray. Use as a context manager: it connects to
+    """``analyze`` and ``generate`` of executors.LocalExecutor, on Ray. Use as a context manager: it connects to
     ``config.address`` (or starts a local Ray on 127.0.0.1) unless Ray is already initialised in this process, and
     disconnects what it connected."""
 
@@ -204,7 +171,7 @@ class RayExecutor:
                 "jobs_ref": [jobs_ref], "kill_spec": self.kill_spec, "marker_dir": self.marker_dir})
         for row in ds.iter_rows():
             index, text = int(row["index"]), row["text"]
-            _atomic_text(shard_dir / f"{index:05d}.jsonl", text)
+            atomic_text(shard_dir / f"{index:05d}.jsonl", text)
             yield index, [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def generate(self, generator: Generator, jobs: list[tuple[int, list[EmotionRecord]]]):
