@@ -441,6 +441,29 @@ def test_workers_share_a_run_and_the_last_one_merges(synth_corpus, tmp_path):
         load_config(CONFIG, ["num_workers=2", "worker_index=2"])
 
 
+@pytest.mark.parametrize("response", [
+    "<think>\nThe pitch is high and the voice is loud.\n</think>\n<answer>angry</answer>",
+    "<think>The pitch is high.</think><answer>angry</answer>\n<think>an unclosed afterthought",
+    "<think>At first. <think>The pitch is high.</think><answer>angry</answer>",
+])
+def test_a_resumed_run_remembers_a_kept_rationale_as_the_filters_read_it(response):
+    """``dedup_scope: run`` on a restart: the kept rationales of finished shards count as seen under the hash the
+    duplicate filter gave them, so a resumed run rejects what the uninterrupted run would. The run used to split
+    ``<think>`` by hand (after the last ``<think>``, up to the first ``</think>``), which read the last two
+    (valid) responses differently from the filters."""
+    from types import SimpleNamespace
+
+    from emoreason.data.response_format import parse_response
+    from emoreason.datagen.filters import think_hash
+    from emoreason.datagen.generation import Generator
+
+    parsed = parse_response(response, strict=True)
+    assert parsed.valid
+    resumed = SimpleNamespace(seen=set())
+    Generator.remember_kept(resumed, response)
+    assert resumed.seen == {think_hash(parsed.think)}
+
+
 def test_tiny_backbone_served_over_an_openai_endpoint_as_teacher(synth_corpus, tiny, tmp_path, monkeypatch):
     """The self-generation path through a server: our transformers server hosts the tiny checkpoint, the openai
     teacher calls it (API key from the named environment variable), and the filters judge what comes back."""

@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import __version__
 from ..data.labels import entropy, multi_label
+from ..data.response_format import parse_response
 from ..data.schema import EmotionRecord
 from .acoustic import Calibration
 from .config import DatagenConfig, resolve_input
@@ -133,8 +134,8 @@ class Generator:
         return pair_lines([record for record, *_ in kept], jobs, outputs, rejected)
 
     def remember_kept(self, response: str) -> None:
-        """Count a kept rationale of an earlier start as seen (``dedup_scope: run``)."""
-        self.seen.add(think_hash(response.split("<think>")[-1].split("</think>")[0].strip()))
+        """Count a kept rationale of an earlier start as seen (``dedup_scope: run``), read as the filters read it."""
+        self.seen.add(think_hash(parse_response(response, strict=True).think or ""))
 
 
 def teacher_chat(record: EmotionRecord, prompt: str, response: str) -> dict:
