@@ -105,7 +105,7 @@ def test_executor_settings_are_checked(monkeypatch):
 def test_vllm_processor_config_for_n_engines():
     pytest.importorskip("ray.data.llm")
     from emoreason.datagen.ray_config import RayConfig
-    from emoreason.datagen.ray_executor import processor_config, sampling_rows
+    from emoreason.datagen.ray_vllm_processor import processor_config, sampling_rows
     from emoreason.datagen.teachers import TeacherConfig
 
     teacher = TeacherConfig(name="self", model="/ckpt", temperature=0.7, top_p=0.9, max_new_tokens=128,
@@ -285,7 +285,8 @@ def test_processor_rounds_give_what_one_teacher_call_per_shard_gives(ray_cluster
                                                                      monkeypatch):
     """The self teacher's Ray path (replay the shards, ask the processor what they miss, again) against the local
     executor with a teacher answering the same function of (prompt, seed) in place: the same outputs."""
-    from emoreason.datagen.ray_executor import ProcessorGeneration, RayExecutor
+    from emoreason.datagen.ray_executor import RayExecutor
+    from emoreason.datagen.ray_vllm_processor import ProcessorGeneration
 
     import sys
 

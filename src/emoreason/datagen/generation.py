@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
@@ -132,6 +133,14 @@ class Generator:
                 jobs.append((record, job))
         outputs = self.teacher.generate([job.request for _, job in jobs])
         return pair_lines([record for record, *_ in kept], jobs, outputs, rejected)
+
+    def without_teacher(self) -> Generator:
+        """A copy without its teacher (a client or an engine does not travel to a Ray actor; each actor makes its
+        own) and without this process's kill hook."""
+        clone = copy.copy(self)
+        clone.teacher = None
+        clone.hook = None
+        return clone
 
     def remember_kept(self, response: str) -> None:
         """Count a kept rationale of an earlier start as seen (``dedup_scope: run``), read as the filters read it."""
