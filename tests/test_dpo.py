@@ -104,7 +104,7 @@ def test_audio_reaches_the_dpo_loss(tiny_model_dir, pairs_file, tmp_path):
     # The reference also hears the new audio, so the loss only moves if the policy's log-probs depend on the clip:
     # perturb the policy first so that policy and reference differ.
     with torch.no_grad():
-        for p in trainer.model.model.projector.parameters():
+        for p in trainer.model.model.audio_encoder.projector.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
     assert abs(_pair_loss(trainer, noisy).item() - _pair_loss(trainer, batch).item()) > 1e-6
     assert loss.item() == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start: -log sigmoid(0)
@@ -120,14 +120,14 @@ def test_pair_weights_scale_each_pairs_gradient(tiny_model_dir, pairs_file, tmp_
     rows = load_pairs(str(path), str(root), "train")[:2]
     trainer = make_trainer(tiny_model_dir, rows, root, tmp_path)
     with torch.no_grad():  # move the policy off the reference so that the gradients are not all alike
-        for p in trainer.model.model.projector.parameters():
+        for p in trainer.model.model.audio_encoder.projector.parameters():
             p.add_(0.05 * torch.randn_like(p))
 
     def projector_grad(examples, weights):
         batch = trainer.data_collator([dict(e, pair_weight=w) for e, w in zip(examples, weights)])
         trainer.model.zero_grad()
         _pair_loss(trainer, batch).backward()
-        return torch.cat([p.grad.flatten() for p in trainer.model.model.projector.parameters()])
+        return torch.cat([p.grad.flatten() for p in trainer.model.model.audio_encoder.projector.parameters()])
 
     only_first = projector_grad(rows[:1], [1.0])
     weighted = projector_grad(rows, [1.0, 0.0])
@@ -142,7 +142,7 @@ def test_text_prior_reduces_the_margin_by_gamma_times_the_text_only_margin(tiny_
     rows = load_pairs(str(path), str(root), "train")[:1]
     trainer = make_trainer(tiny_model_dir, rows, root, tmp_path)
     with torch.no_grad():
-        for p in trainer.model.model.projector.parameters():
+        for p in trainer.model.model.audio_encoder.projector.parameters():
             p.add_(0.05 * torch.randn_like(p))
     batch = trainer.data_collator(rows)
     trainer.text_prior_gamma = 0.0

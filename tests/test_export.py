@@ -52,7 +52,8 @@ def test_merged_export_matches_the_adapter_and_carries_a_card(lora_run, synth_co
     assert torch.allclose(expected, got, atol=1e-4)
     # the trained projector (saved with the adapter) is the one in the export, not the base's
     base, _ = load_pretrained(json.loads((lora_run / "adapter_config.json").read_text())["base_model_name_or_path"])
-    assert not torch.equal(base.model.projector.linear_1.weight, merged.model.projector.linear_1.weight)
+    assert not torch.equal(base.get_audio_encoder().projector.linear_1.weight,
+                           merged.get_audio_encoder().projector.linear_1.weight)
 
     card = (out / "README.md").read_text()
     assert "recipes/tiny-cpu/sft.yaml" in card and str(synth_corpus) in card and "label_accuracy" in card

@@ -65,7 +65,7 @@ def test_changing_an_encoder_invalidates_the_cache(tiny_model_dir, synth_corpus,
     before = encoder_fingerprint(model, processor)
     assert FeatureCache.for_model(cache_dir, model, processor).index  # same encoders: the cache is found
     with torch.no_grad():
-        model.model.paralinguistic_encoder.encoder.layers[0].attention.q_proj.weight.add_(1e-3)
+        model.model.audio_encoder.paralinguistic_encoder.encoder.layers[0].attention.q_proj.weight.add_(1e-3)
     after = encoder_fingerprint(model, processor)
     assert after != before
     stale = FeatureCache.for_model(cache_dir, model, processor)
@@ -73,7 +73,7 @@ def test_changing_an_encoder_invalidates_the_cache(tiny_model_dir, synth_corpus,
     # a change outside the towers (projector, LM) keeps the fingerprint
     model2, _ = load_pretrained(tiny_model_dir)
     with torch.no_grad():
-        model2.model.projector.linear_1.weight.add_(1.0)
+        model2.model.audio_encoder.projector.linear_1.weight.add_(1.0)
     assert encoder_fingerprint(model2, processor) == before
 
 
@@ -120,7 +120,7 @@ def test_batched_encoding_equals_each_clip_alone(tiny, synth_corpus):
 def test_cache_features_calls_each_tower_once_per_batch(tiny, synth_corpus, tmp_path, monkeypatch):
     """One tower call per batch of clips, not per clip (the first GPU run: 6 clips/s, one clip per call)."""
     model, processor = tiny
-    inner = model.model
+    inner = model.model.audio_encoder
     calls = []
     original = type(inner).encode_content
     monkeypatch.setattr(type(inner), "encode_content", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))

@@ -29,7 +29,7 @@ def fresh(tiny_model_dir):
 
 def test_unmeasured_normalisation_is_the_identity(fresh, synth_corpus, rows):
     model, processor = fresh
-    projector = model.model.projector
+    projector = model.model.audio_encoder.projector
     assert model.config.feature_norm == "global_mvn" and not projector.feature_norm_fitted
     batch = SFTCollator(processor, synth_corpus.parent)(rows[:2])
     with torch.no_grad():
@@ -42,7 +42,7 @@ def test_unmeasured_normalisation_is_the_identity(fresh, synth_corpus, rows):
 def test_statistics_are_the_training_frames_moments(fresh, synth_corpus, rows):
     model, processor = fresh
     summary = fit_feature_norm(model, processor, rows, synth_corpus.parent, show_progress=False)
-    projector = model.model.projector
+    projector = model.model.audio_encoder.projector
     states = [encode_clip(model, processor, processor.load(str(synth_corpus.parent / r["audio"]))) for r in rows]
     content = torch.cat([s["content"] for s in states]).double()
     para = torch.cat([s["paralinguistic"] for s in states], dim=1).double()  # (layers, frames, D)
@@ -63,11 +63,11 @@ def test_cached_and_live_measurements_agree(fresh, tiny_model_dir, synth_corpus,
     cache_features(model, processor, records, synth_corpus.parent, tmp_path)
     cache = FeatureCache.for_model(tmp_path, model, processor)
     cached = fit_feature_norm(model, processor, rows, synth_corpus.parent, feature_cache=cache, show_progress=False)
-    from_cache = model.model.projector.content_std.clone()
+    from_cache = model.model.audio_encoder.projector.content_std.clone()
     live, _ = load_pretrained(tiny_model_dir)
     fit_feature_norm(live, processor, rows, synth_corpus.parent, show_progress=False)
     assert cached["from_cache"] == len(rows)
-    torch.testing.assert_close(from_cache, live.model.projector.content_std)
+    torch.testing.assert_close(from_cache, live.model.audio_encoder.projector.content_std)
 
 
 def test_statistics_are_saved_and_loaded_with_the_model(fresh, synth_corpus, rows, tmp_path):
@@ -76,10 +76,11 @@ def test_statistics_are_saved_and_loaded_with_the_model(fresh, synth_corpus, row
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
-        assert "model.projector.content_std" in set(f.keys())
+        assert "model.audio_encoder.projector.content_std" in set(f.keys())
     loaded, _ = load_pretrained(tmp_path)
     for name in ("content_mean", "content_std", "paralinguistic_mean", "paralinguistic_std", "feature_norm_frames"):
-        assert torch.equal(getattr(loaded.model.projector, name), getattr(model.model.projector, name)), name
+        assert torch.equal(getattr(loaded.get_audio_encoder().projector, name),
+                           getattr(model.get_audio_encoder().projector, name)), name
 
 
 def test_a_lora_adapter_carries_the_statistics(fresh, synth_corpus, rows):
@@ -112,7 +113,7 @@ def _fit_on_rank(rank, world_size, store, model_dir, rows, data_root, out):
         # Only the main process may read the clips: the other rank gets none (it would raise if it measured).
         summary = fit_feature_norm_once(model.eval(), processor, rows if rank == 0 else [], data_root,
                                         show_progress=False, device="cpu")
-        stats = {name: getattr(model.model.projector, name).clone() for name in STAT_BUFFERS}
+        stats = {name: getattr(model.model.audio_encoder.projector, name).clone() for name in STAT_BUFFERS}
         try:  # a failure on the main process reaches every rank instead of leaving them waiting
             fit_feature_norm_once(model, processor, [], data_root, show_progress=False)
             failure = None
@@ -130,7 +131,7 @@ def test_distributed_fit_runs_on_the_main_process_and_is_broadcast(tiny_model_di
 
     model, processor = load_pretrained(tiny_model_dir)
     expected = fit_feature_norm(model.eval(), processor, rows, synth_corpus.parent, show_progress=False)
-    projector = model.model.projector
+    projector = model.model.audio_encoder.projector
     assert not torch.equal(projector.content_std, torch.ones_like(projector.content_std))  # control: not identity
     mp.spawn(_fit_on_rank, args=(2, str(tmp_path / "store"), str(tiny_model_dir), rows, str(synth_corpus.parent),
                                  str(tmp_path)), nprocs=2, join=True)

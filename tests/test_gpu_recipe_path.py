@@ -35,10 +35,10 @@ def _assemble(parts, **kwargs):
 
 
 def _attn(model) -> dict[str, str]:
-    inner = model.model
+    inner = model.model.audio_encoder
     return {"content": inner.content_encoder.config._attn_implementation,
             "paralinguistic": inner.paralinguistic_encoder.config._attn_implementation,
-            "lm": inner.language_model.config._attn_implementation}
+            "lm": model.model.language_model.config._attn_implementation}
 
 
 # -- defect 1: an SFT from parts with LoRA must write where its base is ----------------------------------------

@@ -105,7 +105,8 @@ def test_audio_reaches_generation_and_the_grpo_loss(tiny_model_dir, rl_records, 
     # The gradient of the loss flows into the projector: the audio is part of the graph.
     model.zero_grad()
     loss_other.backward()
-    projector_grad = sum(p.grad.abs().sum() for p in model.model.projector.parameters() if p.grad is not None)
+    projector = model.get_audio_encoder().projector
+    projector_grad = sum(p.grad.abs().sum() for p in projector.parameters() if p.grad is not None)
     assert projector_grad > 0
 
     # Rows with placeholders but no audio are refused instead of silently training without the clip.
@@ -255,7 +256,7 @@ def fitted_sft_adapter(base_dir, out_dir) -> Path:
     from emoreason.modeling.lora import apply_lora
 
     model, _ = load_pretrained(base_dir)
-    projector = model.model.projector
+    projector = model.model.audio_encoder.projector
     assert not projector.feature_norm_fitted  # the saved base keeps identity statistics
     g = torch.Generator().manual_seed(0)
     projector.set_feature_stats(torch.randn(projector.content_mean.shape, generator=g),
@@ -268,7 +269,7 @@ def fitted_sft_adapter(base_dir, out_dir) -> Path:
 
 def projector_states(model) -> dict[str, dict[str, torch.Tensor]]:
     """{adapter name or "base": projector state dict (parameters and buffers)} of a PEFT model."""
-    wrapper = model.get_base_model().model.projector
+    wrapper = model.get_base_model().model.audio_encoder.projector
     states = {name: module.state_dict() for name, module in wrapper.modules_to_save.items()}
     states["base"] = wrapper.original_module.state_dict()
     return states

@@ -112,9 +112,9 @@ def test_from_components_loads_each_part_from_its_own_checkpoint(tiny, tiny_mode
     wavlm = WavLMModel.from_pretrained(parts / "wavlm")
     lm = AutoModelForCausalLM.from_pretrained(parts / "lm")
     for name, tensor in whisper.model.encoder.state_dict().items():
-        assert torch.equal(tensor, model.model.content_encoder.state_dict()[name]), name
+        assert torch.equal(tensor, model.model.audio_encoder.content_encoder.state_dict()[name]), name
     for name, tensor in wavlm.state_dict().items():
-        assert torch.equal(tensor, model.model.paralinguistic_encoder.state_dict()[name]), name
+        assert torch.equal(tensor, model.model.audio_encoder.paralinguistic_encoder.state_dict()[name]), name
     old_vocab = lm.get_input_embeddings().num_embeddings
     assert torch.equal(lm.model.layers[0].mlp.up_proj.weight, model.model.language_model.layers[0].mlp.up_proj.weight)
     assert torch.equal(lm.get_input_embeddings().weight, model.get_input_embeddings().weight[:old_vocab])
@@ -136,7 +136,7 @@ def test_changing_the_audio_changes_the_logits(tiny, batch):
 @pytest.mark.parametrize("tower", ["content_states", "paralinguistic_states"])
 def test_both_towers_are_live(tiny, batch, tower):
     model, _ = tiny
-    mm = model.model
+    mm = model.model.audio_encoder
     with torch.no_grad():
         content = mm.encode_content(batch["input_features"], batch["input_features_mask"].sum(-1))
         para, _ = mm.encode_paralinguistic(batch["input_values"], batch["input_values_mask"])
@@ -153,7 +153,7 @@ def test_content_tower_is_batch_invariant(tiny):
     short, long_ = tone(0.7), tone(2.9, freq=300)
     together = processor(prompt(processor, 2), [short, long_])
     alone = processor(prompt(processor, 1), [short])
-    mm = model.model
+    mm = model.model.audio_encoder
     with torch.no_grad():
         a = mm.encode_content(together["input_features"], together["input_features_mask"].sum(-1))
         b = mm.encode_content(alone["input_features"], alone["input_features_mask"].sum(-1))
@@ -173,7 +173,7 @@ def test_token_counts_follow_duration(tiny):
             _, per_clip = model.model.get_audio_features(
                 enc["input_features"], enc["input_features_mask"], enc["input_values"], enc["input_values_mask"]
             )
-        assert per_clip.tolist() == [expected]
+        assert per_clip == [expected]
     # a 4 s clip costs at most 1/5 of the tokens of the same clip padded to 30 s
     assert processor.num_audio_tokens(4 * SR) <= processor.num_audio_tokens(30 * SR) / 5
 
@@ -252,8 +252,9 @@ def test_lora_trains_language_model_adapters_and_projector_only(tiny_model_dir, 
 def test_frozen_towers_stay_in_eval_mode_when_training(tiny_model_dir):
     model, _ = load_pretrained(tiny_model_dir)
     model.train()
-    assert model.training and model.model.language_model.training and model.model.projector.training
-    assert not model.model.content_encoder.training and not model.model.paralinguistic_encoder.training
+    audio = model.model.audio_encoder
+    assert model.training and model.model.language_model.training and audio.training and audio.projector.training
+    assert not audio.content_encoder.training and not audio.paralinguistic_encoder.training
 
 
 @pytest.mark.parametrize("fusion", ["sum", "gated"])
@@ -282,7 +283,7 @@ def test_paralinguistic_tower_is_batch_invariant(tiny):
     short, long_ = tone(0.9), tone(2.6, freq=300)
     together = processor(prompt(processor, 2), [short, long_])
     alone = processor(prompt(processor, 1), [short])
-    mm = model.model
+    mm = model.model.audio_encoder
     with torch.no_grad():
         a, la = mm.encode_paralinguistic(together["input_values"], together["input_values_mask"])
         b, lb = mm.encode_paralinguistic(alone["input_values"], alone["input_values_mask"])
@@ -335,8 +336,8 @@ def test_audio_reaches_loss_script_prints_both_losses_and_fails_when_audio_is_ig
     # Control: a projector whose output is always zero makes the clip invisible; the script must say so.
     model, processor = load_pretrained(tiny_model_dir)
     with torch.no_grad():
-        model.model.projector.linear_2.weight.zero_()
-        model.model.projector.linear_2.bias.zero_()
+        model.model.audio_encoder.projector.linear_2.weight.zero_()
+        model.model.audio_encoder.projector.linear_2.bias.zero_()
     model.save_pretrained(tmp_path / "deaf")
     processor.save_pretrained(tmp_path / "deaf")
     status, out = _run_audio_reaches_loss(tmp_path / "deaf", synth_corpus, capsys)
@@ -402,7 +403,7 @@ def test_ssl_encoder_driven_layer_by_layer_matches_the_library(family):
     its hidden_states for every layer input, and its last_hidden_state (after a pre-norm model's final norm)."""
     from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model, WavLMConfig, WavLMModel
 
-    from emoreason.modeling.modeling_emoreason import _run_ssl_encoder
+    from emoreason.modeling.audio_encoder import _run_ssl_encoder
 
     torch.manual_seed(0)
     common = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
@@ -434,10 +435,10 @@ def test_ssl_encoder_driven_layer_by_layer_matches_the_library(family):
 
 
 def test_group_norm_feature_encoder_batched_equals_per_clip(tiny):
-    from emoreason.modeling.modeling_emoreason import _masked_group_norm_features
+    from emoreason.modeling.audio_encoder import _masked_group_norm_features
 
     model, _ = tiny
-    extractor = model.model.paralinguistic_encoder.feature_extractor
+    extractor = model.model.audio_encoder.paralinguistic_encoder.feature_extractor
     clips = [torch.randn(n) for n in (1600, 5231, 9000)]
     values = torch.zeros(3, 9000)
     for i, c in enumerate(clips):

@@ -53,7 +53,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tiny, synth_
             loss = model(**batch).loss
             loss.backward()
             losses.append(loss.detach())
-            grads.append(model.model.projector.linear_2.weight.grad.clone())
+            grads.append(model.model.audio_encoder.projector.linear_2.weight.grad.clone())
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()

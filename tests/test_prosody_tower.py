@@ -53,7 +53,7 @@ def test_only_the_tower_changes_and_only_training_clips_are_read(tiny_model_dir,
     records = _manifest(tmp_path, test_audio="wav/missing-test-clip.wav")
     model, processor = load_pretrained(tiny_model_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.model.paralinguistic_encoder.requires_grad_(False)  # frozen, as training keeps it
+    model.model.audio_encoder.paralinguistic_encoder.requires_grad_(False)  # frozen, as training keeps it
     summary = warm_up_paralinguistic_tower(model, processor, records, tmp_path, epochs=6, clips_per_step=2,
                                            progress=False)
     assert summary["clips"] == 3 and summary["steps"] == 12
@@ -61,8 +61,8 @@ def test_only_the_tower_changes_and_only_training_clips_are_read(tiny_model_dir,
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(".paralinguistic_encoder." in k for k in changed), sorted(changed)[:5]
     # the frozen tower is given back frozen, in the mode it was in
-    assert not any(p.requires_grad for p in model.model.paralinguistic_encoder.parameters())
-    assert not model.model.paralinguistic_encoder.training
+    assert not any(p.requires_grad for p in model.model.audio_encoder.paralinguistic_encoder.parameters())
+    assert not model.model.audio_encoder.paralinguistic_encoder.training
 
 
 def test_a_model_with_fitted_feature_normalisation_is_refused(tmp_path):
@@ -90,7 +90,7 @@ def test_the_warmed_up_model_is_saved_loadable_with_its_summary(prosody_tiny_mod
     summary = json.loads((prosody_tiny_model_dir / SUMMARY_FILE).read_text())
     assert summary["clips"] > 0 and summary["last_epoch_loss"] < 0.5 * summary["first_epoch_loss"], summary
     model, _ = load_pretrained(prosody_tiny_model_dir)
-    assert not model.model.projector.feature_norm_fitted
+    assert not model.model.audio_encoder.projector.feature_norm_fitted
 
 
 class _FirstLoss(Exception):
@@ -110,7 +110,7 @@ def test_head_targets_and_batches_follow_the_towers_device(tiny_model_dir, tmp_p
 
     records = _manifest(tmp_path, test_audio="wav/missing-test-clip.wav")
     model, processor = load_pretrained(tiny_model_dir)
-    inner = model.model
+    inner = model.model.audio_encoder
     inner.paralinguistic_encoder.to("meta")
     hidden = inner.paralinguistic_encoder.config.hidden_size
     seen = {}

@@ -38,7 +38,7 @@ def lora_policy(model_dir, dtype: torch.dtype, **lora):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
             elif "lora_magnitude_vector" in name:
                 parameter.mul_(1 + 0.1 * torch.rand(parameter.shape, generator=generator))
-        projector = policy.get_base_model().model.projector.modules_to_save["default"]
+        projector = policy.get_base_model().model.audio_encoder.projector.modules_to_save["default"]
         for parameter in projector.parameters():
             parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
     return policy.to(dtype)

@@ -64,7 +64,7 @@ def trainer(tiny_checkpoint, rl_rows, tmp_path_factory):
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     model, processor = load_pretrained(tiny_checkpoint)
     policy = apply_lora(model, r=4, alpha=8, dropout=0.0)
-    projector = policy.get_base_model().model.projector.modules_to_save["default"]
+    projector = policy.get_base_model().model.audio_encoder.projector.modules_to_save["default"]
     g = torch.Generator().manual_seed(0)
     projector.set_feature_stats(torch.randn(projector.content_mean.shape, generator=g),
                                 torch.rand(projector.content_std.shape, generator=g) + 0.5,
@@ -120,7 +120,7 @@ def test_step0_the_synced_engine_scores_and_decodes_as_the_policy(trainer, rl_ro
     # The engine started from the checkpoint on disk and was loaded with the policy (fitted statistics included).
     at_start = engine_vs_policy(trainer, prompt)
     # Control: new statistics on the policy's projector (buffers only) reach the engine only through a sync.
-    projector = trainer.model.get_base_model().model.projector.modules_to_save["default"]
+    projector = trainer.model.get_base_model().model.audio_encoder.projector.modules_to_save["default"]
     with torch.no_grad():
         projector.content_std.mul_(2.0)
         projector.paralinguistic_mean.add_(0.5)

@@ -51,9 +51,9 @@ def test_load_weights_fills_every_parameter_with_the_checkpoint(loaded_vllm_mode
     # The measured normalisation statistics arrive too (the tiny checkpoint carries non-trivial ones).
     assert int(params["audio_encoder.projector.feature_norm_frames"]) > 0
     torch.testing.assert_close(params["audio_encoder.projector.content_std"],
-                               checkpoint_tensors["model.projector.content_std"])
+                               checkpoint_tensors["model.audio_encoder.projector.content_std"])
     torch.testing.assert_close(params["audio_encoder.projector.linear_1.weight"],
-                               checkpoint_tensors["model.projector.linear_1.weight"])
+                               checkpoint_tensors["model.audio_encoder.projector.linear_1.weight"])
     lm_head = checkpoint_tensors["lm_head.weight"]  # vLLM pads the vocabulary to a multiple of 64
     torch.testing.assert_close(params["language_model.lm_head.weight"][: lm_head.shape[0]], lm_head)
     qkv = params["language_model.model.layers.0.self_attn.qkv_proj.weight"]
@@ -71,12 +71,42 @@ def test_merged_peft_export_names_and_unmerged_adapters(vllm_model, checkpoint_t
     # A PeftModel saved whole keeps its wrappers in the names; they map to the same parameters.
     assert mapper.map_name("base_model.model.model.language_model.layers.0.self_attn.q_proj.base_layer.weight") == \
         "language_model.model.layers.0.self_attn.q_proj.weight"
-    assert mapper.map_name("base_model.model.model.projector.linear_2.bias") == "audio_encoder.projector.linear_2.bias"
+    for name in ("base_model.model.model.audio_encoder.projector.linear_2.bias",
+                 "base_model.model.model.projector.linear_2.bias"):  # the layout before model.audio_encoder
+        assert mapper.map_name(name) == "audio_encoder.projector.linear_2.bias"
     lora = {"model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight": torch.zeros(8, 64)}
     with set_current_vllm_config(vllm_config), pytest.raises(UnmergedAdapterError, match="emoreason export"):
         model.load_weights(lora.items())
     with set_current_vllm_config(vllm_config), pytest.raises(KeyError, match="no parameter"):
         model.load_weights({"model.projector.not_a_layer.weight": torch.zeros(1)}.items())
+
+
+def test_a_checkpoint_with_the_earlier_audio_names_loads_the_same_tensors(vllm_model, loaded_vllm_model,
+                                                                         checkpoint_tensors):
+    """Checkpoints saved before the audio path moved under ``model.audio_encoder`` (``model.projector.*``, ...) fill
+    the same parameters with the same values."""
+    from vllm.config import set_current_vllm_config
+
+    model, vllm_config = vllm_model
+    params = loadable_tensors(model)
+    before = {name: params[name].detach().clone() for name in params if name.startswith("audio_encoder.")}
+    old = {name.replace("model.audio_encoder.", "model.", 1): tensor for name, tensor in checkpoint_tensors.items()
+           if name.startswith("model.audio_encoder.")}
+    assert old and all(name.startswith(("model.content_encoder.", "model.paralinguistic_encoder.",
+                                        "model.projector.")) for name in old)
+    with set_current_vllm_config(vllm_config):
+        reloaded = model.load_weights(old.items())
+    assert reloaded == set(before)
+    for name, value in before.items():
+        assert torch.equal(params[name], value), name
+
+
+def test_the_vllm_audio_side_is_the_training_audio_encoder(vllm_model):
+    from emoreason.modeling.audio_encoder import EmoReasonAudioEncoder
+
+    model, _ = vllm_model
+    assert isinstance(model.audio_encoder, EmoReasonAudioEncoder)
+    assert not model.audio_encoder.training and not any(p.requires_grad for p in model.audio_encoder.parameters())
 
 
 def test_audio_embeddings_equal_the_training_model(loaded_vllm_model, mm_processor, hf_model_and_processor):
@@ -178,14 +208,15 @@ def _features(processor, clips):
 @pytest.mark.parametrize("feat_extract_norm", ["group", "layer"])
 def test_a_batch_of_clips_is_encoded_in_one_call_with_training_parity(hf_model_and_processor, feat_extract_norm,
                                                                       monkeypatch):
-    """The clips vLLM schedules together go through the training model's get_audio_features ONCE (padded, masked);
+    """The clips vLLM schedules together go through the training model's audio encoder ONCE (padded, masked);
     each clip's embeddings equal what the training model computes for it alone and in a training batch. Both kinds
     of SSL feature encoder: group norm (wavlm-base: normalised over time, the padding must not leak in) and layer
     norm (wavlm-large / hubert-large: batched as is)."""
     import copy
 
     from emoreason.modeling.modeling_emoreason import EmoReasonModel
-    from emoreason.serve.vllm_model import EmoReasonAudioEncoder
+    from emoreason.modeling.audio_encoder import EmoReasonAudioEncoder
+    from emoreason.serve.vllm_model import ServingAudioEncoder
 
     hf_model, processor = hf_model_and_processor
     config = copy.deepcopy(hf_model.config)
@@ -195,19 +226,18 @@ def test_a_batch_of_clips_is_encoded_in_one_call_with_training_parity(hf_model_a
     reference = EmoReasonModel(config).eval()
     if feat_extract_norm == "group":  # the checkpoint's own towers
         reference.load_state_dict(hf_model.model.state_dict())
-    encoder = EmoReasonAudioEncoder(config)
-    missing, unexpected = encoder.load_state_dict(
-        {k: v for k, v in reference.state_dict().items() if not k.startswith("language_model.")}, strict=True)
+    encoder = ServingAudioEncoder(config)
+    missing, unexpected = encoder.load_state_dict(reference.audio_encoder.state_dict(), strict=True)
     assert not missing and not unexpected
 
     calls = []
-    original = EmoReasonAudioEncoder.get_audio_features
-    monkeypatch.setattr(EmoReasonAudioEncoder, "get_audio_features",
-                        lambda self, *a, **k: calls.append(a[0].shape) or original(self, *a, **k))
+    original = EmoReasonAudioEncoder.forward
+    monkeypatch.setattr(EmoReasonAudioEncoder, "forward",
+                        lambda self, *a, **k: (self is encoder and calls.append(a[0].shape)) or original(self, *a, **k))
     clips = _clips((16_000, 41_000, 3_000, 24_000), seed=11)
     features, values = _features(processor, clips)
     with torch.no_grad():
-        embeds = encoder(features, values)
+        embeds = encoder.embed_clips(features, values)
         batch = reference.get_audio_features(**processor.audio_features([processor.load(w) for w in clips]))
     assert len(calls) == 1 and calls[0][0] == len(clips)  # one encoder call for the whole batch
     for i, (wav, embedding) in enumerate(zip(clips, embeds)):

@@ -90,7 +90,8 @@ def warm_up_paralinguistic_tower(model, processor, records: Sequence, data_root:
     numbers as before the placement was added)."""
     if epochs < 1 or clips_per_step < 1 or learning_rate <= 0:
         raise ValueError("warm_up_paralinguistic_tower: epochs and clips_per_step must be >= 1, learning_rate > 0")
-    projector = model.model.projector
+    audio_encoder = model.get_audio_encoder()
+    projector = audio_encoder.projector
     if getattr(projector, "feature_norm_fitted", False):
         raise ValueError("the projector's feature normalisation is already fitted on this tower's states; warm up the "
                          "tower of an untrained base model (before SFT)")
@@ -98,8 +99,7 @@ def warm_up_paralinguistic_tower(model, processor, records: Sequence, data_root:
     if not train:
         raise ValueError("no training-split clips to warm the tower up on")
     frame_seconds = _tower_frame_seconds(model)
-    inner = model.model
-    tower = inner.paralinguistic_encoder
+    tower = audio_encoder.paralinguistic_encoder
     device = next(tower.parameters()).device
     clips, measures, present = [], [], []
     for record in train:
@@ -146,8 +146,8 @@ def warm_up_paralinguistic_tower(model, processor, records: Sequence, data_root:
                 index = order[first : first + clips_per_step]
                 batch = [clips[i] for i in index]
                 feats = processor.audio_features([b[0] for b in batch])
-                states, lengths = inner.encode_paralinguistic(feats["input_values"].to(device),
-                                                              feats["input_values_mask"].to(device))
+                states, lengths = audio_encoder.encode_paralinguistic(feats["input_values"].to(device),
+                                                                      feats["input_values_mask"].to(device))
                 if states.dim() == 4:  # layer-weighted towers return every layer: train the last
                     states = states[-1]
                 loss = _prosody_loss(head(states.float()), lengths, [b[1] for b in batch], [b[2] for b in batch],

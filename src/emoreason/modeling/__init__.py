@@ -7,6 +7,7 @@ import os
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from ..data.audio_tokens import DEFAULT_STACK_FACTOR, num_audio_tokens, num_audio_tokens_for_duration
+from .audio_encoder import EmoReasonAudioEncoder, EmoReasonProjector
 from .configuration_emoreason import EmoReasonConfig
 from .loading import SAFE_LOAD_KWARGS, safe_load_kwargs
 from .modeling_emoreason import (
@@ -14,7 +15,6 @@ from .modeling_emoreason import (
     EmoReasonForConditionalGeneration,
     EmoReasonModel,
     EmoReasonPreTrainedModel,
-    EmoReasonProjector,
 )
 from .processing_emoreason import AUDIO_TOKEN, EmoReasonProcessor
 
@@ -85,6 +85,7 @@ __all__ = [
     "AUDIO_TOKEN",
     "SAFE_LOAD_KWARGS",
     "AudioPlaceholderError",
+    "EmoReasonAudioEncoder",
     "EmoReasonConfig",
     "EmoReasonForConditionalGeneration",
     "EmoReasonModel",

@@ -8,9 +8,9 @@ Split of work:
   ...), built with ``init_vllm_registered_model``: paged attention, tensor parallelism, CUDA graphs and LoRA come
   from vLLM unchanged.
 - The **audio side** (Whisper encoder, WavLM/HuBERT/wav2vec2 encoder, projector) is the training code itself:
-  the transformers modules our checkpoint was trained with and the very ``encode_*`` / ``get_audio_features`` methods
-  of :class:`~emoreason.modeling.EmoReasonModel`, so duration-proportional encoding, layer mixing, frame alignment and
-  fusion cannot drift from training. It is replicated on every tensor-parallel rank (it is small next to the LLM).
+  :class:`~emoreason.modeling.audio_encoder.EmoReasonAudioEncoder`, the module the training model holds as
+  ``model.audio_encoder``, so duration-proportional encoding, layer mixing, frame alignment and fusion cannot drift
+  from training. It is replicated on every tensor-parallel rank (it is small next to the LLM).
 - The **processor** computes features with our own :class:`~emoreason.modeling.EmoReasonProcessor` one clip at a time
   (a clip's features never depend on what it is batched with); the encoders then run once per scheduled batch of
   clips, padded and masked as in training and expands each ``<audio>`` to
@@ -25,8 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModel, BatchFeature
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers import BatchFeature
 from vllm.config import VllmConfig
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.model_executor.models.interfaces import (
@@ -51,8 +50,8 @@ from vllm.sequence import IntermediateTensors
 
 from emoreason.data.audio import AudioError
 from emoreason.data.audio_tokens import SAMPLE_RATE, max_samples_for, num_audio_tokens
+from emoreason.modeling.audio_encoder import LEGACY_CHECKPOINT_KEYS, EmoReasonAudioEncoder
 from emoreason.modeling.configuration_emoreason import EmoReasonConfig
-from emoreason.modeling.modeling_emoreason import EmoReasonModel, EmoReasonProjector
 from emoreason.modeling.processing_emoreason import AUDIO_TOKEN, EmoReasonProcessor
 
 AUDIO_FIELDS = ("input_features", "input_values")
@@ -161,57 +160,22 @@ class EmoReasonMultiModalProcessor(BaseMultiModalProcessor[EmoReasonProcessingIn
 
 
 # -- model --------------------------------------------------------------------------------------------------------
-class EmoReasonAudioEncoder(nn.Module):
-    """Both towers and the projector, running the training model's own encoding methods."""
-
-    encode_content = EmoReasonModel.encode_content
-    encode_paralinguistic = EmoReasonModel.encode_paralinguistic
-    get_audio_features = EmoReasonModel.get_audio_features
+class ServingAudioEncoder(EmoReasonAudioEncoder):
+    """The training model's audio encoder, inference only: no gradients, and never in training mode (no dropout,
+    LayerDrop or SpecAugment), whatever the checkpoint's ``train_*_encoder`` flags say."""
 
     def __init__(self, config: EmoReasonConfig):
-        super().__init__()
-        self.config = config
-        self.content_encoder = WhisperEncoder(config.content_config)
-        self.paralinguistic_encoder = AutoModel.from_config(config.paralinguistic_config)
-        self.projector = EmoReasonProjector(config)
+        super().__init__(config)
         self.requires_grad_(False)
         self.eval()
 
     def train(self, mode: bool = True):
-        return super().train(False)  # inference only: no dropout, LayerDrop or SpecAugment
+        return super().train(False)
 
     def loadable_state(self) -> dict[str, torch.Tensor]:
         """Every tensor a checkpoint fills here: the parameters and the persistent buffers (the projector's measured
         feature-normalisation statistics travel in checkpoints like weights)."""
         return self.state_dict(keep_vars=True)
-
-    def forward(self, input_features: list[torch.Tensor], input_values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-clip features (n_mels, frames) and waveforms (samples,) -> per-clip embeddings (tokens, D_lm).
-
-        The clips vLLM schedules together are encoded in ONE call, padded and masked exactly as a training batch is
-        (the layout of :meth:`EmoReasonProcessor.audio_features`), through the training model's own
-        ``get_audio_features``: Whisper masks padded frames, layer-norm feature encoders (wavlm-large, hubert-large)
-        run batched, and group-norm ones (wavlm-base, hubert-base: normalised over time) are run per clip inside it,
-        so a clip's embeddings never depend on the requests it happens to be scheduled with.
-        """
-        if not input_features:
-            return []
-        device = self.projector.linear_1.weight.device
-        features, features_mask = _pad_batch([f.to(device) for f in input_features])
-        values, values_mask = _pad_batch([v.to(device) for v in input_values])
-        embeds, tokens = self.get_audio_features(features, features_mask, values, values_mask)
-        return [embeds[i, : int(n)] for i, n in enumerate(tokens)]
-
-
-def _pad_batch(clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad clips along their last (time) axis with zeros; returns (batch, mask (clips, time))."""
-    longest = max(int(c.shape[-1]) for c in clips)
-    batch = clips[0].new_zeros((len(clips), *clips[0].shape[:-1], longest))
-    mask = torch.zeros((len(clips), longest), dtype=torch.long, device=clips[0].device)
-    for i, clip in enumerate(clips):
-        batch[i, ..., : clip.shape[-1]] = clip
-        mask[i, : clip.shape[-1]] = 1
-    return batch, mask
 
 
 def _as_clip_list(value) -> list[torch.Tensor]:
@@ -224,19 +188,21 @@ def _as_clip_list(value) -> list[torch.Tensor]:
 
 
 def checkpoint_key_mapper() -> WeightsMapper:
-    """Our checkpoint's names -> this module's names (also applied by vLLM to LoRA adapter module names)."""
+    """Our checkpoint's names -> this module's names (also applied by vLLM to LoRA adapter module names).
+
+    Checkpoints written before the audio path moved under ``model.audio_encoder`` (``model.projector.*``, ...) are
+    renamed first, by the same rule ``from_pretrained`` applies (``LEGACY_CHECKPOINT_KEYS``)."""
     return WeightsMapper(
         orig_to_new_regex={
             # PEFT wrappers left in a full-model export (``save_pretrained`` of a merged PeftModel).
             re.compile(r"^base_model\.model\."): "",
             re.compile(r"\.base_layer\."): ".",
+            **{re.compile(old): new for old, new in LEGACY_CHECKPOINT_KEYS.items()},
         },
         orig_to_new_prefix={
             "model.language_model.": "language_model.model.",
             "lm_head.": "language_model.lm_head.",
-            "model.content_encoder.": "audio_encoder.content_encoder.",
-            "model.paralinguistic_encoder.": "audio_encoder.paralinguistic_encoder.",
-            "model.projector.": "audio_encoder.projector.",
+            "model.audio_encoder.": "audio_encoder.",
         },
     )
 
@@ -264,7 +230,7 @@ class EmoReasonForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsP
         self.config = config
         self.configure_mm_token_handling(config.text_config.vocab_size, [config.audio_token_id])
         with self._mark_tower_model(vllm_config, "audio"):
-            self.audio_encoder = EmoReasonAudioEncoder(config)
+            self.audio_encoder = ServingAudioEncoder(config)
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config,
@@ -287,7 +253,7 @@ class EmoReasonForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsP
         if len(features) != len(values):
             raise ValueError(f"{len(features)} mel inputs but {len(values)} waveforms")
         with torch.inference_mode():
-            return tuple(self.audio_encoder(features, values))
+            return tuple(self.audio_encoder.embed_clips(features, values))
 
     def forward(
         self,
@@ -343,11 +309,11 @@ def _causal_lm_architectures(text_config) -> list[str]:
 
 
 __all__ = [
-    "EmoReasonAudioEncoder",
     "EmoReasonDummyInputsBuilder",
     "EmoReasonForConditionalGeneration",
     "EmoReasonMultiModalProcessor",
     "EmoReasonProcessingInfo",
+    "ServingAudioEncoder",
     "UnmergedAdapterError",
     "checkpoint_key_mapper",
 ]

@@ -209,7 +209,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden: int = 64, stack
         paths["whisper"], paths["wavlm"], paths["lm"], stack_factor=stack_factor, fusion=fusion
     )
     if random_feature_stats:
-        projector = model.model.projector
+        projector = model.get_audio_encoder().projector
         g = torch.Generator().manual_seed(seed + 1)
         projector.set_feature_stats(
             0.5 * torch.randn(projector.content_mean.shape, generator=g),

@@ -32,7 +32,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..data.audio_tokens import num_encoder_frames_from_mel
 from ..data.schema import EmotionRecord, resolve_under_root
+from ..modeling.audio_encoder import EmoReasonAudioEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ INDEX_FILE = "index.json"
 def encoder_fingerprint(model, processor=None) -> str:
     """Hex digest of everything the cached states depend on: tower configs + weights, layer weighting, and the
     processor's feature settings. Weights are hashed in full (a few seconds for billion-parameter towers)."""
-    inner = _inner_model(model)
+    inner = audio_encoder_of(model)
     config = inner.config
     digest = hashlib.sha256()
     described = {
@@ -69,10 +71,9 @@ def encoder_fingerprint(model, processor=None) -> str:
     return digest.hexdigest()[:20]
 
 
-def _inner_model(model):
-    """The EmoReasonModel inside a (PEFT-wrapped) EmoReasonForConditionalGeneration."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model if hasattr(base, "model") and hasattr(base.model, "content_encoder") else base
+def audio_encoder_of(model) -> EmoReasonAudioEncoder:
+    """The audio encoder of a (PEFT-wrapped) EmoReason model, or ``model`` itself when it is one."""
+    return model if isinstance(model, EmoReasonAudioEncoder) else model.get_audio_encoder()
 
 
 # -- reading --------------------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ class FeatureCache:
     @classmethod
     def for_model(cls, cache_dir: str | os.PathLike, model, processor=None) -> FeatureCache:
         """The cache matching ``model``'s encoders; an empty one (every lookup misses) when none was computed."""
-        inner = _inner_model(model)
+        inner = audio_encoder_of(model)
         if inner.config.train_content_encoder or inner.config.train_paralinguistic_encoder:
             raise ValueError("feature_cache_dir is set but an encoder is trainable: cached features would be stale "
                              "after the first step; unset feature_cache_dir or freeze the encoders")
@@ -149,7 +150,7 @@ ENCODE_BATCH_SAMPLES = 32 * 30 * 16_000  # and at most this much padded audio (3
 
 
 def encode_batch_size(model) -> int:
-    device = next(_inner_model(model).projector.parameters()).device
+    device = audio_encoder_of(model).device
     return ENCODE_BATCH.get(device.type, ENCODE_BATCH_ACCELERATOR)
 
 
@@ -159,8 +160,8 @@ def encode_clips(model, processor, wavs: Sequence) -> list[dict[str, torch.Tenso
     (T, Dc), paralinguistic ((layers, L, Dp) or (L, Dp)), num_samples. Each clip's frames are cut at its own length;
     Whisper masks padded frames and group-norm SSL encoders normalise each clip over its own frames, so a clip's states
     do not depend on its batch (to float rounding: tested against :func:`encode_clip`)."""
-    inner = _inner_model(model)
-    device = next(inner.projector.parameters()).device
+    inner = audio_encoder_of(model)
+    device = inner.device
     feats = {k: v.to(device) for k, v in processor.audio_features(list(wavs)).items()}
     mel_lengths = feats["input_features_mask"].sum(-1).long()
     host_mel = mel_lengths.tolist()
@@ -170,7 +171,7 @@ def encode_clips(model, processor, wavs: Sequence) -> list[dict[str, torch.Tenso
     content, para, para_lengths = content.cpu(), para.cpu(), para_lengths.tolist()
     out = []
     for i, wav in enumerate(wavs):
-        frames = (host_mel[i] - 1) // 2 + 1  # Whisper's conv2 (stride 2) over this clip's mel frames
+        frames = num_encoder_frames_from_mel(host_mel[i])
         p = para[:, i, : para_lengths[i]] if para.dim() == 4 else para[i, : para_lengths[i]]
         out.append({"content": content[i, :frames].contiguous(), "paralinguistic": p.contiguous(),
                     "num_samples": torch.tensor(int(wav.shape[0]))})
@@ -221,7 +222,7 @@ def cache_features(model, processor, records: Iterable[EmotionRecord], data_root
     fingerprint = encoder_fingerprint(model, processor)
     folder = Path(cache_dir) / fingerprint
     folder.mkdir(parents=True, exist_ok=True)
-    inner = _inner_model(model)
+    inner = audio_encoder_of(model)
     (folder / "fingerprint.json").write_text(json.dumps({
         "fingerprint": fingerprint, "version": CACHE_FORMAT_VERSION,
         "content_encoder": inner.config.content_config._name_or_path or inner.config.content_config.model_type,

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from ..data.schema import resolve_under_root
+from .feature_cache import audio_encoder_of
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ class _Moments:
 
 
 def _projector(model):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = inner.model if hasattr(inner, "model") and hasattr(inner.model, "projector") else inner
-    return inner, inner.projector
+    """(the audio encoder, its projector) of a (PEFT-wrapped) model."""
+    encoder = audio_encoder_of(model)
+    return encoder, encoder.projector
 
 
 def fit_feature_norm(model, processor, clips: Iterable[Mapping], data_root: str | os.PathLike,
@@ -120,14 +121,14 @@ STAT_BUFFERS = ("content_mean", "content_std", "paralinguistic_mean", "paralingu
 
 
 @contextlib.contextmanager
-def _towers_on(inner, device):
-    """Everything but the language model (the towers and the projector: what encoding needs) on ``device`` for the
-    duration; back where it was afterwards. The language model, the bulk of the weights, stays put."""
+def _towers_on(encoder, device):
+    """The audio encoder (the towers and the projector: what encoding needs) on ``device`` for the duration; each
+    part back where it was afterwards. The language model, the bulk of the weights, stays put."""
     if device is None:
         yield
         return
     device = torch.device(device)
-    parts = [module for name, module in inner.named_children() if name != "language_model"]
+    parts = list(encoder.children())
     homes = [next(module.parameters(), torch.empty(0)).device for module in parts]
     if all(home == device for home in homes):
         yield

@@ -273,7 +273,7 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
         name_base(model, base_dir)
     if training_args.world_size > 1 and model_args.train_paralinguistic_encoder:
         # LayerDrop skips different layers on different ranks: DDP then waits for gradients that never come.
-        model.model.paralinguistic_encoder.config.layerdrop = 0.0
+        model.get_audio_encoder().paralinguistic_encoder.config.layerdrop = 0.0
     peft_config = get_peft_config(model_args)
     if peft_config is None and not training_args.train_language_model:
         model.model.language_model.requires_grad_(False)
@@ -284,7 +284,7 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
         from .feature_cache import FeatureCache
 
         feature_cache = FeatureCache.for_model(training_args.feature_cache_dir, model, processor)
-    projector, norm_summary = model.model.projector, None
+    projector, norm_summary = model.get_audio_encoder().projector, None
     if training_args.feature_norm_clips > 0 and projector.feature_norm == "global_mvn":
         if projector.feature_norm_fitted:
             logger.info("feature normalisation: keeping the statistics the model has (%d frames)",
