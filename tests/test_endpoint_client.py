@@ -250,6 +250,8 @@ def test_the_training_judge_reads_its_key_from_the_environment_and_scores_or_giv
 
     def script(body, headers, hit):
         text = body["messages"][-1]["content"]
+        if text == "ping":  # one token: a reasoning model may leave the content null; the judge is up all the same
+            return 200, completion([None], body)
         if "TOO LONG" in text:
             return 400, {"error": {"message": "context length exceeded"}}
         if "BROKEN" in text:

@@ -75,10 +75,16 @@ class OpenAIJudge:
         """One tiny request: raises :class:`JudgeUnavailable` with the endpoint when the judge cannot answer."""
         try:
             self.client.chat(max_completion_tokens=1, temperature=0.0, messages=[{"role": "user", "content": "ping"}])
-        except Exception as err:
-            raise JudgeUnavailable(f"reasoning judge at {self.base_url} (model {self.model!r}) does not answer: "
-                                   f"{type(err).__name__}: {err}. Start it, fix judge_options, or use judge: "
-                                   "cue_heuristic") from err
+            return
+        except EndpointError as err:
+            if err.malformed:  # it answered (one token may leave a reasoning model's content empty): it is up
+                return
+            failure: Exception = err
+        except Exception as err:  # e.g. a base_url that is not a URL
+            failure = err
+        raise JudgeUnavailable(f"reasoning judge at {self.base_url} (model {self.model!r}) does not answer: "
+                               f"{type(failure).__name__}: {failure}. Start it, fix judge_options, or use judge: "
+                               "cue_heuristic") from failure
 
     def _one(self, rationale: str, context: Mapping[str, Any]) -> float | None:
         request = self.rubric.render(
