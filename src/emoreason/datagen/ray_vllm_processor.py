@@ -105,10 +105,10 @@ class ProcessorGeneration:
         self.processor = processor  # a Dataset -> Dataset callable; default: build_processor(processor_config(...))
 
     def _model_source(self) -> str:
-        from .teachers import _is_emoreason_checkpoint, export_language_model
+        from .teachers import is_emoreason_checkpoint, export_language_model
 
         teacher = self.generator.cfg.teacher
-        if _is_emoreason_checkpoint(teacher.model):
+        if is_emoreason_checkpoint(teacher.model):
             return str(export_language_model(teacher.model, Path(self.generator.cfg.output_dir) / "teacher_lm"))
         return teacher.model
 

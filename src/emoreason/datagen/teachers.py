@@ -228,7 +228,7 @@ class TemplateTeacher(Teacher):
 
 
 # -- self: the backbone LLM -----------------------------------------------------------------------------------
-def _is_emoreason_checkpoint(path: str) -> bool:
+def is_emoreason_checkpoint(path: str) -> bool:
     config = Path(path) / "config.json"
     return config.is_file() and json.loads(config.read_text()).get("model_type") == "emoreason"
 
@@ -243,7 +243,7 @@ def load_language_model(path: str, device: str | None = None, dtype: str = "auto
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype) if dtype not in (None, "auto") else "auto"
-    if _is_emoreason_checkpoint(path):
+    if is_emoreason_checkpoint(path):
         from ..modeling import load_pretrained, text_only_lm
 
         model, processor = load_pretrained(path, dtype=torch_dtype)
@@ -318,7 +318,7 @@ class SelfTeacher(Teacher):
             from vllm import LLM
 
             path = self.config.model
-            if _is_emoreason_checkpoint(path):
+            if is_emoreason_checkpoint(path):
                 # Like the transformers backend, never let the text-only LM write an <audio> placeholder.
                 self._banned_tokens = [json.loads((Path(path) / "config.json").read_text())["audio_token_id"]]
                 path = str(export_language_model(path, (self.work_dir or Path(".")) / "teacher_lm"))

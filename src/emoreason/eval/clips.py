@@ -51,11 +51,11 @@ def item_scores(x: MetricInputs) -> list[dict[str, Any]]:
     labels = x.labels
     ref = np.array([labels.index(r) for r in x.references])
     pred = np.array(x.predicted_index)
-    p, r = distribution._normalise(x.pred_cols), distribution._normalise(x.ref_cols)
+    p, r = distribution.normalise(x.pred_cols), distribution.normalise(x.ref_cols)
     js = distribution.js_divergence(p, r)
-    kl = relative_entropy(r, distribution._normalise(p + KL_EPSILON), axis=1)
+    kl = relative_entropy(r, distribution.normalise(p + KL_EPSILON), axis=1)
     bc = np.sqrt(p * r).sum(axis=1)
-    probs, soft = calibration._normalise(x.pred_cols), calibration._normalise(x.ref_cols)
+    probs, soft = calibration.normalise(x.pred_cols), calibration.normalise(x.ref_cols)
     onehot = np.eye(probs.shape[1])[ref]
     brier = ((probs - onehot) ** 2).sum(axis=1)
     soft_brier = ((probs - soft) ** 2).sum(axis=1)

@@ -25,7 +25,7 @@ Returns:
 """
 
 
-def _normalise(rows):
+def normalise(rows):
     rows = np.asarray(rows, dtype=np.float64)
     totals = rows.sum(axis=1, keepdims=True)
     return np.where(totals > 0, rows / np.where(totals > 0, totals, 1.0), 1.0 / rows.shape[1])
@@ -42,14 +42,14 @@ class Calibration(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, soft_references=None, n_bins=10, predicted_labels=None):
-        probs = _normalise(predictions)
+        probs = normalise(predictions)
         refs = np.asarray(references, dtype=int)
         classes = np.arange(probs.shape[1])
         # Unscaled (sum over classes, in [0, 2]) for every class count: sklearn's "auto" halves it for two classes,
         # which would put a 2-label suite on another scale than the soft Brier score below.
         result = {"brier": float(brier_score_loss(refs, probs, labels=classes, scale_by_half=False))}
         if soft_references is not None:
-            soft = _normalise(soft_references)
+            soft = normalise(soft_references)
             result["soft_brier"] = float(np.mean(np.sum((probs - soft) ** 2, axis=1)))
         if predicted_labels is None:
             confidence = probs.max(axis=1)

@@ -31,7 +31,7 @@ Returns:
 CONSTANT_TOLERANCE = 1e-9  # reference cells closer than this to each other are one value: R^2 is undefined
 
 
-def _normalise(rows):
+def normalise(rows):
     rows = np.asarray(rows, dtype=np.float64)
     totals = rows.sum(axis=1, keepdims=True)
     uniform = np.full_like(rows, 1.0 / rows.shape[1])
@@ -56,9 +56,9 @@ class DistributionAgreement(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, epsilon=1e-6):
-        pred, ref = _normalise(predictions), _normalise(references)
+        pred, ref = normalise(predictions), normalise(references)
         js = js_divergence(pred, ref)
-        smoothed = _normalise(pred + epsilon)
+        smoothed = normalise(pred + epsilon)
         kl = np.array([entropy(q, p) for p, q in zip(smoothed, ref)])
         bc = np.sqrt(pred * ref).sum(axis=1)
         result = {
