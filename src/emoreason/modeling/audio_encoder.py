@@ -27,8 +27,8 @@ from ..data.audio_tokens import num_audio_tokens_from_mel, num_encoder_frames_fr
 from .configuration_emoreason import EmoReasonConfig
 from .fusion import get_fusion
 
-# Checkpoints written before the audio path had one owner kept its parts on the composite (``model.projector.*``); they
-# now live under ``model.audio_encoder``. The one statement of that renaming, given to every loader: transformers'
+# Checkpoints written before the audio path had one owner hold its parts directly under the composite
+# (``model.projector.*``, ...); they now live under ``model.audio_encoder``. The one statement of that renaming, given to every loader: transformers'
 # ``from_pretrained`` (``key_mapping``), PEFT's adapter loading (``_checkpoint_conversion_mapping``, which PEFT reads
 # for ``modules_to_save`` keys), and the vLLM model's weight mapper.
 LEGACY_CHECKPOINT_KEYS = {

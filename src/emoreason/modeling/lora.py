@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from peft import LoraConfig, PeftModel, get_peft_model
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# PEFT matches modules_to_save by name suffix: "projector" is model.audio_encoder.projector.
 TRAINABLE_AUDIO_MODULES = ("projector",)
 
 
