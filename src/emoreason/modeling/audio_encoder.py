@@ -28,9 +28,9 @@ from .configuration_emoreason import EmoReasonConfig
 from .fusion import get_fusion
 
 # Checkpoints written before the audio path had one owner hold its parts directly under the composite
-# (``model.projector.*``, ...); they now live under ``model.audio_encoder``. The one statement of that renaming, given to every loader: transformers'
-# ``from_pretrained`` (``key_mapping``), PEFT's adapter loading (``_checkpoint_conversion_mapping``, which PEFT reads
-# for ``modules_to_save`` keys), and the vLLM model's weight mapper.
+# (``model.projector.*``, ...); they now live under ``model.audio_encoder``. The one statement of that renaming, given
+# to every loader: transformers' ``from_pretrained`` (``key_mapping``), PEFT's adapter loading
+# (``_checkpoint_conversion_mapping``, which PEFT reads for ``modules_to_save`` keys) and the vLLM weight mapper.
 LEGACY_CHECKPOINT_KEYS = {
     r"^model\.(content_encoder|paralinguistic_encoder|projector)\.": r"model.audio_encoder.\1.",
 }
