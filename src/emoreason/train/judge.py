@@ -63,11 +63,8 @@ class OpenAIJudge:
         # The key only ever from the environment (recipes are shared; a key in judge_options would travel with them).
         self.client = ChatEndpoint(base_url, model, api_key_env=api_key_env, timeout=timeout,
                                    max_retries=max_retries, backoff=0.5, max_backoff=8.0)
-        self.base_url = base_url
-        self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.max_retries = max_retries
         self.workers = workers
         self.rubric = load_rubric(rubric)
 
@@ -82,9 +79,9 @@ class OpenAIJudge:
             failure: Exception = err
         except Exception as err:  # e.g. a base_url that is not a URL
             failure = err
-        raise JudgeUnavailable(f"reasoning judge at {self.base_url} (model {self.model!r}) does not answer: "
-                               f"{type(failure).__name__}: {failure}. Start it, fix judge_options, or use judge: "
-                               "cue_heuristic") from failure
+        raise JudgeUnavailable(f"reasoning judge at {self.client.base_url} (model {self.client.model!r}) does not "
+                               f"answer: {type(failure).__name__}: {failure}. Start it, fix judge_options, or use "
+                               "judge: cue_heuristic") from failure
 
     def _one(self, rationale: str, context: Mapping[str, Any]) -> float | None:
         request = self.rubric.render(
@@ -99,7 +96,7 @@ class OpenAIJudge:
                 logger.warning("judge gave no verdict for one request (no score for this completion): %s", err)
                 return None
             # connection, timeout, 5xx, 429 after retries; 401/403/404 at once
-            raise JudgeUnavailable(f"reasoning judge at {self.base_url} failed: {err}") from err
+            raise JudgeUnavailable(f"reasoning judge at {self.client.base_url} failed: {err}") from err
         text = reply["choices"][0]["message"]["content"]
         score = self.rubric.normalise(request.verdict(text).score)
         if score is None:
