@@ -107,6 +107,16 @@ def _run_ssl_encoder(encoder: nn.Module, hidden: torch.Tensor, frame_mask: torch
     return encoder.layer_norm(hidden) if stable else hidden
 
 
+def clip_lengths(input_features_mask: torch.Tensor, input_values: torch.Tensor | None,
+                 input_values_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mel frames and samples per clip (on the device) from the processor's masks; without a waveform mask every
+    clip fills the batch's waveform length."""
+    mel_lengths = input_features_mask.sum(-1).long()
+    if input_values_mask is not None:
+        return mel_lengths, input_values_mask.sum(-1)
+    return mel_lengths, torch.full((mel_lengths.shape[0],), input_values.shape[-1], device=mel_lengths.device)
+
+
 def read_host_lengths(mel_lengths: torch.Tensor, sample_lengths: torch.Tensor,
                       placeholders: torch.Tensor | None = None) -> tuple[list[int], list[int], list[int]]:
     """Mel frames and samples per clip (and `<audio>` placeholders per row) on the host, in ONE read: the lengths that
@@ -224,7 +234,6 @@ class EmoReasonProjector(nn.Module):
             frames = nn.functional.pad(frames, (0, 0, 0, pad))
         stacked = frames.reshape(batch, (length + pad) // self.stack_factor, dim * self.stack_factor)
         return self.linear_2(self.act(self.linear_1(stacked)))
-
 
 
 def build_projector(config: EmoReasonConfig) -> nn.Module:
@@ -394,12 +403,8 @@ class EmoReasonAudioEncoder(nn.Module):
         ``host_lengths``: (mel frames, samples) per clip as host lists (see :func:`read_host_lengths`); read here if
         absent. A clip's tokens are ``num_audio_tokens_from_mel`` of its mel frames, the processor's count.
         """
-        mel_lengths = input_features_mask.sum(-1).long()
+        mel_lengths, sample_lengths = clip_lengths(input_features_mask, input_values, input_values_mask)
         frame_lengths = num_encoder_frames_from_mel(mel_lengths)
-        sample_lengths = (
-            input_values_mask.sum(-1) if input_values_mask is not None
-            else torch.full((input_values.shape[0],), input_values.shape[-1], device=input_values.device)
-        )
         if host_lengths is None:
             host_lengths = read_host_lengths(mel_lengths, sample_lengths)[:2]
         host_mel, host_samples = host_lengths
@@ -442,6 +447,7 @@ __all__ = [
     "EmoReasonAudioEncoder",
     "EmoReasonProjector",
     "build_projector",
+    "clip_lengths",
     "init_audio_weights",
     "pad_clips",
     "read_host_lengths",

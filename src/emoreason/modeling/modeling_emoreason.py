@@ -28,6 +28,7 @@ from .audio_encoder import (
     LEGACY_CHECKPOINT_KEYS,
     EmoReasonAudioEncoder,
     build_projector,
+    clip_lengths,
     init_audio_weights,
     read_host_lengths,
 )
@@ -219,9 +220,7 @@ class EmoReasonModel(EmoReasonPreTrainedModel):
                 input_features_mask = torch.ones(
                     input_features.shape[0], input_features.shape[-1], dtype=torch.long, device=input_features.device
                 )
-            mel_lengths = input_features_mask.sum(-1).long()
-            sample_lengths = (input_values_mask.sum(-1) if input_values_mask is not None
-                              else torch.full((mel_lengths.shape[0],), input_values.shape[-1], device=mel_lengths.device))
+            mel_lengths, sample_lengths = clip_lengths(input_features_mask, input_values, input_values_mask)
             # every length the step needs on the host, read once before the towers' kernels are queued
             host_mel, host_samples, placeholders = read_host_lengths(
                 mel_lengths, sample_lengths, (input_ids == self.config.audio_token_id).sum(-1))
