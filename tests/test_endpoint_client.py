@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ import pytest
 
 from emoreason.data.endpoint import (ChatEndpoint, EndpointError, MalformedReply, backoff_delay, empty_reply,
                                      transient_status)
+from emoreason.testing.server import free_port  # a port nothing listens on: connections are refused
 
 
 def completion(texts: list[str | None], body: dict, **extra) -> dict:
@@ -71,12 +71,6 @@ class FakeEndpoint:
 
 def ok(body, headers, hit):
     return 200, completion([f"answer {k}" for k in range(body.get("n", 1))], body)
-
-
-def refused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -140,7 +134,7 @@ def test_a_server_that_times_out_gives_a_clear_error_after_the_retries():
 
 
 def test_an_endpoint_nobody_listens_on_is_unreachable():
-    client = ChatEndpoint(f"http://127.0.0.1:{refused_port()}/v1", "m", backoff=0.01, max_retries=1)
+    client = ChatEndpoint(f"http://127.0.0.1:{free_port()}/v1", "m", backoff=0.01, max_retries=1)
     with pytest.raises(EndpointError, match=r"APIConnectionError after 2 attempt\(s\)") as info:
         client.chat(messages=MESSAGES)
     assert info.value.unreachable and info.value.status is None and client.stats["failures"] == 1
@@ -289,7 +283,7 @@ def test_the_teacher_tells_a_failed_request_from_an_unreachable_endpoint():
     assert fine == ["one", "one"] and seeds == [7, 8]
     assert isinstance(refused, TeacherFailure) and "HTTP 400" in refused.reason
     assert isinstance(slow, TeacherFailure) and "APITimeoutError" in slow.reason  # a timeout is not "unreachable"
-    dead = OpenAITeacher(TeacherConfig(name="openai", model="t", base_url=f"http://127.0.0.1:{refused_port()}/v1",
+    dead = OpenAITeacher(TeacherConfig(name="openai", model="t", base_url=f"http://127.0.0.1:{free_port()}/v1",
                                        max_retries=0))
     with pytest.raises(TeacherUnavailable, match="cannot be reached"):
         dead.generate([_request("a"), _request("b")])
