@@ -187,5 +187,5 @@ def read_outputs(out: str | os.PathLike) -> dict[str, Any]:
     """Convenience for tests and downstream stages: the run's records, pairs and summary."""
     out = Path(out)
     return {"records": read_records(out / "records.jsonl"), "pairs": read_records(out / "pairs.jsonl"),
-            "summary": json.loads((out / "summary.json").read_text()),
+            "summary": json.loads((out / "summary.json").read_text(encoding="utf-8")),
             "rejected": read_jsonl(out / "rejected.jsonl"), "errors": read_jsonl(out / "errors.jsonl")}

@@ -33,21 +33,18 @@ def temporary_path(path: Path) -> Path:
 
 
 def atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` under a temporary name, then rename it into place: readers see the old file or the new one."""
     tmp = temporary_path(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
 def atomic_json(path: Path, data) -> None:
-    tmp = temporary_path(path)
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    atomic_text(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def atomic_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = temporary_path(path)
-    write_jsonl(tmp, rows)
-    os.replace(tmp, path)
+    atomic_text(path, jsonl_text(rows))
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):
@@ -65,7 +62,7 @@ def fixed_plan(out: Path, name: str, shards: list[list[str]]) -> list[list[str]]
     """Fix the shard plan on the first start; a resumed run must see the same inputs in the same shards."""
     path = out / f"plan_{name}.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8"))
         if saved != shards:
             raise ConfigError(
                 f"{out} holds a run with a different {name} plan (inputs, limit, splits or shard_size changed); "
