@@ -7,8 +7,10 @@ clip, never to 30 s.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -213,9 +215,7 @@ class EmoReasonProcessor(ProcessorMixin):
         return processor
 
     def check_model_config(self, folder) -> None:
-        import json
-        from pathlib import Path
-
+        """Raise if ``folder``'s model config (an emoreason ``config.json``) has another audio token rule."""
         config_file = Path(folder) / "config.json"
         if not config_file.is_file():
             return
