@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 from ..data.schema import EmotionRecord
 from .faults import KillOnce
 from .generation import Generator
 from .ray_config import RayConfig
-from .teachers import TeacherFailure, TeacherRequest
+from .teachers import TeacherFailure, TeacherRequest, vllm_model_source
 
 
 class _NeedAnswers(Exception):
@@ -104,18 +103,11 @@ class ProcessorGeneration:
         self.generator = generator
         self.processor = processor  # a Dataset -> Dataset callable; default: build_processor(processor_config(...))
 
-    def _model_source(self) -> str:
-        from .teachers import is_emoreason_checkpoint, export_language_model
-
-        teacher = self.generator.cfg.teacher
-        if is_emoreason_checkpoint(teacher.model):
-            return str(export_language_model(teacher.model, Path(self.generator.cfg.output_dir) / "teacher_lm"))
-        return teacher.model
-
     def _build_processor(self):
         from ray.data.llm import build_processor
 
-        config = processor_config(self.generator.cfg.teacher, self.executor.config, self._model_source())
+        teacher, out = self.generator.cfg.teacher, self.generator.cfg.output_dir
+        config = processor_config(teacher, self.executor.config, vllm_model_source(teacher.model, out))
         return build_processor(config, postprocess=lambda row: {"digest": row["digest"], "sample": row["sample"],
                                                                   "text": row["generated_text"]})
 

@@ -290,6 +290,14 @@ def export_language_model(path: str, out_dir: str | Path) -> Path:
     return out
 
 
+def vllm_model_source(model: str, work_dir: str | Path | None) -> str:
+    """What vLLM loads for the ``self`` teacher's ``model``: an EmoReason checkpoint's text-only LM, exported once to
+    ``work_dir/teacher_lm`` (shared by every engine of the run), else ``model`` itself (a plain LLM checkpoint)."""
+    if is_emoreason_checkpoint(model):
+        return str(export_language_model(model, Path(work_dir or ".") / "teacher_lm"))
+    return model
+
+
 class SelfTeacher(Teacher):
     name = "self"
 
@@ -317,12 +325,12 @@ class SelfTeacher(Teacher):
         if self.backend == "vllm":
             from vllm import LLM
 
-            path = self.config.model
-            if is_emoreason_checkpoint(path):
+            model = self.config.model
+            if is_emoreason_checkpoint(model):
                 # Like the transformers backend, never let the text-only LM write an <audio> placeholder.
-                self._banned_tokens = [json.loads((Path(path) / "config.json").read_text())["audio_token_id"]]
-                path = str(export_language_model(path, (self.work_dir or Path(".")) / "teacher_lm"))
-            self._engine = LLM(model=path, trust_remote_code=False, **self.config.vllm_kwargs)
+                self._banned_tokens = [json.loads((Path(model) / "config.json").read_text())["audio_token_id"]]
+            self._engine = LLM(model=vllm_model_source(model, self.work_dir), trust_remote_code=False,
+                               **self.config.vllm_kwargs)
         else:
             self._engine = load_language_model(self.config.model, self.config.device, self.config.dtype)
         return self._engine
