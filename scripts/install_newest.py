@@ -21,13 +21,14 @@ import tempfile
 from pathlib import Path
 
 
-def resolve(spec: str) -> list[tuple[str, str]]:
-    """(name, version) of everything pip would install to upgrade ``spec`` in this environment."""
+def resolve(specs: list[str]) -> list[tuple[str, str]]:
+    """(name, version) of everything pip would install to upgrade ``specs`` in this environment, resolved together
+    (one answer for a dependency they share)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--upgrade",
-             "--upgrade-strategy", "only-if-needed", "--report", str(report), spec],
+             "--upgrade-strategy", "only-if-needed", "--report", str(report), *specs],
             check=True,
         )
         items = json.loads(report.read_text())["install"]
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", required=True, help="folder to install into (put it first on PYTHONPATH)")
     parser.add_argument("spec", nargs="+", help='requirements, e.g. "transformers" "trl" or "transformers==5.24.0"')
     args = parser.parse_args(argv)
-    pins = sorted({f"{name}=={version}" for spec in args.spec for name, version in resolve(spec)})
+    pins = [f"{name}=={version}" for name, version in resolve(args.spec)]
     if not pins:
         print(f"{' '.join(args.spec)}: already satisfied by the pinned environment; nothing to install")
         return 0
