@@ -108,7 +108,7 @@ def generate_shards(out: Path, cfg: DatagenConfig, shards: list[list[str]], by_i
     for stale in shard_root.glob(f"*{tmp_suffix}"):  # unfinished shards, and old copies a retry left behind
         shutil.rmtree(stale)
     mine = [i for i in range(len(shards)) if i % cfg.num_workers == cfg.worker_index]
-    done = [i for i in range(len(shards)) if (shard_root / f"{i:05d}").is_dir()]
+    done = {i for i in range(len(shards)) if (shard_root / f"{i:05d}").is_dir()}
     retry = {i: ids for i in mine if i in done and (ids := teacher_failures(shard_root / f"{i:05d}"))} if (
         cfg.retry_teacher_failures) else {}
     if cfg.dedup_scope == "run":
@@ -123,15 +123,14 @@ def generate_shards(out: Path, cfg: DatagenConfig, shards: list[list[str]], by_i
                     sum(map(len, retry.values())), len(retry))
     jobs = []  # (shard, records to generate): a whole missing shard, or the failed records of a finished one
     for index in mine:
-        if (shard_root / f"{index:05d}").is_dir():
-            if index in retry:
-                jobs.append((index, [by_id[i] for i in shards[index] if i in retry[index]]))
-            continue
-        jobs.append((index, [by_id[i] for i in shards[index]]))
+        if index not in done:
+            jobs.append((index, [by_id[i] for i in shards[index]]))
+        elif index in retry:
+            jobs.append((index, [by_id[i] for i in shards[index] if i in retry[index]]))
     for index, result in executor.generate(generator, jobs):
         ids = shards[index]
         final = shard_root / f"{index:05d}"
-        if final.is_dir():
+        if index in retry:  # a finished shard (only this worker writes its own shards)
             rewrite_shard(result, final, ids, retry[index], tmp_suffix)
             continue
         tmp = shard_root / f"{index:05d}{tmp_suffix}"
