@@ -256,7 +256,6 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
     specs = parse_task_specs(training_args.tasks)
     train_dataset, eval_dataset = get_datasets(script_args, training_args, lambda path, split, limit: (
         build_task_examples(specs, path, split=split, seed=training_args.seed, max_records=limit)))
-    train_rows = train_dataset.to_list()
 
     # model
     processor = get_processor(model_args)
@@ -292,8 +291,9 @@ def main(script_args: EmoReasonScriptArguments, training_args: EmoReasonSFTConfi
         elif checkpoint is None:  # a resumed run gets them back from its checkpoint
             from .feature_norm import fit_feature_norm_once
 
-            # measured once, by the main process on its accelerator, and broadcast to the other ranks
-            norm_summary = fit_feature_norm_once(model, processor, train_rows, script_args.data_root,
+            # measured once, by the main process on its accelerator, and broadcast to the other ranks; the rows are
+            # read lazily, up to feature_norm_clips clips
+            norm_summary = fit_feature_norm_once(model, processor, train_dataset, script_args.data_root,
                                                  feature_cache=feature_cache,
                                                  max_clips=training_args.feature_norm_clips,
                                                  show_progress=not training_args.disable_tqdm,
