@@ -68,9 +68,7 @@ class Generator:
             description = SeedDescription.from_record(record, cues)
             target = record.label or (description.annotators[0][0] if description.annotators else None)
             if target is None:
-                dropped = {"id": record.id, "reason": "no_label", "detail": "no label and no votes"}
-                out["dropped"].append(dropped)
-                out["rejected"].append({**dropped, "sample": None, "text": None, "outcome": "dropped"})
+                drop_record(out, record.id, "no_label", "no label and no votes")
                 self.hook.tick()
                 continue
             distribution = {k: v for k, v in record.distribution.items() if v > 0} if (
@@ -86,9 +84,7 @@ class Generator:
         kept = []
         for (record, cues, sources, description, target, instruction, prompt), texts in zip(prepared, samples):
             if isinstance(texts, TeacherFailure):
-                failed = {"id": record.id, "reason": "teacher_error", "detail": texts.reason}
-                out["dropped"].append(failed)
-                out["rejected"].append({**failed, "sample": None, "text": None, "outcome": "dropped"})
+                drop_record(out, record.id, "teacher_error", texts.reason)
                 self.hook.tick()
                 continue
             local_seen = self.seen if self.cfg.dedup_scope == "run" else set()
@@ -145,6 +141,13 @@ class Generator:
     def remember_kept(self, response: str) -> None:
         """Count a kept rationale of an earlier start as seen (``dedup_scope: run``), read as the filters read it."""
         self.seen.add(think_hash(parse_response(response, strict=True).think or ""))
+
+
+def drop_record(out: dict[str, list[dict]], record_id: str, reason: str, detail: str) -> None:
+    """A record dropped before any sample was judged: a row in the shard's dropped.jsonl and one in rejected.jsonl."""
+    dropped = {"id": record_id, "reason": reason, "detail": detail}
+    out["dropped"].append(dropped)
+    out["rejected"].append({**dropped, "sample": None, "text": None, "outcome": "dropped"})
 
 
 def teacher_chat(record: EmotionRecord, prompt: str, response: str) -> dict:
