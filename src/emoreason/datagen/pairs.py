@@ -121,5 +121,3 @@ def pair_lines(kept: list[EmotionRecord], jobs: list[tuple[EmotionRecord, PairRe
                 meta["unusable_negatives"] = failures[record.id]
             lines.append(dataclasses.replace(record, meta=meta).to_dict())
     return lines
-
-
