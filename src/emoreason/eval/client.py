@@ -26,7 +26,7 @@ from typing import Any
 
 from ..data.endpoint import ChatEndpoint, EndpointError, MalformedReply, empty_reply
 
-__all__ = ["EndpointClient", "MalformedReply", "RequestFailed", "ResponseCache", "request_key"]
+__all__ = ["CachedSharedChat", "EndpointClient", "MalformedReply", "RequestFailed", "ResponseCache", "request_key"]
 
 # The evaluator's name for a request that failed for good (after all retries, or at once for errors that retrying
 # cannot fix): the one client's error, with ``attempts`` and ``status``.
@@ -66,7 +66,59 @@ class ResponseCache:
             self._db.close()
 
 
-class EndpointClient:
+class CachedSharedChat:
+    """What :class:`EndpointClient` and :class:`~.endpoints.EndpointPool` share: ``chat`` answers from ``cache``
+    when it can, sends identical requests in flight once, and stores every non-empty answer. A subclass says under
+    which cache keys a request may be stored (``_keys``) and how it is sent (``_send``: the index of the key its answer
+    belongs under, and the answer); it holds ``cache``, ``stats`` and ``_inflight``."""
+
+    cache: ResponseCache | None
+    stats: dict[str, Any]
+    _inflight: dict[str, asyncio.Future]
+
+    def _keys(self, request: dict) -> list[str]:
+        raise NotImplementedError
+
+    async def _send(self, request: dict) -> tuple[int, dict]:
+        raise NotImplementedError
+
+    async def chat(self, **request: Any) -> dict:
+        """POST /chat/completions with ``request`` (messages, n, temperature, ...); returns the response as a dict.
+
+        Non-OpenAI fields (``continue_final_message``...) go in ``extra_body``, as the ``openai`` client expects.
+        Identical requests in flight at the same time (e.g. the first turn of ``cot_greedy`` and ``self_refine``)
+        are sent once.
+        """
+        keys = self._keys(request)
+        if self.cache is not None:
+            for key in keys:
+                cached = self.cache.get(key)
+                if cached is not None:
+                    self.stats["cache_hits"] += 1
+                    return cached
+        if keys[0] in self._inflight:
+            self.stats["shared"] += 1
+            return await asyncio.shield(self._inflight[keys[0]])
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[keys[0]] = future
+        try:
+            index, response = await self._send(request)
+        except BaseException as err:
+            future.set_exception(err)
+            future.exception()  # retrieved here, so an unshared failure does not warn at garbage collection
+            raise
+        finally:
+            del self._inflight[keys[0]]
+        future.set_result(response)
+        if self.cache is not None:
+            if empty_reply(response):  # an empty answer may be a server hiccup: ask again next run
+                self.stats["empty_not_cached"] += 1
+            else:
+                self.cache.put(keys[index], response)
+        return response
+
+
+class EndpointClient(CachedSharedChat):
     def __init__(
         self,
         base_url: str,
@@ -92,46 +144,14 @@ class EndpointClient:
         self._inflight: dict[str, asyncio.Future] = {}
 
     @property
-    def max_retries(self) -> int:
-        return self.endpoint.max_retries
-
-    @property
     def token_field(self) -> str:
         return self.endpoint.token_field
 
     async def close(self) -> None:
         await self.endpoint.aclose()
 
-    async def chat(self, **request: Any) -> dict:
-        """POST /chat/completions with ``request`` (messages, n, temperature, ...); returns the response as a dict.
+    def _keys(self, request: dict) -> list[str]:
+        return [request_key(self.model, request, self.base_url)]
 
-        Non-OpenAI fields (``continue_final_message``...) go in ``extra_body``, as the ``openai`` client expects.
-        Identical requests in flight at the same time (e.g. the first turn of ``cot_greedy`` and ``self_refine``)
-        are sent once.
-        """
-        key = request_key(self.model, request, self.base_url)
-        if self.cache is not None:
-            cached = self.cache.get(key)
-            if cached is not None:
-                self.stats["cache_hits"] += 1
-                return cached
-        if key in self._inflight:
-            self.stats["shared"] += 1
-            return await asyncio.shield(self._inflight[key])
-        future = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            response = await self.endpoint.achat(**request)
-        except BaseException as err:
-            future.set_exception(err)
-            future.exception()  # retrieved here, so an unshared failure does not warn at garbage collection
-            raise
-        finally:
-            del self._inflight[key]
-        future.set_result(response)
-        if self.cache is not None:
-            if empty_reply(response):  # an empty answer may be a server hiccup: ask again next run
-                self.stats["empty_not_cached"] += 1
-            else:
-                self.cache.put(key, response)
-        return response
+    async def _send(self, request: dict) -> tuple[int, dict]:
+        return 0, await self.endpoint.achat(**request)

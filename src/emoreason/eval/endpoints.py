@@ -19,10 +19,8 @@ import itertools
 import time
 from typing import Any
 
-from ..data.endpoint import TRANSIENT_STATUSES, backoff_delay, empty_reply, transient_status
-from .client import EndpointClient, RequestFailed, ResponseCache, request_key
-
-ENDPOINT_FAULT_STATUSES = TRANSIENT_STATUSES
+from ..data.endpoint import backoff_delay, transient_status
+from .client import CachedSharedChat, EndpointClient, RequestFailed, ResponseCache, request_key
 
 
 def endpoint_fault(err: RequestFailed) -> bool:
@@ -31,9 +29,10 @@ def endpoint_fault(err: RequestFailed) -> bool:
     return transient_status(err.status)
 
 
-class EndpointPool:
+class EndpointPool(CachedSharedChat):
     """The :class:`~.client.EndpointClient` interface (``chat``, ``close``, ``stats``, ``model``, ``base_url``,
-    ``cache``) over several base URLs. ``concurrency`` is per endpoint: N replicas take N times the requests."""
+    ``cache``) over several base URLs (``chat``, with the cache and shared requests, is
+    :class:`~.client.CachedSharedChat`'s). ``concurrency`` is per endpoint: N replicas take N times the requests."""
 
     def __init__(self, base_urls: list[str], model: str, api_key: str | None = None, concurrency: int = 8,
                  timeout: float = 120.0, max_retries: int = 3, backoff: float = 1.0, max_backoff: float = 30.0,
@@ -86,35 +85,6 @@ class EndpointPool:
     def take_out(self, index: int) -> None:
         self.out_until[index] = time.monotonic() + self.cooldown
         self.stats["endpoints"][self.base_urls[index]]["taken_out"] += 1
-
-    async def chat(self, **request: Any) -> dict:
-        keys = self._keys(request)
-        if self.cache is not None:
-            for key in keys:
-                cached = self.cache.get(key)
-                if cached is not None:
-                    self.stats["cache_hits"] += 1
-                    return cached
-        if keys[0] in self._inflight:
-            self.stats["shared"] += 1
-            return await asyncio.shield(self._inflight[keys[0]])
-        future = asyncio.get_running_loop().create_future()
-        self._inflight[keys[0]] = future
-        try:
-            index, response = await self._send(request)
-        except BaseException as err:
-            future.set_exception(err)
-            future.exception()
-            raise
-        finally:
-            del self._inflight[keys[0]]
-        future.set_result(response)
-        if self.cache is not None:
-            if empty_reply(response):
-                self.stats["empty_not_cached"] += 1
-            else:
-                self.cache.put(keys[index], response)
-        return response
 
     async def _send(self, request: dict) -> tuple[int, dict]:
         retries, last = 0, None
