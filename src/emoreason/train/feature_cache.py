@@ -6,7 +6,8 @@
 When both encoders are frozen, what they output for a clip never changes, so a training step only needs the projector
 and the language model. This command encodes every clip of the recipe's records once, as if **alone** (in batches
 of clips sorted by length: Whisper masks padded frames and group-norm WavLM/HuBERT layers normalise each clip over its
-own frames, so a clip's states do not depend on its batch) and stores the content states and the paralinguistic states in safetensors shards:
+own frames, so a clip's states do not depend on its batch) and stores the content states and the paralinguistic
+states in safetensors shards:
 
     DIR/<fingerprint>/shard-00000.safetensors    "<clip id>/content", "<clip id>/paralinguistic", "<clip id>/num_samples"
     DIR/<fingerprint>/index.json                 {clip id: shard file}
@@ -192,6 +193,7 @@ def encode_in_batches(model, processor, load, items: Sequence, batch_size: int |
     from concurrent.futures import ThreadPoolExecutor
 
     batch_size = batch_size or encode_batch_size(model)
+
     def flush(batch):
         states = encode_clips(model, processor, [wav for _, wav in batch])
         return [(item, s) for (item, _), s in zip(batch, states)]
@@ -203,7 +205,7 @@ def encode_in_batches(model, processor, load, items: Sequence, batch_size: int |
                             key=lambda pair: pair[1].shape[0])
             batch: list = []
             for pair in loaded:
-                longest = max([pair[1].shape[0], *(w.shape[0] for _, w in batch)])
+                longest = pair[1].shape[0]  # sorted by length: the newest clip is the batch's longest
                 if batch and (len(batch) >= batch_size or longest * (len(batch) + 1) > max_samples):
                     yield from flush(batch)
                     batch = []

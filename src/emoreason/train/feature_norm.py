@@ -59,8 +59,8 @@ def fit_feature_norm(model, processor, clips: Iterable[Mapping], data_root: str 
     ``audio``). Returns a summary ({clips, frames, from_cache}); a model with ``feature_norm: none`` is left alone.
 
     Clips are encoded as the feature cache encodes them: in batches (``batch_size``, default
-    ``feature_cache.encode_batch_size``) sorted by length, each clip's states cut at its own length and independent of its
-    batch, so padding never enters the statistics. Deterministic for a given list of clips: every rank of a
+    ``feature_cache.encode_batch_size``) sorted by length, each clip's states cut at its own length and independent of
+    its batch, so padding never enters the statistics. Deterministic for a given list of clips: every rank of a
     distributed run computes the same numbers.
     """
     from tqdm.auto import tqdm
@@ -88,8 +88,9 @@ def fit_feature_norm(model, processor, clips: Iterable[Mapping], data_root: str 
         p = states["paralinguistic"]
         para.add(p if p.dim() == 3 else p[None])  # (layers, frames, D) or (frames, D) -> one layer
 
-    cached = [c for c in chosen if feature_cache is not None and c[0] in feature_cache]
-    live = [c for c in chosen if not (feature_cache is not None and c[0] in feature_cache)]
+    cached, live = [], []
+    for clip in chosen:
+        (cached if feature_cache is not None and clip[0] in feature_cache else live).append(clip)
     was_training = model.training
     model.eval()
     progress = tqdm(total=len(chosen), desc="feature statistics", unit="clip", disable=not show_progress)
@@ -162,13 +163,12 @@ def fit_feature_norm_once(model, processor, clips: Iterable[Mapping], data_root:
     import torch.distributed as dist
 
     distributed, rank = _distributed_world()
-    _, projector = _projector(model)
+    inner, projector = _projector(model)
     if projector.feature_norm != "global_mvn":
         return {"clips": 0, "frames": 0, "from_cache": 0}
     summary, error = None, None
     if rank == 0:
         try:
-            inner, _ = _projector(model)
             with _towers_on(inner, device):
                 summary = fit_feature_norm(model, processor, clips, data_root, feature_cache=feature_cache,
                                            max_clips=max_clips, show_progress=show_progress)
