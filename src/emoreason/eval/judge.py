@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..data.judging import Rubric, load_rubric
 from ..data.schema import EmotionRecord
@@ -31,6 +31,27 @@ class RubricScore:
     reason: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+async def graded(client: EndpointClient, rubric: Rubric, request, key: str, **body) -> RubricScore:
+    """``request`` (a rendered ``rubric``) sent as ``body`` through ``client`` and its verdict read; kept in the
+    client's cache under ``key`` (what is graded: the fence id is random, so the request itself cannot be the key).
+    Only readable verdicts are cached: a reply without one is asked again on the next run."""
+    cache = getattr(client, "cache", None)
+    stored = cache.get(key) if cache is not None else None
+    if stored is not None:
+        client.stats["cache_hits"] += 1
+        return RubricScore(**stored)
+    response = await client.chat(**body)
+    reply = (response["choices"][0].get("message") or {}).get("content") or ""
+    verdict = request.verdict(reply)
+    normalized = rubric.normalise(verdict.score)
+    usage = response.get("usage") or {}
+    result = RubricScore(verdict.score if normalized is not None else None, normalized, verdict.reason,
+                         int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    if cache is not None and normalized is not None:
+        cache.put(key, asdict(result))
+    return result
 
 
 class RubricJudge:
@@ -77,19 +98,6 @@ class RubricJudge:
         return result
 
     async def _score(self, texts: dict[str, str], key: str) -> RubricScore:
-        cache = getattr(self.client, "cache", None)
-        stored = cache.get(key) if cache is not None else None
-        if stored is not None:
-            self.client.stats["cache_hits"] += 1
-            return RubricScore(**stored)
         request = self.rubric.render(**texts)
-        response = await self.client.chat(messages=request.messages, temperature=0.0, max_tokens=self.max_tokens)
-        reply = (response["choices"][0].get("message") or {}).get("content") or ""
-        verdict = request.verdict(reply)
-        usage = response.get("usage") or {}
-        normalized = self.rubric.normalise(verdict.score)
-        result = RubricScore(verdict.score if normalized is not None else None, normalized, verdict.reason,
-                            int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-        if cache is not None and normalized is not None:  # an unreadable verdict is asked again on a rerun
-            cache.put(key, result.__dict__)
-        return result
+        return await graded(self.client, self.rubric, request, key, messages=request.messages, temperature=0.0,
+                            max_tokens=self.max_tokens)

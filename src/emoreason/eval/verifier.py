@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 
 from ..data.judging import Rubric, load_rubric
 from ..data.schema import EmotionRecord
 from .client import EndpointClient
-from .judge import RubricScore
+from .judge import RubricScore, graded
 
 
 class AudioVerifier:
@@ -46,23 +45,9 @@ class AudioVerifier:
 
     async def score(self, record: EmotionRecord, audio_part: dict, rationale: str, answer: str | None,
                     seed: int | None = None) -> RubricScore:
-        cache = self.client.cache
-        key = self._key(record, audio_part, rationale, answer)
-        stored = cache.get(key) if cache is not None else None
-        if stored is not None:
-            self.client.stats["cache_hits"] += 1
-            return RubricScore(**stored)
         messages, request = self.messages(audio_part, rationale, answer)
         body = {"messages": messages, "temperature": 0.0, "max_completion_tokens": self.max_tokens}
         if seed is not None:
             body["seed"] = seed
-        response = await self.client.chat(**body)
-        reply = (response["choices"][0].get("message") or {}).get("content") or ""
-        verdict = request.verdict(reply)
-        normalized = self.rubric.normalise(verdict.score)
-        usage = response.get("usage") or {}
-        result = RubricScore(verdict.score if normalized is not None else None, normalized, verdict.reason,
-                               int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-        if cache is not None and normalized is not None:  # an unreadable verdict is asked again on a rerun
-            cache.put(key, asdict(result))
-        return result
+        return await graded(self.client, self.rubric, request, self._key(record, audio_part, rationale, answer),
+                            **body)
