@@ -135,11 +135,9 @@ class Server:
     stopped on exit whatever happens."""
 
     def __init__(self, ctx: DemoContext, model: Path, name: str):
-        self.ctx, self.model, self.name = ctx, model, name
         # one generation thread leaves the other core to the evaluator's client
         self.process = ServeProcess(model, name, log=ctx.out / "logs" / "server.log", cwd=ctx.repo, num_threads=1,
                                     health_timeout=180, stop_timeout=20)
-        self.port = self.process.port
 
     @property
     def url(self) -> str:
