@@ -73,7 +73,7 @@ def _ray(cfg: DatagenConfig):
         import ray  # noqa: F401
     except ImportError:
         raise ValueError("executor ray needs Ray: pip install 'emoreason[ray]'") from None
-    return RayExecutor(cfg)
+    return RayExecutor(cfg.ray, cfg)
 
 
 EXECUTORS = {"local": lambda cfg: nullcontext(LocalExecutor()), "ray": _ray}

@@ -110,8 +110,8 @@ class RayExecutor:
     ``config.address`` (or starts a local Ray on 127.0.0.1) unless Ray is already initialised in this process, and
     disconnects what it connected."""
 
-    def __init__(self, cfg: DatagenConfig):
-        self.config: RayConfig = cfg.ray
+    def __init__(self, config: RayConfig, cfg: DatagenConfig):
+        self.config = config
         self.cfg = cfg
         self.marker_dir = str(Path(cfg.output_dir).resolve())
         self.kill_spec = os.environ.get(KILL_ONCE_ENV, "")
