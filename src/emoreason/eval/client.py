@@ -119,6 +119,9 @@ class CachedSharedChat:
 
 
 class EndpointClient(CachedSharedChat):
+    """One endpoint for the evaluator: its :class:`~emoreason.data.endpoint.ChatEndpoint` (``endpoint``: sending,
+    retries, the model and base URL) behind :class:`CachedSharedChat`'s cache and in-flight sharing."""
+
     def __init__(
         self,
         base_url: str,
@@ -131,8 +134,6 @@ class EndpointClient(CachedSharedChat):
         max_backoff: float = 30.0,
         cache: ResponseCache | None = None,
     ):
-        self.model = model
-        self.base_url = base_url
         self.cache = cache
         self.stats = {"requests": 0, "cache_hits": 0, "shared": 0, "retries": 0, "failures": 0, "malformed": 0,
                       "empty_not_cached": 0}
@@ -142,6 +143,14 @@ class EndpointClient(CachedSharedChat):
                                      backoff=backoff, max_backoff=max_backoff, concurrency=concurrency,
                                      stats=self.stats)
         self._inflight: dict[str, asyncio.Future] = {}
+
+    @property
+    def model(self) -> str:
+        return self.endpoint.model
+
+    @property
+    def base_url(self) -> str:
+        return self.endpoint.base_url
 
     @property
     def token_field(self) -> str:
