@@ -182,6 +182,11 @@ def test_filters_record_a_reason_for_each_rejection():
     seen.add(think_hash(GOOD))
     assert _reason(GOOD, seen=seen) == "duplicate"
     assert _reason(GOOD, cfg=FilterConfig(require_distribution=True)) == "format"
+    # The audio placeholder in a rationale (an endpoint teacher, or vLLM under Ray, may write it) is never a target.
+    _, failure = run_filters(f"<think>\n{GOOD} The <audio> says it all.\n</think>\n<answer>angry</answer>", _record(),
+                             CUES, FilterConfig(), set())
+    assert failure == ("format", "audio_placeholder")
+    assert _reason(GOOD + " The audio says it all.") is None
 
 
 # -- config and CLI overrides ------------------------------------------------------------------------------------

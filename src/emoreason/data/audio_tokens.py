@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+AUDIO_TOKEN = "<audio>"  # the placeholder a clip's tokens replace (the processor expands one per clip)
 SAMPLE_RATE = 16_000
 HOP_LENGTH = 160  # samples per mel frame
 MIN_SAMPLES = SAMPLE_RATE // 10  # 0.1 s: every clip yields at least one token

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from ..data.audio_tokens import AUDIO_TOKEN
 from ..data.cues import contradictions
 from ..data.response_format import ParsedResponse, parse_response
 from ..data.schema import EmotionRecord
@@ -49,6 +50,10 @@ def check_format(c: Candidate, cfg: FilterConfig):
         return "format", ",".join(c.parsed.errors)
     if cfg.require_distribution and not c.parsed.distribution:
         return "format", "missing_distribution"
+    if AUDIO_TOKEN in c.text:
+        # A training target must not hold the placeholder: the processor would read it as the audio token, which the
+        # model never writes (generation suppresses it). Whatever the teacher (an endpoint, vLLM under Ray).
+        return "format", "audio_placeholder"
     return None
 
 

@@ -19,9 +19,14 @@ from transformers import AutoFeatureExtractor, AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from ..data.audio import TARGET_SAMPLE_RATE, load_audio, prepare_waveform
-from ..data.audio_tokens import DEFAULT_STACK_FACTOR, HOP_LENGTH, MIN_SAMPLES, max_samples_for, num_audio_tokens
-
-AUDIO_TOKEN = "<audio>"
+from ..data.audio_tokens import (
+    AUDIO_TOKEN,
+    DEFAULT_STACK_FACTOR,
+    HOP_LENGTH,
+    MIN_SAMPLES,
+    max_samples_for,
+    num_audio_tokens,
+)
 
 # ChatML, for tokenizers that bring no chat template of their own (the tiny test tokenizer).
 DEFAULT_CHAT_TEMPLATE = (
